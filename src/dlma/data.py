@@ -1,0 +1,326 @@
+"""Read prompt sources and pair files, validate records, write JSONL that resumes.
+
+Every stage writes JSONL one record a line, flushed as it goes. A rerun reads the ids
+already written and skips them; a line cut short by a kill is dropped before appending,
+so a killed run loses at most the records in flight and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import DataError, DlmaError
+from .prompts import Messages, as_messages
+
+BUNDLED_HH = "hh-harmless"
+BUNDLED_SAFETY = "safety-eval"
+# The bundled HH file holds 1,000 records; the last 200 are held out for evaluation.
+HH_TEST_START = 800
+
+
+@dataclass
+class PromptRecord:
+    """A query to generate answers for: `prompt` as chat messages, optional `label`."""
+
+    id: str
+    prompt: Messages
+    label: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReadStats:
+    """What reading a source skipped, so summaries can say it."""
+
+    read: int = 0
+    empty: int = 0
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("dlma.resources").joinpath(name)))
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a malformed line is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DlmaError(f"{path}: no such file")
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        yield from iter_jsonl(path)
+    elif name.endswith((".json", ".json.gz")):
+        try:
+            with _open_text(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, exc.lineno, f"not valid JSON ({exc.msg})") from None
+        if isinstance(data, dict):
+            data = data.get("data") or data.get("records") or [data]
+        if not isinstance(data, list):
+            raise DataError(path, None, "expected a list of objects")
+        for i, obj in enumerate(data, 1):
+            if not isinstance(obj, dict):
+                raise DataError(path, None, f"item {i}: expected an object")
+            yield i, obj
+    elif name.endswith((".csv", ".csv.gz", ".tsv")):
+        with _open_text(path) as f:
+            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
+            for i, row in enumerate(reader, 2):  # line 1 is the header
+                yield i, dict(row)
+    else:
+        raise DlmaError(f"{path}: unknown file type; use .jsonl, .json or .csv (optionally .gz)")
+
+
+# -- HH-RLHF dialogues -------------------------------------------------------
+def parse_dialogue(text: str) -> Messages:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> chat messages."""
+    msgs: Messages = []
+    for chunk in ("\n\n" + text.lstrip("\n")).split("\n\nHuman: ")[1:]:
+        human, *assistant = chunk.split("\n\nAssistant:")
+        msgs.append({"role": "user", "content": human.strip()})
+        for a in assistant:
+            msgs.append({"role": "assistant", "content": a.strip()})
+    return msgs
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[Messages, str, str]:
+    """Shared history (ending with a user turn) and the two final assistant answers."""
+    c, r = parse_dialogue(chosen), parse_dialogue(rejected)
+    if not c or c[-1]["role"] != "assistant" or not r or r[-1]["role"] != "assistant":
+        raise ValueError("each dialogue must end with an Assistant turn")
+    history = c[:-1]
+    if not history or history[-1]["role"] != "user":
+        raise ValueError("the history must end with a Human turn")
+    return history, c[-1]["content"], r[-1]["content"]
+
+
+def _is_hh(obj: dict) -> bool:
+    return isinstance(obj.get("chosen"), str) and "Human:" in obj["chosen"] and "prompt" not in obj
+
+
+def _prompt_of(obj: dict, path: Path, lineno: int) -> Messages:
+    if _is_hh(obj):
+        try:
+            history, _, _ = split_hh(obj["chosen"], obj.get("rejected") or obj["chosen"])
+        except ValueError as exc:
+            raise DataError(path, lineno, f"HH-RLHF dialogue: {exc}") from None
+        return history
+    for key in ("prompt", "messages", "query", "question", "instruction"):
+        if key in obj:
+            p = obj[key]
+            if isinstance(p, str):
+                return as_messages(p)
+            if isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+                return as_messages(p)
+            raise DataError(path, lineno, f"`{key}` must be a string or a list of {{role, content}} messages")
+    raise DataError(path, lineno, "no `prompt` field (or HH-RLHF `chosen`/`rejected` dialogues)")
+
+
+def _resolve_source(source: str) -> tuple[Path | None, str | None]:
+    """(path, split) for files and bundled names; (None, None) for a HF dataset name."""
+    base, _, split = source.partition(":")
+    if base == BUNDLED_HH:
+        return bundled_path("hh-rlhf-harmless-dev.jsonl.gz"), split or None
+    if base == BUNDLED_SAFETY:
+        return bundled_path("safety-eval.jsonl"), split or None
+    p = Path(source)
+    if p.exists():
+        return p, None
+    if os.sep in source or p.suffix in (".jsonl", ".json", ".csv", ".gz"):
+        raise DlmaError(f"{source}: no such file")
+    return None, None
+
+
+def _from_hf_dataset(name: str) -> Iterator[tuple[int, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DlmaError(f"{name!r} is neither a file nor a bundled set ({BUNDLED_HH}, {BUNDLED_SAFETY}); "
+                        "to read a Hugging Face dataset, pip install datasets") from None
+    base, _, split = name.partition(":")
+    try:
+        ds = datasets.load_dataset(base, split=split or "train")
+    except Exception as exc:  # datasets raises many types for "not cached/offline"
+        raise DlmaError(f"cannot load dataset {base!r} (only locally cached datasets work offline): {exc}") from None
+    for i, row in enumerate(ds, 1):
+        yield i, dict(row)
+
+
+def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None = None) -> list[PromptRecord]:
+    """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a cached HF dataset.
+
+    Bundled sets: `hh-harmless` (1,000 HH-RLHF harmless queries; `hh-harmless:train` is
+    the first 800, `hh-harmless:test` the last 200) and `safety-eval` (hand-written
+    prompts labelled safe/unsafe for refusal checks). Empty prompts are skipped and counted.
+    """
+    stats = stats if stats is not None else ReadStats()
+    path, split = _resolve_source(source)
+    rows = _iter_records(path) if path is not None else _from_hf_dataset(source)
+    where = path if path is not None else Path(source)
+    out: list[PromptRecord] = []
+    seen: set[str] = set()
+    for index, (lineno, obj) in enumerate(rows):
+        if split and path is not None and path.name.startswith("hh-rlhf"):
+            in_test = index >= HH_TEST_START
+            if (split == "test") != in_test:
+                continue
+        msgs = _prompt_of(obj, where, lineno)
+        stats.read += 1
+        if not msgs or not msgs[-1]["content"].strip():
+            stats.empty += 1
+            continue
+        pid = str(obj.get("id", f"{where.name.split('.')[0]}-{index:05d}"))
+        if pid in seen:
+            raise DataError(where, lineno, f"duplicate id {pid!r}")
+        seen.add(pid)
+        label = obj.get("label")
+        extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "label", "chosen", "rejected", "messages")}
+        out.append(PromptRecord(pid, msgs, str(label) if label is not None else None, extra))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def read_pairs(source: str, limit: int | None = None) -> list[dict]:
+    """Pair records with `id`, `prompt` (messages), `chosen`, `rejected` and all other fields kept.
+
+    Accepts dlma pair files, any JSONL with prompt/chosen/rejected, and HH-RLHF dialogues
+    (then `human_label` is set: `chosen` is the human-preferred side).
+    """
+    path, split = _resolve_source(source)
+    if path is None:
+        raise DlmaError(f"{source}: no such file")
+    out: list[dict] = []
+    for index, (lineno, obj) in enumerate(_iter_records(path)):
+        if split and path.name.startswith("hh-rlhf") and (split == "test") != (index >= HH_TEST_START):
+            continue
+        rec = dict(obj)
+        if _is_hh(obj):
+            if not isinstance(obj.get("rejected"), str):
+                raise DataError(path, lineno, "HH-RLHF record needs `rejected`")
+            try:
+                history, chosen, rejected = split_hh(obj["chosen"], obj["rejected"])
+            except ValueError as exc:
+                raise DataError(path, lineno, f"HH-RLHF dialogue: {exc}") from None
+            rec.update(prompt=history, chosen=chosen, rejected=rejected, human_label=True)
+        else:
+            rec["prompt"] = _prompt_of(obj, path, lineno)
+            for key in ("chosen", "rejected"):
+                if not isinstance(obj.get(key), str):
+                    raise DataError(path, lineno, f"`{key}` must be a string")
+        rec.setdefault("id", f"{path.name.split('.')[0]}-{index:05d}")
+        rec["id"] = str(rec["id"])
+        out.append(rec)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def check_finite(record: dict, keys: list[str], where: str) -> None:
+    """A NaN or inf is an error naming the record, never a silent number in the output."""
+    for k in keys:
+        v = record.get(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DlmaError(f"{where}: record {record.get('id')!r} has {k}={v}; refusing to write a non-finite value")
+
+
+class JsonlWriter:
+    """Append-only JSONL output that resumes: `done` holds the ids already written.
+
+    A trailing partial line (from a kill mid-write) is cut off on open, so the file always
+    holds whole records.
+    """
+
+    def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0):
+        self.path = Path(path)
+        self.key = key
+        self.done: set[str] = set()
+        self._fsync_every = fsync_every
+        self._since_sync = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._repair_and_load()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _repair_and_load(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        good = data.rfind(b"\n") + 1
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        for lineno, line in enumerate(data[:good].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                self.done.add(str(json.loads(line)[self.key]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(self.path, lineno, f"existing output is not a dlma record (no `{self.key}`); "
+                                "move it away or choose another --out") from None
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        self.done.add(str(record[self.key]))
+        self._since_sync += 1
+        if self._fsync_every and self._since_sync >= self._fsync_every:
+            os.fsync(self._f.fileno())
+            self._since_sync = 0
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename): a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,215 @@
+"""Contrastive generation: sample o+ under p+ and o- under p- for every prompt.
+
+Sampling goes through a small backend interface (transformers here, vLLM for GPU
+users) that takes context token ids and returns sampled ids plus the raw log-prob of
+every sampled token: log-softmax of the unprocessed logits, whatever temperature or
+top-p shaped the sampling. Those sums are lp(o+|p+) and lp(o-|p-), two of the four
+terms of the self-rewarding score, so the scorer can reuse them.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .config import GenerateConfig, ModelConfig
+from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts
+from .errors import DlmaError
+from .logprobs import length_buckets
+from .prompts import Renderer, load_preset
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    ids: list[int]        # sampled tokens, without the stop token
+    logprob: float        # raw log-prob sum of the sampled tokens, stop token included when finished
+    finished: bool        # ended with a stop token (else cut at max_new_tokens)
+
+
+class Backend(Protocol):
+    """What generation needs from an engine. Callers never see the engine itself."""
+
+    name: str
+
+    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]: ...
+
+
+class TransformersBackend:
+    """Batched sampling with `model.generate`, left-padded, length-bucketed."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+
+    @torch.inference_mode()
+    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+        out: list[Sample | None] = [None] * len(contexts)
+        device = next(self.model.parameters()).device
+        pad = self.tok.pad_token_id
+        for idx in length_buckets([len(c) for c in contexts], self.batch_size):
+            T = max(len(contexts[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for j, i in enumerate(idx):  # left padding: generation appends on the right
+                ids[j, T - len(contexts[i]):] = torch.tensor(list(contexts[i]))
+                mask[j, T - len(contexts[i]):] = 1
+            greedy = params.temperature <= 0
+            gen = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+                temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p, top_k=None,
+                pad_token_id=pad, eos_token_id=sorted(self.stop_ids),
+                output_logits=True, return_dict_in_generate=True,
+            )
+            new = gen.sequences[:, T:].cpu()
+            # raw logits of each step, before temperature/top-p processing
+            raw = torch.stack(gen.logits, dim=1).float()
+            lps = torch.gather(raw.log_softmax(-1), -1, new[:, : raw.shape[1]].unsqueeze(-1).to(raw.device)).squeeze(-1).cpu()
+            for j, i in enumerate(idx):
+                toks, total, finished = [], 0.0, False
+                for t, tid in enumerate(new[j].tolist()):
+                    total += float(lps[j, t])
+                    if tid in self.stop_ids:
+                        finished = True
+                        break
+                    toks.append(tid)
+                out[i] = Sample(toks, total, finished)
+        return out  # type: ignore[return-value]
+
+
+class VLLMBackend:
+    """Sampling through vLLM (GPU users). Asks vLLM for raw log-probs of sampled tokens."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tokenizer, dtype: str = "auto", **engine_kw):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise DlmaError("backend vllm needs vLLM: pip install vllm (GPU machines)") from None
+        self.tok = tokenizer
+        self.llm = LLM(model=model_path, dtype=dtype, logprobs_mode="raw_logprobs", **engine_kw)
+
+    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+        from vllm import SamplingParams as VSP
+
+        sp = VSP(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                 seed=params.seed, logprobs=0)
+        results = self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts], sp, use_tqdm=False)
+        out = []
+        for r in results:
+            o = r.outputs[0]
+            lp = sum(next(iter(d.values())).logprob for d in (o.logprobs or []))
+            finished = o.finish_reason == "stop"
+            ids = list(o.token_ids)
+            if finished and ids and ids[-1] == self.tok.eos_token_id:
+                ids = ids[:-1]
+            out.append(Sample(ids, lp, finished))
+        return out
+
+
+def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None, tokenizer=None) -> Backend:
+    from .models import load_model, load_tokenizer, resolve_model_path
+
+    if name == "transformers":
+        if model is None:
+            model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
+        return TransformersBackend(model, tokenizer, batch_size)
+    if name == "vllm":
+        tok = tokenizer or load_tokenizer(model_cfg.model)
+        return VLLMBackend(resolve_model_path(model_cfg.model), tok, dtype=model_cfg.dtype)
+    raise DlmaError(f"unknown backend {name!r}; available: transformers, vllm")
+
+
+def _chunk_seed(seed: int, first_id: str) -> int:
+    return zlib.crc32(f"{seed}:{first_id}".encode())
+
+
+def generate_pairs(
+    model_cfg: ModelConfig,
+    cfg: GenerateConfig,
+    out: str,
+    *,
+    backend: Backend | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
+    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary."""
+    from tqdm.auto import tqdm
+
+    from .models import load_tokenizer
+
+    preset = load_preset(cfg.preset)
+    stats = ReadStats()
+    prompts = read_prompts(cfg.prompts, cfg.limit, stats)
+    if not prompts:
+        raise DlmaError(f"{cfg.prompts}: no usable prompts")
+    writer = JsonlWriter(out)
+    ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
+    todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
+    summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
+               "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "output": str(out)}
+    if not todo:
+        writer.close()
+        return summary
+    if backend is None:
+        backend = make_backend(cfg.backend, model_cfg, cfg.batch_size)
+    tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
+    renderer = Renderer(tok, preset, max_context=max(1, cfg.max_context - cfg.max_new_tokens))
+    settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "backend": backend.name}
+    chunk = max(1, cfg.batch_size // 2)
+    bar = tqdm(total=len(todo) * cfg.num_pairs, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        for start in range(0, len(todo), chunk):
+            group = todo[start:start + chunk]
+            jobs: list[tuple[PromptRecord, str, str]] = [
+                (p, pid, side) for p in group for pid in ids_for(p) if pid not in writer.done for side in ("positive", "negative")]
+            contexts = [renderer.context_ids(p.prompt, side) for p, _, side in jobs]
+            torch.manual_seed(_chunk_seed(cfg.seed, group[0].id))
+            params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+            samples = backend.sample(contexts, params)
+            for k in range(0, len(jobs), 2):
+                p, pid, _ = jobs[k]
+                rec = {"id": pid, "prompt_id": p.id, "prompt": p.prompt}
+                if p.label is not None:
+                    rec["label"] = p.label
+                for key, s in (("chosen", samples[k]), ("rejected", samples[k + 1])):
+                    text = tok.decode(s.ids, skip_special_tokens=True)
+                    rec[key] = text
+                    rec[f"{key}_truncated"] = not s.finished
+                    summary["empty_responses"] += int(not text.strip())
+                    # The raw log-prob is reusable only if re-tokenizing the text gives back
+                    # exactly the sampled ids (plus EOS): scoring tokenizes the text.
+                    if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([renderer.eos_id] if s.finished else [])):
+                        rec[f"gen_lp_{key}"] = s.logprob
+                rec["preset"] = preset.name
+                rec["generation"] = settings
+                writer.write(rec)
+                summary["pairs_written"] += 1
+                bar.update(1)
+            bar.set_postfix(pairs_per_s=f"{summary['pairs_written'] / max(time.time() - t0, 1e-9):.2f}")
+    finally:
+        bar.close()
+        writer.close()
+    summary["contexts_truncated"] = renderer.truncated
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary

