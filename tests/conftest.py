@@ -1,0 +1,37 @@
+"""Shared fixtures: the real embedded model (float32, loaded once) and a tiny pair file."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M in float32, eval mode."""
+    from dlma.models import load_model
+
+    return load_model("embedded", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded):
+    return embedded[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory, embedded):
+    """Six contrastive pairs from the bundled HH prompts, 24 new tokens each (float32)."""
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.generate import TransformersBackend, generate_pairs
+
+    model, tok = embedded
+    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=6, max_new_tokens=24, batch_size=12), str(out),
+                   backend=TransformersBackend(model, tok, 12), tokenizer=tok, progress=False)
+    return out
