@@ -106,9 +106,14 @@ def parse_dialogue(text: str) -> Messages:
     msgs: Messages = []
     for chunk in ("\n\n" + text.lstrip("\n")).split("\n\nHuman: ")[1:]:
         human, *assistant = chunk.split("\n\nAssistant:")
-        msgs.append({"role": "user", "content": human.strip()})
-        for a in assistant:
-            msgs.append({"role": "assistant", "content": a.strip()})
+        turns = [("user", human)] + [("assistant", a) for a in assistant]
+        for role, content in turns:
+            # HH-RLHF has a few dialogues with two Assistant turns in a row: merge them,
+            # so roles alternate as chat templates expect.
+            if msgs and msgs[-1]["role"] == role:
+                msgs[-1]["content"] += "\n\n" + content.strip()
+            else:
+                msgs.append({"role": role, "content": content.strip()})
     return msgs
 
 

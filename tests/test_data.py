@@ -1,0 +1,83 @@
+"""Prompt sources, pair files, and resumable JSONL output."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from dlma.data import JsonlWriter, ReadStats, parse_dialogue, read_pairs, read_prompts, split_hh
+from dlma.errors import DataError, DlmaError
+
+
+def test_parse_hh_dialogue_and_split():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How to steal?\n\nAssistant: I can't help."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How to steal?\n\nAssistant: Take it."
+    assert [m["role"] for m in parse_dialogue(chosen)] == ["user", "assistant", "user", "assistant"]
+    history, c, r = split_hh(chosen, rejected)
+    assert history[-1] == {"role": "user", "content": "How to steal?"} and len(history) == 3
+    assert (c, r) == ("I can't help.", "Take it.")
+
+
+def test_read_prompts_formats(tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "hello"}) + "\n\n"
+                                      + json.dumps({"prompt": [{"role": "user", "content": "x"}], "label": "safe"}) + "\n")
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "one"}, {"question": "two"}]))
+    (tmp_path / "p.csv").write_text("prompt,label\nthree,unsafe\n")
+    js = read_prompts(str(tmp_path / "p.jsonl"))
+    assert [p.id for p in js] == ["a", "p-00001"] and js[1].label == "safe"
+    assert [p.prompt[-1]["content"] for p in read_prompts(str(tmp_path / "p.json"))] == ["one", "two"]
+    csv_p = read_prompts(str(tmp_path / "p.csv"))
+    assert csv_p[0].prompt == [{"role": "user", "content": "three"}] and csv_p[0].label == "unsafe"
+
+
+def test_bundled_sources_and_split():
+    train, test = read_prompts("hh-harmless:train"), read_prompts("hh-harmless:test")
+    assert len(train) + len(test) <= 1000 and len(test) > 150
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert all(p.prompt[-1]["role"] == "user" for p in train[:50])
+    labels = {p.label for p in read_prompts("safety-eval")}
+    assert labels == {"safe", "unsafe"}
+
+
+def test_hh_file_as_prompts_and_pairs(tmp_path):
+    f = tmp_path / "hh.jsonl.gz"
+    with gzip.open(f, "wt") as g:
+        g.write(json.dumps({"chosen": "\n\nHuman: q?\n\nAssistant: good", "rejected": "\n\nHuman: q?\n\nAssistant: bad"}) + "\n")
+    assert read_prompts(str(f))[0].prompt == [{"role": "user", "content": "q?"}]
+    pair = read_pairs(str(f))[0]
+    assert (pair["chosen"], pair["rejected"], pair["human_label"]) == ("good", "bad", True)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        read_prompts(str(f))
+    f.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no `prompt` field"):
+        read_prompts(str(f))
+    with pytest.raises(DlmaError, match="no such file"):
+        read_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_empty_prompts_are_skipped_and_counted(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "   "}\n{"prompt": "b"}\n')
+    stats = ReadStats()
+    assert len(read_prompts(str(f), stats=stats)) == 2 and stats.empty == 1
+
+
+def test_writer_resumes_and_repairs_a_cut_line(tmp_path):
+    f = tmp_path / "out.jsonl"
+    with JsonlWriter(f) as w:
+        w.write({"id": "1"})
+        w.write({"id": "2"})
+    with open(f, "a") as g:
+        g.write('{"id": "3", "chosen": "cut in the mi')  # a kill mid-write
+    w = JsonlWriter(f)
+    assert w.done == {"1", "2"}
+    w.write({"id": "3"})
+    w.close()
+    assert [json.loads(line)["id"] for line in f.read_text().splitlines()] == ["1", "2", "3"]

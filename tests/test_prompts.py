@@ -1,0 +1,94 @@
+"""Template rendering: bare and contrastive contexts, token-exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlma.errors import DlmaError
+from dlma.prompts import Renderer, as_messages, list_presets, load_preset, preset_from_dict
+
+QUERY = as_messages("How do I pick a lock?")
+
+
+def test_bundled_presets_load():
+    assert {"harmless", "helpful"} <= set(list_presets())
+    p = load_preset("harmless")
+    assert p.positive_instruction and p.negative_instruction
+    assert all(len(s) >= 2 for s in p.demonstrations)
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(DlmaError, match="available: .*harmless"):
+        load_preset("nope")
+
+
+def test_bare_context_is_exactly_the_deployment_chat_template(tokenizer):
+    r = Renderer(tokenizer, load_preset("harmless"))
+    expected = tokenizer.apply_chat_template(QUERY, tokenize=True, add_generation_prompt=True)
+    if isinstance(expected, dict) or hasattr(expected, "input_ids"):
+        expected = expected["input_ids"]
+    assert r.context_ids(QUERY, "bare") == list(expected)
+
+
+def test_contrastive_contexts_differ_only_before_the_query(tokenizer):
+    p = load_preset("harmless")
+    r = Renderer(tokenizer, p)
+    pos, neg, bare = (r.context_ids(QUERY, s) for s in ("positive", "negative", "bare"))
+    tail = tokenizer("<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for ids in (pos, neg, bare):
+        assert ids[-len(tail):] == tail
+    pos_text, neg_text = r.context_text(QUERY, "positive"), r.context_text(QUERY, "negative")
+    assert p.positive_instruction in pos_text and p.negative_instruction not in pos_text
+    demos = p.demos_for(QUERY)
+    assert all(d.positive in pos_text and d.negative in neg_text and d.user in neg_text for d in demos)
+    assert pos != neg
+
+
+def test_demonstration_set_is_stable_per_query_and_rotates(tokenizer):
+    p = load_preset("harmless")
+    seen = {tuple(d.user for d in p.demos_for(as_messages(f"question {i}"))) for i in range(30)}
+    assert len(seen) == len(p.demonstrations) > 1
+    assert p.demos_for(QUERY) == p.demos_for(as_messages("How do I pick a lock?"))
+
+
+def test_response_ids_are_appended_not_retokenized(tokenizer):
+    r = Renderer(tokenizer, None)
+    ids = r.response_ids("Sure, here it is.")
+    assert ids[-1] == tokenizer.eos_token_id
+    assert r.response_ids("Sure, here it is.", truncated=True) == ids[:-1]
+    assert r.response_ids("") == [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("placement", ["user", "assistant", "plain"])
+def test_instruction_placements(tokenizer, placement):
+    p = preset_from_dict({"name": "t", "placement": placement, "positive": {"instruction": "be kind"},
+                          "negative": {"instruction": "be rude"}}, "test")
+    r = Renderer(tokenizer, p)
+    text = r.context_text(QUERY, "positive")
+    assert "be kind" in text and "be rude" not in text
+    if placement == "user":
+        assert text.index("be kind") > text.index("pick a lock")
+    if placement == "assistant":
+        assert text.endswith("<|im_start|>assistant\n(be kind) ")
+    if placement == "plain":
+        assert text.startswith("USER: How do I pick a lock?") and text.endswith("ASSISTANT(be kind):")
+        assert r.context_text(QUERY, "bare").endswith("\nASSISTANT:")
+
+
+def test_left_truncation_keeps_the_end(tokenizer):
+    r = Renderer(tokenizer, load_preset("harmless"), max_context=20)
+    full = Renderer(tokenizer, load_preset("harmless")).context_ids(QUERY, "positive")
+    cut = r.context_ids(QUERY, "positive")
+    assert cut == full[-20:] and r.truncated == 1
+
+
+def test_user_preset_yaml(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: polite\npositive: {instruction: be polite}\nnegative: {instruction: be rude}\n"
+                 "demonstrations:\n  - user: hi\n    positive: Hello!\n    negative: What.\n")
+    p = load_preset(str(f))
+    assert p.name == "polite" and p.demonstrations[0][0].negative == "What."
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndemonstrations:\n  - user: hi\n")
+    with pytest.raises(DlmaError, match="bad.yaml"):
+        load_preset(str(bad))
