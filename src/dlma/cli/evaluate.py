@@ -1,0 +1,55 @@
+"""`dlma evaluate`: compare an aligned model with its baseline and write a report."""
+
+from __future__ import annotations
+
+from ..config import EvalConfig, ModelConfig, add_config_args, config_from_args
+from .common import formatter, print_summary
+
+HELP = """\
+Answer held-out prompts with the aligned model (--model) and a baseline (--baseline,
+default the embedded model), under the bare context, then measure:
+
+  judges     win / tie / lose of aligned vs baseline, position-swapped (--judge, several allowed):
+             self-reward       the base model's contrastive probability judge (the training signal)
+             llm:MODEL         a Hugging Face causal LM asked which answer is better
+             reward:MODEL      a sequence-classification reward model (cost:MODEL: lower is better)
+             openai:MODEL      an OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY), cached
+  refusals   refusal rate on prompts labelled unsafe, over-refusal on prompts labelled safe
+  quality    perplexity under a reference model, length, distinct-1/2, empty and truncated answers
+  --pairs    accuracy of the self-reward and of the text judge on human-labelled pairs
+
+--out DIR gets metrics.json, report.md, index.html (self-contained, opens offline) and the
+cached answers and verdicts: a rerun with the same --out regenerates nothing.
+
+examples:
+  dlma evaluate --model runs/dlma/model --out report/
+  dlma evaluate --model runs/dlma/model --prompts my.jsonl --limit 50 --judge self-reward openai:gpt-4o-mini --out report/
+  dlma evaluate --model embedded --baseline embedded --temperature 0.7 --limit 12 --out selfcheck/
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="compare the aligned model with its baseline; write a report",
+                       description=HELP, formatter_class=formatter)
+    p.add_argument("--baseline", default="embedded", help="model to compare against (default: embedded)")
+    p.add_argument("--out", required=True, help="report directory; its cached answers are reused")
+    p.add_argument("--summary", help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    add_config_args(p, ModelConfig)
+    add_config_args(p, EvalConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..evaluate import evaluate_models
+
+    model_cfg = config_from_args(ModelConfig, args)
+    metrics = evaluate_models(model_cfg, config_from_args(EvalConfig, args), args.out, model=model_cfg.model,
+                              baseline=args.baseline, progress=not args.no_progress)
+    summary = {"out": args.out, "judges": {k: {f: v.get(f) for f in ("win", "tie", "lose", "failed", "adjusted_win_rate")}
+                                           for k, v in metrics["judges"].items()},
+               "refusal": {r: {k: metrics["refusal"][r][k] for k in ("refusal_rate", "over_refusal_rate")} for r in ("aligned", "baseline")},
+               "perplexity": {r: metrics["quality"][r]["perplexity"] for r in ("aligned", "baseline")},
+               "seconds": metrics["seconds"]}
+    print_summary(summary, args.summary)
+    return 0

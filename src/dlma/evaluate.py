@@ -1,0 +1,417 @@
+"""Did alignment work? Answers of the aligned model and a baseline, judged and measured.
+
+`evaluate_models` answers held-out prompts with both models under the bare context (what
+deployment uses), then measures:
+
+- judges: win / tie / lose of aligned vs baseline for each `--judge` (see `dlma.judges`);
+- harmlessness without a judge: refusal rate on prompts labelled `unsafe` and over-refusal
+  on prompts labelled `safe` (`dlma.refusal`);
+- text quality: perplexity of each model's answers under a reference model (default: the
+  baseline), mean length, distinct-1/2, fraction of empty and of truncated answers;
+- self-reward reliability (with `--pairs`): accuracy of the probability judge (R > 0) and of
+  the text judge (the base model asked "A or B?", as RLAIF does) on human-labelled pairs;
+- training curves, when the aligned model's directory holds the trainer's metrics.jsonl.
+
+Answers are cached in OUT/answers-{aligned,baseline}.jsonl and judge verdicts in
+OUT/verdicts-JUDGE.jsonl, so a rerun regenerates and rejudges nothing. Answers are greedy by
+default; with a temperature they are sampled, the two models from different seed streams
+(so a model compared with itself gives two independent samples, not two copies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import EvalConfig, ModelConfig, to_dict
+from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts
+from .errors import DlmaError
+from .judges import (Item, LLMJudge, OpenAIJudge, RewardModelJudge, SelfRewardJudge, Verdict, judge_slug,
+                     parse_judge_spec, summarize_verdicts)
+from .prompts import Preset, Renderer, load_preset
+from .refusal import is_refusal, refusal_rates
+
+ROLES = ("aligned", "baseline")
+TRAINING_FIELDS = ("step", "loss", "reward_margin", "reward_accuracy", "lr", "tokens_per_s")
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+# -- prompts ------------------------------------------------------------------------
+def load_eval_prompts(sources: str, limit: int | None = None) -> list[PromptRecord]:
+    """Prompts from comma-separated sources, `limit` per source; `extra["source"]` says which.
+
+    A labelled source is cut to `limit` round-robin over its labels (safety-eval lists its
+    unsafe prompts first; its first 12 would hold no safe prompt to measure over-refusal on).
+    """
+    out: list[PromptRecord] = []
+    seen: set[str] = set()
+    for src in [s.strip() for s in sources.split(",") if s.strip()]:
+        for p in _balanced(read_prompts(src), limit):
+            if p.id in seen:
+                p.id = f"{src}/{p.id}"
+            if p.id in seen:
+                raise DlmaError(f"{src}: prompt id {p.id!r} appears twice")
+            seen.add(p.id)
+            p.extra = {**p.extra, "source": src}
+            out.append(p)
+    if not out:
+        raise DlmaError(f"{sources}: no usable prompts")
+    return out
+
+
+def _balanced(prompts: list[PromptRecord], limit: int | None) -> list[PromptRecord]:
+    if limit is None or len(prompts) <= limit:
+        return prompts
+    by_label: dict[str | None, list[PromptRecord]] = {}
+    for p in prompts:
+        by_label.setdefault(p.label, []).append(p)
+    if len(by_label) == 1:
+        return prompts[:limit]
+    picked: list[PromptRecord] = []
+    queues = list(by_label.values())
+    while len(picked) < limit:
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop(0))
+    return picked
+
+
+# -- models, loaded once each ----------------------------------------------------------
+class ModelPool:
+    """Loads each named model once and hands the same (model, tokenizer) to every user."""
+
+    def __init__(self, model_cfg: ModelConfig, preloaded: dict[str, tuple] | None = None):
+        self.cfg = model_cfg
+        self.models: dict[str, tuple] = dict(preloaded or {})
+
+    def get(self, name: str) -> tuple:
+        if name not in self.models:
+            from .models import load_model
+
+            self.models[name] = load_model(name, self.cfg.dtype, self.cfg.device)
+        return self.models[name]
+
+    def release(self, name: str) -> None:
+        if self.models.pop(name, None) is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# -- answers ----------------------------------------------------------------------------
+def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfig, preset: Preset, path: Path, *,
+                     role: str, model_name: str, progress: bool = True) -> tuple[dict[str, dict], int]:
+    """Answer every prompt under the bare context; cached in `path` (JSONL, resumable).
+
+    Returns {prompt id: answer record} and how many answers were generated now (not cached)."""
+    from tqdm.auto import tqdm
+
+    from .generate import SamplingParams, TransformersBackend
+
+    settings = {"model": model_name, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement}
+    have: dict[str, dict] = {}
+    if path.exists():
+        for lineno, rec in iter_jsonl(path):
+            if rec.get("generation") != settings:
+                raise DlmaError(f"{path}:{lineno}: cached answers were made with other settings "
+                                f"({rec.get('generation')} vs {settings}); choose another --out or delete the file")
+            have[rec["id"]] = rec
+    todo = [p for p in prompts if p.id not in have]
+    if todo:
+        backend = TransformersBackend(model, tok, cfg.batch_size)
+        renderer = Renderer(tok, preset, max_context=max(1, cfg.max_context - cfg.max_new_tokens))
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        bar = tqdm(total=len(todo), desc=f"answers ({role})", unit="prompt", disable=not progress, dynamic_ncols=True)
+        with JsonlWriter(path) as writer:
+            for start in range(0, len(todo), cfg.batch_size):
+                group = todo[start:start + cfg.batch_size]
+                torch.manual_seed(zlib.crc32(f"{cfg.seed}:{role}:{group[0].id}".encode()))
+                samples = backend.sample([renderer.context_ids(p.prompt, "bare") for p in group], params)
+                for p, s in zip(group, samples):
+                    rec = {"id": p.id, "prompt": p.prompt, "label": p.label, "source": p.extra.get("source"),
+                           "answer": tok.decode(s.ids, skip_special_tokens=True), "truncated": not s.finished,
+                           "tokens": len(s.ids), "generation": settings}
+                    writer.write(rec)
+                    have[p.id] = rec
+                bar.update(len(group))
+        bar.close()
+    return {p.id: have[p.id] for p in prompts}, len(todo)
+
+
+def _copy_answers(answers: dict[str, dict], path: Path) -> dict[str, dict]:
+    with JsonlWriter(path) as writer:
+        for rec in answers.values():
+            if rec["id"] not in writer.done:
+                writer.write(rec)
+    return dict(answers)
+
+
+# -- text quality ----------------------------------------------------------------------
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique word n-grams / all word n-grams over all answers (lowercased, whitespace words)."""
+    total, unique = 0, set()
+    for t in texts:
+        words = t.lower().split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else None
+
+
+def answer_perplexities(model, tok, preset: Preset, prompts: Sequence[PromptRecord], answers: dict[str, dict],
+                        cfg: EvalConfig) -> tuple[list[float], float]:
+    """Per-answer perplexity under `model` (bare context, EOS included when the answer ended) and the
+    token-weighted corpus perplexity."""
+    from .logprobs import score_sequences
+
+    r = Renderer(tok, preset, max_context=cfg.max_context)
+    contexts = [r.context_ids(p.prompt, "bare") for p in prompts]
+    responses = [r.response_ids(answers[p.id]["answer"], truncated=answers[p.id]["truncated"]) for p in prompts]
+    keep = [i for i, resp in enumerate(responses) if resp]  # a cut empty answer has no token to score
+    sums, counts = score_sequences(model, [contexts[i] for i in keep], [responses[i] for i in keep],
+                                   pad_id=tok.pad_token_id, batch_size=cfg.batch_size)
+    per = [math.exp(-s / c) for s, c in zip(sums, counts)]
+    corpus = math.exp(-sum(sums) / max(sum(counts), 1))
+    return per, corpus
+
+
+def quality_metrics(answers: dict[str, dict], per_ppl: list[float], corpus_ppl: float) -> dict:
+    texts = [a["answer"] for a in answers.values()]
+    n = len(texts)
+    return {
+        "n": n,
+        "mean_tokens": statistics.fmean(a["tokens"] for a in answers.values()),
+        "mean_words": statistics.fmean(len(t.split()) for t in texts),
+        "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+        "empty_fraction": sum(not t.strip() for t in texts) / n,
+        "truncated_fraction": sum(a["truncated"] for a in answers.values()) / n,
+        "perplexity": corpus_ppl,
+        "perplexity_median": statistics.median(per_ppl) if per_ppl else None,
+    }
+
+
+# -- judges ------------------------------------------------------------------------------
+def build_judge(spec: str, pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, out: Path):
+    kind, name = parse_judge_spec(spec)
+    if kind == "self-reward":
+        model, tok = pool.get(baseline)
+        return SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=cfg.max_context)
+    if kind == "llm":
+        model, tok = pool.get(name)
+        return LLMJudge(model, tok, preset.judge_question, name=spec, batch_size=max(1, cfg.batch_size // 2),
+                        max_context=max(cfg.max_context, 2048))
+    if kind in ("reward", "cost"):
+        return RewardModelJudge(name, cost=kind == "cost", device=pool.cfg.device, dtype=pool.cfg.dtype)
+    return OpenAIJudge(name, preset.judge_question, cfg.judge_cache or out / "judge-cache.jsonl",
+                       timeout=cfg.judge_timeout, retries=cfg.judge_retries, rate=cfg.judge_rate,
+                       concurrency=cfg.judge_concurrency)
+
+
+def _verdict_key(spec: str, preset: Preset, it: Item) -> str:
+    blob = json.dumps([spec, preset.name, preset.judge_question, it.prompt, it.aligned, it.baseline,
+                       it.aligned_truncated, it.baseline_truncated], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_judge(spec: str, items: Sequence[Item], pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig,
+              out: Path, progress: bool = True) -> list[Verdict]:
+    """Verdicts for every item, reusing OUT/verdicts-JUDGE.jsonl; failed items are not cached (a rerun retries them)."""
+    path = out / f"verdicts-{judge_slug(spec)}.jsonl"
+    cached: dict[str, Verdict] = {}
+    if path.exists():
+        for _, rec in iter_jsonl(path):
+            detail = {k: v for k, v in rec.items() if k not in ("id", "judge", "outcome", "key")}
+            cached[rec["key"]] = Verdict(rec["id"], rec["outcome"], detail)
+    keys = {it.id: _verdict_key(spec, preset, it) for it in items}
+    todo = [it for it in items if keys[it.id] not in cached]
+    fresh: dict[str, Verdict] = {}
+    if todo:
+        _log(progress, f"judge {spec}: {len(todo)} item(s) ({len(items) - len(todo)} cached)")
+        judge = build_judge(spec, pool, baseline, preset, cfg, out)
+        try:
+            verdicts = judge.judge(todo)
+        finally:
+            if hasattr(judge, "cache"):
+                judge.cache.close()
+        with JsonlWriter(path, key="key") as writer:
+            for it, v in zip(todo, verdicts):
+                fresh[it.id] = v
+                if v.outcome != "failed":
+                    writer.write({"key": keys[it.id], **v.to_record(spec)})
+    return [fresh.get(it.id) or cached[keys[it.id]] for it in items]
+
+
+def judge_note(spec: str) -> str:
+    kind, _ = parse_judge_spec(spec)
+    return {
+        "self-reward": "the base model's contrastive probability judge: the same signal that trained a DLMA model",
+        "llm": "a causal LM read as a pairwise judge (next-token probability of A vs B), position-swapped",
+        "reward": "a reward model scoring each answer alone",
+        "cost": "a cost model scoring each answer alone (lower cost wins)",
+        "openai": "a chat model behind an OpenAI-compatible API, position-swapped, replies cached",
+    }[kind]
+
+
+# -- self-reward reliability --------------------------------------------------------------
+def reliability(pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, progress: bool = True) -> dict:
+    """Accuracy of the probability judge (R > 0) and of the text judge on human-labelled pairs."""
+    pairs = read_pairs(cfg.pairs, cfg.pairs_limit)
+    if not pairs:
+        raise DlmaError(f"{cfg.pairs}: no pairs")
+    _log(progress, f"self-reward reliability on {len(pairs)} pair(s) of {cfg.pairs}")
+    model, tok = pool.get(baseline)
+    rs = SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=cfg.max_context).rewards(pairs)
+    items = [Item(str(p["id"]), p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    text = summarize_verdicts(LLMJudge(model, tok, preset.judge_question, name="text-judge",
+                                       batch_size=max(1, cfg.batch_size // 2)).judge(items))
+    correct = sum(r > 0 for r in rs) + 0.5 * sum(r == 0 for r in rs)
+    out = {"pairs": cfg.pairs, "n": len(pairs), "judge_model": baseline,
+           "human_labelled": sum(bool(p.get("human_label")) for p in pairs),
+           "self_reward_accuracy": correct / len(rs),
+           "text_judge_accuracy": text["adjusted_win_rate"], "text_judge": text,
+           "self_reward_mean": statistics.fmean(rs)}
+    try:
+        from .reward import summarize_scores
+
+        out["score_summary"] = summarize_scores([{**p, "self_reward": r} for p, r in zip(pairs, rs)])
+    except (ImportError, KeyError, TypeError):
+        pass
+    out["self_reward_values"] = rs
+    return out
+
+
+# -- training curves ------------------------------------------------------------------------
+def training_curves(model: str) -> dict | None:
+    """The trainer's metrics.jsonl in the model directory, as columns; None when absent."""
+    path = Path(model) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [rec for _, rec in iter_jsonl(path) if "step" in rec and "loss" in rec]
+    if not rows:
+        return None
+    return {f: [rec.get(f) for rec in rows] for f in TRAINING_FIELDS}
+
+
+# -- the whole evaluation -------------------------------------------------------------------------
+def _examples(prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict]], verdicts: dict[str, list[Verdict]],
+              k: int) -> list[dict]:
+    """Up to k prompts, taken round-robin over sources (and labels) so each kind is shown."""
+    groups: dict[tuple, list[PromptRecord]] = {}
+    for p in prompts:
+        groups.setdefault((p.extra.get("source"), p.label), []).append(p)
+    chosen: list[PromptRecord] = []
+    lists = list(groups.values())
+    while len(chosen) < k and any(lists):
+        for lst in lists:
+            if lst and len(chosen) < k:
+                chosen.append(lst.pop(0))
+    by_judge = {spec: {v.id: v.outcome for v in vs} for spec, vs in verdicts.items()}
+    return [{"id": p.id, "prompt": p.prompt, "label": p.label, "source": p.extra.get("source"),
+             **{role: answers[role][p.id]["answer"] for role in ROLES},
+             "refused": {role: is_refusal(answers[role][p.id]["answer"]) for role in ROLES},
+             "verdicts": {spec: by_judge[spec][p.id] for spec in by_judge}} for p in chosen]
+
+
+def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, model: str, baseline: str = "embedded",
+                    progress: bool = True, preloaded: dict[str, tuple] | None = None) -> dict:
+    """Evaluate `model` (aligned) against `baseline`; write OUT/metrics.json and the report; return the metrics.
+
+    preloaded: {name: (model, tokenizer)} already in memory (tests, the pipeline) to reuse.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = load_preset(cfg.preset)
+    for spec in cfg.judge:
+        parse_judge_spec(spec)  # fail on a typo before any model runs
+    prompts = load_eval_prompts(cfg.prompts, cfg.limit)
+    _log(progress, f"{len(prompts)} prompt(s) from {cfg.prompts}; aligned={model} baseline={baseline}")
+    pool = ModelPool(model_cfg, preloaded)
+    reference = cfg.reference or baseline
+
+    answers: dict[str, dict[str, dict]] = {}
+    names = {"aligned": model, "baseline": baseline}
+    generated: dict[str, int] = {}
+    for role in ROLES:
+        if role == "baseline" and model == baseline and cfg.temperature <= 0:
+            # greedy decoding of the same model gives the same answers: copy instead of regenerating
+            answers[role], generated[role] = _copy_answers(answers["aligned"], out / f"answers-{role}.jsonl"), 0
+            continue
+        m, tok = pool.get(names[role])
+        answers[role], generated[role] = generate_answers(m, tok, prompts, cfg, preset, out / f"answers-{role}.jsonl",
+                                         role=role, model_name=names[role], progress=progress)
+    if model not in (baseline, reference) and not any(spec.partition(":")[2] == model for spec in cfg.judge):
+        pool.release(model)
+
+    _log(progress, f"perplexity under {reference}")
+    ref_model, ref_tok = pool.get(reference)
+    quality, dists = {}, {}
+    for role in ROLES:
+        if role == "baseline" and all(it["answer"] == answers["aligned"][k]["answer"] for k, it in answers[role].items()):
+            pass  # same answers: same perplexities
+        else:
+            per, corpus = answer_perplexities(ref_model, ref_tok, preset, prompts, answers[role], cfg)
+        quality[role] = quality_metrics(answers[role], per, corpus)
+        dists[role] = {"tokens": [answers[role][p.id]["tokens"] for p in prompts], "perplexity": per}
+    labels = [p.label for p in prompts]
+    refusal = {role: refusal_rates([answers[role][p.id]["answer"] for p in prompts], labels) for role in ROLES}
+
+    items = [Item(p.id, p.prompt, answers["aligned"][p.id]["answer"], answers["baseline"][p.id]["answer"],
+                  answers["aligned"][p.id]["truncated"], answers["baseline"][p.id]["truncated"]) for p in prompts]
+    verdicts: dict[str, list[Verdict]] = {}
+    judges: dict[str, dict] = {}
+    for spec in cfg.judge:
+        verdicts[spec] = run_judge(spec, items, pool, baseline, preset, cfg, out, progress)
+        judges[spec] = {**summarize_verdicts(verdicts[spec]), "note": judge_note(spec)}
+        _log(progress, f"judge {spec}: win {judges[spec]['win']} tie {judges[spec]['tie']} "
+                       f"lose {judges[spec]['lose']} failed {judges[spec]['failed']}")
+        if spec == "self-reward":
+            dists["self_reward"] = [v.detail.get("self_reward") for v in verdicts[spec] if v.outcome != "failed"]
+
+    metrics: dict[str, Any] = {
+        "models": {"aligned": model, "baseline": baseline, "reference": reference},
+        "settings": {**to_dict(cfg), "model_config": to_dict(model_cfg)},
+        "prompts": {"n": len(prompts),
+                    "by_source": _count(p.extra.get("source") for p in prompts),
+                    "by_label": _count(p.label or "none" for p in prompts),
+                    "identical_answers": sum(it.aligned == it.baseline for it in items),
+                    "answers_generated": generated},
+        "judges": judges,
+        "refusal": {**refusal, "detector": "dlma.refusal: refusal phrases in the first two sentences of an answer"},
+        "quality": quality,
+    }
+    if cfg.pairs:
+        rel = reliability(pool, baseline, preset, cfg, progress)
+        dists["pairs_self_reward"] = rel.pop("self_reward_values")
+        metrics["reliability"] = rel
+    curves = training_curves(model)
+    if curves:
+        metrics["training"] = curves
+    metrics["distributions"] = dists
+    metrics["examples"] = _examples(prompts, answers, verdicts, cfg.examples)
+    metrics["seconds"] = round(time.time() - t0, 2)
+
+    from .report import write_report
+
+    write_report(metrics, out, title=f"dlma evaluation: {model} vs {baseline}")
+    _log(progress, f"report: {out / 'index.html'}")
+    return metrics
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
