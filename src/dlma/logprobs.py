@@ -12,6 +12,7 @@ dtype.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -141,3 +142,216 @@ def score_sequences(
         if on_batch:
             on_batch(len(idx))
     return sums, counts
+
+
+# -- shared-prefix scoring (no grad) -------------------------------------------------
+# Scoring asks for lp(response | context) for several responses per context, and many
+# contexts start with the same tokens (the system prompt and the demonstrations of a
+# preset side). score_trees lays each context out once with all its responses as
+# branches in one row (a block attention mask keeps branches from seeing each other,
+# explicit position ids restart every branch at the end of the context), and computes
+# the prefix shared by a whole batch once, reusing its KV cache for every row. The
+# decoder body runs in the model's dtype; the head, log-softmax and sums in float32.
+
+Tree = tuple[Sequence[int], Sequence[Sequence[int]]]  # (context ids, [response ids, ...])
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_tree_batches(
+    trees: Sequence[Tree], batch_size: int, max_tokens: int | None = None, min_prefix: int = 8
+) -> list[list[int]]:
+    """Batches of tree indices whose contexts share long prefixes and whose rows have similar lengths.
+
+    Contexts are sorted as token strings, so ones sharing a prefix sit together; a run of
+    neighbours sharing at least half their context (and min_prefix tokens) is a family,
+    bucketed by row length inside (a small family still pays its prefix only once); contexts
+    sharing nothing are pooled and bucketed by length.
+    """
+    ctx = [list(t[0]) for t in trees]
+    rows = [len(c) + sum(len(r) for r in t[1]) for c, t in zip(ctx, trees)]
+    order = sorted(range(len(trees)), key=lambda i: ctx[i])
+    families: list[list[int]] = []
+    for k, i in enumerate(order):
+        if k and (lambda a, b: _lcp(a, b) >= max(min_prefix, min(len(a), len(b)) // 2))(ctx[order[k - 1]], ctx[i]):
+            families[-1].append(i)
+        else:
+            families.append([i])
+    batches: list[list[int]] = []
+    pool: list[int] = []
+    for fam in families:
+        if len(fam) == 1:
+            pool.extend(fam)
+            continue
+        batches.extend([fam[j] for j in b] for b in length_buckets([rows[i] for i in fam], batch_size, max_tokens))
+    if pool:
+        batches.extend([pool[j] for j in b] for b in length_buckets([rows[i] for i in pool], batch_size, max_tokens))
+    return batches
+
+
+class _PrefixCache:
+    """KV tensors of recently used shared prefixes (batch 1), keyed by their token ids."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.items = size, {}
+
+    def get(self, key):
+        return self.items.get(key)
+
+    def put(self, key, kv) -> None:
+        if len(self.items) >= self.size:
+            self.items.pop(next(iter(self.items)))
+        self.items[key] = kv
+
+
+def _tree_rows(trees: Sequence[Tree], L: int, pad_id: int):
+    """Right-padded suffix rows (context[L:] + branches), their positions, segments and targets."""
+    S = max(len(c) - L + sum(len(r) for r in rs) for c, rs in trees)
+    B = len(trees)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, S), dtype=torch.long)
+    seg = torch.full((B, S), -1, dtype=torch.long)
+    picks: list[tuple[int, int, int, int]] = []  # (row, predicting index, target id, branch)
+    for b, (c, rs) in enumerate(trees):
+        n = len(c) - L
+        ids[b, :n] = torch.tensor(list(c[L:]))
+        pos[b, :n] = torch.arange(L, len(c))
+        seg[b, :n] = 0
+        at = n
+        for k, r in enumerate(rs):
+            m = len(r)
+            if m:
+                ids[b, at:at + m] = torch.tensor(list(r))
+                pos[b, at:at + m] = torch.arange(len(c), len(c) + m)
+                seg[b, at:at + m] = k + 1
+                picks.extend((b, (n - 1) if j == 0 else at + j - 1, r[j], k) for j in range(m))
+            at += m
+    return ids, pos, seg, picks
+
+
+def _block_mask(seg: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, S, L+S) mask: the shared prefix, own context, own branch, causal."""
+    B, S = seg.shape
+    si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    allowed = causal & ((sj == 0) | (sj == si)) & (si >= 0) & (sj >= 0)
+    allowed |= torch.eye(S, dtype=torch.bool)  # padding rows see themselves (no all-masked row)
+    allowed = torch.cat([torch.ones(B, S, L, dtype=torch.bool), allowed], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def _head(model: torch.nn.Module):
+    """(float32 weight, bias, softcap) of the output projection, or None when it can't be split off."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model or not hasattr(head, "weight"):
+        return None
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+    return head.weight.float(), bias, getattr(model.config, "final_logit_softcapping", None)
+
+
+@torch.inference_mode()
+def score_trees(
+    model: torch.nn.Module,
+    trees: Sequence[Tree],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    max_tokens: int | None = 16384,
+    share_prefix: bool = True,
+    min_prefix: int = 8,
+    head_chunk: int = 1024,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[tuple[float, int]]]:
+    """lp(response | context) and token counts for every branch of every (context, responses) tree.
+
+    Exact up to kernel rounding: the same numbers as scoring each (context, response)
+    alone with sequence_logprobs (float32 batch-1 vs batched differ by ~1e-4 on a sum).
+    Falls back to plain per-sequence scoring for models whose head can't be split off.
+    """
+    out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(t[1]) for t in trees]
+    for t in trees:
+        if not t[0]:
+            raise ValueError("a context must hold at least one token")
+    head = _head(model)
+    if head is None:
+        flat = [(i, k) for i, t in enumerate(trees) for k in range(len(t[1]))]
+        sums, counts = score_sequences(model, [trees[i][0] for i, _ in flat], [trees[i][1][k] for i, k in flat],
+                                       pad_id=pad_id, batch_size=batch_size, max_tokens=max_tokens)
+        for (i, k), s, c in zip(flat, sums, counts):
+            out[i][k] = (s, c)
+        if on_batch:
+            on_batch(len(trees))
+        return out
+    weight, bias, softcap = head
+    base = model.base_model
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cache = _PrefixCache()
+    from transformers import DynamicCache
+
+    # transformers 5.x renamed `past_key_values` to `cache` in some models' forward
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    for idx in plan_tree_batches(trees, batch_size, max_tokens, min_prefix):
+        group = [trees[i] for i in idx]
+        L = 0
+        if share_prefix:
+            L = min(len(c) for c, _ in group) - 1  # the last context token stays in the rows
+            first = group[0][0]
+            for c, _ in group[1:]:
+                L = min(L, _lcp(first, c))
+            L = L if L >= min_prefix else 0
+        past = None
+        if L:
+            key = tuple(group[0][0][:L])
+            kv = cache.get(key)
+            if kv is None:
+                res = base(input_ids=torch.tensor([list(key)], device=device), use_cache=True)
+                layers = res.past_key_values.layers
+                if any(getattr(layer, "is_sliding", False) for layer in layers):
+                    kv = False  # sliding-window caches can't be shared this way
+                else:
+                    kv = [(layer.keys, layer.values) for layer in layers]
+                cache.put(key, kv)
+            if kv is False:
+                L = 0
+            else:
+                past = DynamicCache([(k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1)) for k, v in kv],
+                                    config=model.config)
+        ids, pos, seg, picks = _tree_rows(group, L, pad_id)
+        mask = _block_mask(seg, L, dtype)
+        kw = {cache_arg: past} if past is not None else {}
+        hidden = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                      use_cache=past is not None, **kw).last_hidden_state
+        if picks:
+            rows = torch.tensor([p[0] for p in picks], device=device)
+            cols = torch.tensor([p[1] for p in picks], device=device)
+            tgt = torch.tensor([p[2] for p in picks], device=device)
+            lps = []
+            for s in range(0, len(picks), head_chunk):
+                h = hidden[rows[s:s + head_chunk], cols[s:s + head_chunk]].float()
+                logits = h @ weight.T
+                if bias is not None:
+                    logits = logits + bias
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                lps.append(logits.gather(-1, tgt[s:s + head_chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+            lp = torch.cat(lps).double().cpu().tolist()
+            acc: dict[tuple[int, int], list] = {}
+            for (b, _, _, k), v in zip(picks, lp):
+                a = acc.setdefault((b, k), [0.0, 0])
+                a[0] += v
+                a[1] += 1
+            for (b, k), (s_, n_) in acc.items():
+                out[idx[b]][k] = (s_, n_)
+        if on_batch:
+            on_batch(len(idx))
+    return out

@@ -1,0 +1,45 @@
+"""`dlma score`: the self-rewarding score R (and the RLAIF text judge) for a pair file."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig, ScoreConfig, add_config_args, config_from_args
+from .common import formatter, print_summary
+
+HELP = """\
+Judge every pair of --data with the model's own probabilities under the contrastive
+prompts, R = [lp(o+|p+) - lp(o+|p-)] - [lp(o-|p+) - lp(o-|p-)], and write the records
+to --out with self_reward, its four terms (lp_chosen_pos, lp_chosen_neg, lp_rejected_pos,
+lp_rejected_neg), token counts and, with --reference (default), ref_lp_chosen and
+ref_lp_rejected under the bare context, so training needs no second model.
+
+--data takes `dlma generate` output, any JSONL with prompt/chosen/rejected, or HH-RLHF
+dialogues (bundled: hh-harmless); with human labels the summary reports `accuracy`.
+--judge text asks the model "A or B?" in both orders instead (the RLAIF baseline).
+A killed or interrupted run resumes when rerun with the same --out.
+
+examples:
+  dlma score --data pairs.jsonl --out scored.jsonl
+  dlma score --data hh-harmless --dtype float32 --summary s.json --out hh-scored.jsonl
+  dlma score --data hh-harmless --judge text --summary judge.json --out hh-judged.jsonl
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("score", help="self-rewarding score R of each pair (or the RLAIF text judge)", description=HELP,
+                       formatter_class=formatter)
+    p.add_argument("--data", required=True, help="pair file (JSONL/JSON/CSV, HH-RLHF dialogues) or bundled hh-harmless[:train|:test]")
+    p.add_argument("--out", required=True, help="output JSONL; an existing file is resumed")
+    p.add_argument("--summary", help="also write the summary (R statistics, accuracy, judge stats) to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p, ModelConfig)
+    add_config_args(p, ScoreConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..reward import score_file
+
+    summary = score_file(config_from_args(ModelConfig, args), config_from_args(ScoreConfig, args), args.data, args.out,
+                         progress=not args.no_progress, summary_path=args.summary)
+    print_summary(summary)
+    return 0

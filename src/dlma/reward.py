@@ -1,0 +1,344 @@
+"""The self-rewarding score R, the bare-context reference log-probs, and the RLAIF text judge.
+
+    R = [lp(o+|p+) - lp(o+|p-)] - [lp(o-|p+) - lp(o-|p-)]
+
+All log-probs come from logprobs.score_trees: each context is laid out once with every
+response it must score as a branch, and prefixes shared across a batch (system prompt,
+demonstrations) are computed once. lp(o+|p+) and lp(o-|p-) are taken from the pair file
+when generation recorded them under the same model, dtype and preset (they are the raw
+log-probs of the sampled tokens), so only the two cross terms need a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Sequence
+
+import torch
+
+from .config import ModelConfig, ScoreConfig
+from .data import JsonlWriter, check_finite, read_pairs
+from .errors import DlmaError
+from .logprobs import score_trees
+from .prompts import Preset, Renderer, as_messages, load_preset
+
+TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
+JUDGES = ("self-reward", "text", "both")
+JUDGE_ALIASES = {"probability": "self-reward", "self_reward": "self-reward"}
+
+
+def _dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | None, ctx: dict) -> bool:
+    """Generation's raw log-probs equal lp(o+|p+), lp(o-|p-) only under the same model, dtype and
+    preset, and when generation saw the same (uncut) contexts."""
+    gen = rec.get("generation") or {}
+    if "gen_lp_chosen" not in rec or "gen_lp_rejected" not in rec or rec.get("preset") != preset.name:
+        return False
+    room = int(gen.get("max_context", 1024)) - int(gen.get("max_new_tokens", 0))  # generate's context cut
+    if max(len(ctx["positive"]), len(ctx["negative"])) > room:
+        return False
+    gdtype = str(gen.get("dtype", ""))
+    if gdtype == "auto":  # generate resolves auto the same way on the same machine
+        from .models import resolve_device, resolve_dtype
+
+        gdtype = str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
+    return gdtype == model_dtype and (model_name is None or gen.get("model") == model_name)
+
+
+class _Layout:
+    """Token ids of one pair's contexts and responses, cut to fit the model's context."""
+
+    def __init__(self, renderer: Renderer, limit: int | None):
+        self.r, self.limit, self.truncated, self.cut = renderer, limit, 0, False
+
+    def ids(self, rec: dict, sides: Sequence[str]) -> tuple[dict, list[int], list[int]]:
+        query = as_messages(rec["prompt"])
+        c = self.r.response_ids(rec["chosen"], bool(rec.get("chosen_truncated")))
+        r = self.r.response_ids(rec["rejected"], bool(rec.get("rejected_truncated")))
+        ctx = {s: self.r.context_ids(query, s) for s in sides}
+        if self.limit:
+            room = max(1, self.limit - max(len(c), len(r)))
+            cut = False
+            for s, ids in ctx.items():
+                if len(ids) > room:
+                    ctx[s], cut = ids[len(ids) - room:], True
+            if len(c) >= self.limit or len(r) >= self.limit:
+                c, r, cut = c[: self.limit - 1], r[: self.limit - 1], True
+            self.truncated += int(cut)
+            self.cut = cut
+        return ctx, c, r
+
+
+def _resolve_preset(preset: Preset | str | None, pairs: list[dict]) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    return load_preset(preset or next((p["preset"] for p in pairs if p.get("preset")), "harmless"))
+
+
+def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
+                reference: bool = True, reuse_generation: bool = True, max_context: int | None = None,
+                progress: bool = False, model_name: str | None = None, stats: dict | None = None) -> list[dict]:
+    """Copies of `pairs` with self_reward, its four terms, token counts and (reference) the bare-context lps.
+
+    Empty responses get R = 0 (counted in stats["empty_responses"]); a NaN/inf raises a
+    DlmaError naming the record. stats (optional) also collects reused/truncated counts.
+    """
+    from tqdm.auto import tqdm
+
+    preset = _resolve_preset(preset, pairs)
+    stats = stats if stats is not None else {}
+    for k in ("empty_responses", "reused_generation_logprobs", "contexts_truncated"):
+        stats.setdefault(k, 0)
+    limit = max_context or getattr(model.config, "max_position_embeddings", None)
+    layout = _Layout(Renderer(tokenizer, preset), limit)
+    dtype = _dtype_name(model)
+    sides = ["positive", "negative"] + (["bare"] if reference else [])
+    trees: list = []
+    plan: list[tuple[dict, dict]] = []  # (record, {field: (tree index, branch)})
+    for rec in pairs:
+        out = dict(rec)
+        ctx, c, r = layout.ids(rec, sides)
+        reuse = reuse_generation and not layout.cut and _reusable(rec, preset, dtype, model_name, ctx)
+        where: dict[str, tuple[int, int]] = {}
+
+        def add(side: str, named: list[tuple[str, list[int]]]) -> None:
+            if named:
+                trees.append((ctx[side], [ids for _, ids in named]))
+                where.update({name: (len(trees) - 1, k) for k, (name, _) in enumerate(named)})
+
+        if reuse:
+            out["lp_chosen_pos"], out["lp_rejected_neg"] = float(rec["gen_lp_chosen"]), float(rec["gen_lp_rejected"])
+            stats["reused_generation_logprobs"] += 1
+            add("positive", [("lp_rejected_pos", r)])
+            add("negative", [("lp_chosen_neg", c)])
+        else:
+            add("positive", [("lp_chosen_pos", c), ("lp_rejected_pos", r)])
+            add("negative", [("lp_chosen_neg", c), ("lp_rejected_neg", r)])
+        if reference:
+            add("bare", [("ref_lp_chosen", c), ("ref_lp_rejected", r)])
+        out["chosen_tokens"], out["rejected_tokens"] = len(c), len(r)
+        plan.append((out, where))
+    stats["contexts_truncated"] += layout.truncated
+    bar = tqdm(total=len(trees), desc="score", unit="ctx", disable=not progress, dynamic_ncols=True)
+    try:
+        res = score_trees(model, trees, pad_id=tokenizer.pad_token_id, batch_size=batch_size, on_batch=bar.update)
+    finally:
+        bar.close()
+    keys = TERMS + (["ref_lp_chosen", "ref_lp_rejected"] if reference else [])
+    for out, where in plan:
+        for name, (t, k) in where.items():
+            out[name] = res[t][k][0]
+        empty = not str(out["chosen"]).strip() or not str(out["rejected"]).strip()
+        stats["empty_responses"] += int(empty)
+        out["self_reward"] = 0.0 if empty else (out["lp_chosen_pos"] - out["lp_chosen_neg"]) - (
+            out["lp_rejected_pos"] - out["lp_rejected_neg"])
+        check_finite(out, keys + ["self_reward"], "score")
+    return [o for o, _ in plan]
+
+
+# -- the RLAIF text judge --------------------------------------------------------------
+JUDGE_TEMPLATE = """Here is a conversation between a user and an assistant:
+
+{history}
+
+Two possible next replies of the assistant:
+
+(A) {a}
+
+(B) {b}
+
+{question} Answer with a single letter, A or B."""
+
+
+def _history(query: list[dict]) -> str:
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in query)
+
+
+def _letter_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Single-token spellings of the two answers ('A', ' A'); their probabilities are summed."""
+    out = []
+    for letter in ("A", "B"):
+        ids = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in (letter, " " + letter)}
+        out.append(sorted(i[0] for i in ids if len(i) == 1))
+    if not out[0] or not out[1]:
+        raise DlmaError("the text judge needs single-token 'A' and 'B' in the tokenizer")
+    return out[0], out[1]
+
+
+def _judge_ctx(tokenizer, preset: Preset, query, a: str, b: str, max_context: int | None) -> list[int]:
+    msgs = [{"role": "user", "content": JUDGE_TEMPLATE.format(history=_history(query), a=a.strip() or "(empty)",
+                                                              b=b.strip() or "(empty)", question=preset.judge_question)}]
+    r = Renderer(tokenizer, None, max_context)
+    return r.context_ids(msgs, "bare")
+
+
+def judge_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
+                max_context: int | None = None, progress: bool = False) -> list[dict]:
+    """Copies of `pairs` with the text judge's verdict, asked in both orders.
+
+    judge_score = mean over both orders of P(chosen's letter) / (P(A) + P(B)), minus 0.5:
+    > 0 prefers `chosen`; averaging the orders cancels a constant preference for a position.
+    judge_score_calibrated does the same after subtracting, in log-odds, the judge's
+    content-free prior (its A-vs-B log-odds with both replies "N/A"), per Zhao et al. 2021.
+    judge_mass is the mean probability landing on the answer tokens at all.
+    """
+    from tqdm.auto import tqdm
+
+    preset = _resolve_preset(preset, pairs)
+    a_ids, b_ids = _letter_ids(tokenizer)
+    branches = [[i] for i in a_ids + b_ids]
+    trees = []
+    for rec in pairs:
+        q = as_messages(rec["prompt"])
+        trees.append((_judge_ctx(tokenizer, preset, q, rec["chosen"], rec["rejected"], max_context), branches))
+        trees.append((_judge_ctx(tokenizer, preset, q, rec["rejected"], rec["chosen"], max_context), branches))
+    prior_ctx = _judge_ctx(tokenizer, preset, [{"role": "user", "content": "N/A"}], "N/A", "N/A", max_context)
+    bar = tqdm(total=len(trees) + 1, desc="judge", unit="ctx", disable=not progress, dynamic_ncols=True)
+    try:
+        res = score_trees(model, trees + [(prior_ctx, branches)], pad_id=tokenizer.pad_token_id,
+                          batch_size=batch_size, on_batch=bar.update)
+    finally:
+        bar.close()
+
+    def probs(r) -> tuple[float, float]:
+        ps = [math.exp(s) for s, _ in r]
+        return sum(ps[: len(a_ids)]), sum(ps[len(a_ids):])
+
+    pa0, pb0 = probs(res[-1])
+    prior = math.log(max(pa0, 1e-30)) - math.log(max(pb0, 1e-30))
+    sig = lambda x: 1.0 / (1.0 + math.exp(-x))
+    out = []
+    for n, rec in enumerate(pairs):
+        (pa1, pb1), (pa2, pb2) = probs(res[2 * n]), probs(res[2 * n + 1])
+        lo1 = math.log(max(pa1, 1e-30)) - math.log(max(pb1, 1e-30))  # chosen shown as A
+        lo2 = math.log(max(pa2, 1e-30)) - math.log(max(pb2, 1e-30))  # chosen shown as B
+        o = dict(rec)
+        o["judge_score"] = 0.5 * (sig(lo1) + sig(-lo2)) - 0.5
+        o["judge_score_calibrated"] = 0.5 * (sig(lo1 - prior) + sig(-(lo2 - prior))) - 0.5
+        o["judge_p_a"] = [pa1 / max(pa1 + pb1, 1e-30), pa2 / max(pa2 + pb2, 1e-30)]
+        o["judge_mass"] = 0.5 * (pa1 + pb1 + pa2 + pb2)
+        o["judge_prior_logodds"] = prior
+        check_finite(o, ["judge_score", "judge_score_calibrated", "judge_mass"], "judge")
+        out.append(o)
+    return out
+
+
+# -- summaries -------------------------------------------------------------------------
+def _quantiles(xs: list[float]) -> dict:
+    s = sorted(xs)
+    q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
+    return {"min": s[0], "p10": q(0.1), "p25": q(0.25), "median": q(0.5), "p75": q(0.75), "p90": q(0.9), "max": s[-1]}
+
+
+def _accuracy(xs: list[float]) -> float:
+    return sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in xs) / len(xs)
+
+
+def _describe(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "quantiles": _quantiles(xs),
+            "fraction_positive": sum(x > 0 for x in xs) / len(xs)}
+
+
+def summarize_scores(records: Sequence[dict]) -> dict:
+    """Count, mean/std/quantiles of R, fraction R > 0, per-token R, accuracy vs human labels, judge stats.
+
+    accuracy (records with human_label, i.e. `chosen` is the human-preferred side): the
+    fraction of pairs with R > 0, ties counting half.
+    """
+    out: dict = {"count": len(records)}
+    rs = [float(r["self_reward"]) for r in records if r.get("self_reward") is not None]
+    labelled = [r for r in records if r.get("human_label")]
+    if rs:
+        out["self_reward"] = _describe(rs)
+        per_tok = [_per_token(r) for r in records if r.get("self_reward") is not None]
+        out["self_reward_per_token"] = _describe(per_tok)
+        if labelled:
+            out["accuracy"] = _accuracy([float(r["self_reward"]) for r in labelled if r.get("self_reward") is not None])
+            out["accuracy_per_token"] = _accuracy([_per_token(r) for r in labelled if r.get("self_reward") is not None])
+    js = [r for r in records if r.get("judge_score") is not None]
+    if js:
+        pa = [p for r in js for p in r["judge_p_a"]]
+        out["text_judge"] = {
+            "judge_score": _describe([r["judge_score"] for r in js]),
+            "position_bias": sum(p > 0.5 for p in pa) / len(pa),  # fraction of orderings answered 'A'
+            "mean_p_a": statistics.fmean(pa),
+            "answer_token_mass": statistics.fmean(r["judge_mass"] for r in js),
+            "prior_logodds_a": js[0].get("judge_prior_logodds"),
+        }
+        jl = [r for r in js if r.get("human_label")]
+        if jl:
+            out["text_judge"]["accuracy"] = _accuracy([r["judge_score"] for r in jl])
+            out["text_judge"]["accuracy_calibrated"] = _accuracy([r["judge_score_calibrated"] for r in jl])
+    if labelled:
+        out["labelled"] = len(labelled)
+    return out
+
+
+def _per_token(r: dict) -> float:
+    """Length-normalised R: each response's log-ratio divided by its token count."""
+    if float(r["self_reward"]) == 0.0 and not (r.get("chosen_tokens") and r.get("rejected_tokens")):
+        return 0.0
+    nc, nr = max(1, int(r.get("chosen_tokens") or 1)), max(1, int(r.get("rejected_tokens") or 1))
+    if not str(r.get("chosen", "x")).strip() or not str(r.get("rejected", "x")).strip():
+        return 0.0
+    return (r["lp_chosen_pos"] - r["lp_chosen_neg"]) / nc - (r["lp_rejected_pos"] - r["lp_rejected_neg"]) / nr
+
+
+# -- files -------------------------------------------------------------------------------
+def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *, model=None, tokenizer=None,
+               progress: bool = True, summary_path: str | None = None) -> dict:
+    """Score a pair file into `out` (JSONL, resumable), returning the summary of the whole output.
+
+    Records already in `out` are skipped; the summary covers them too, so a resumed run
+    reports the same numbers as an uninterrupted one. summary_path, when set, gets a copy.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import read_jsonl, write_json
+    from .models import load_model
+
+    judge = JUDGE_ALIASES.get(cfg.judge, cfg.judge)
+    if judge not in JUDGES:
+        raise DlmaError(f"unknown judge {cfg.judge!r}; choose from {', '.join(JUDGES)}")
+    pairs = read_pairs(data, cfg.limit)
+    if not pairs:
+        raise DlmaError(f"{data}: no pairs")
+    writer = JsonlWriter(out)
+    todo = [p for p in pairs if p["id"] not in writer.done]
+    stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
+    t0 = time.time()
+    try:
+        if todo:
+            if model is None:
+                model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
+            preset = _resolve_preset(cfg.preset, todo)
+            bar = tqdm(total=len(todo), desc=f"score ({judge})", unit="pair", disable=not progress, dynamic_ncols=True)
+            chunk = max(cfg.batch_size * 4, 16)
+            for s in range(0, len(todo), chunk):
+                group = todo[s:s + chunk]
+                if judge in ("self-reward", "both"):
+                    group = score_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, reference=cfg.reference,
+                                        reuse_generation=cfg.reuse_generation, max_context=cfg.max_context,
+                                        model_name=model_cfg.model, stats=stats)
+                if judge in ("text", "both"):
+                    group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
+                for rec in group:
+                    writer.write(rec)
+                bar.update(len(group))
+                bar.set_postfix(pairs_per_s=f"{(s + len(group)) / max(time.time() - t0, 1e-9):.2f}")
+            bar.close()
+    finally:
+        writer.close()
+    summary = summarize_scores(read_jsonl(out))
+    summary.update(judge=judge, already_done=len(pairs) - len(todo), scored=len(todo), output=str(out),
+                   seconds=round(time.time() - t0, 2), **stats)
+    if todo:
+        summary["pairs_per_s"] = round(len(todo) / max(time.time() - t0, 1e-9), 3)
+    if summary_path:
+        write_json(summary_path, summary)
+    return summary

@@ -1,0 +1,96 @@
+"""Self-rewarding score: antisymmetry, batch invariance, reuse of generation log-probs, bad input, resume, judges."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dlma.config import ModelConfig, ScoreConfig
+from dlma.data import read_pairs
+from dlma.errors import DlmaError
+from dlma.reward import score_file, score_pairs, summarize_scores
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_pairs):
+    return read_pairs(str(tiny_pairs))[:3]
+
+
+def test_swap_negates_and_batch_size_invariant(embedded, pairs):
+    model, tok = embedded
+    a = score_pairs(model, tok, "harmless", pairs, batch_size=16, reference=False, reuse_generation=False)
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "chosen_truncated": p["rejected_truncated"],
+                "rejected_truncated": p["chosen_truncated"]} for p in pairs]
+    b = score_pairs(model, tok, "harmless", swapped, batch_size=1, reference=False, reuse_generation=False)
+    for x, y in zip(a, b):
+        assert x["self_reward"] != 0
+        assert abs(x["self_reward"] + y["self_reward"]) < 1e-2  # also batch 16 vs batch 1
+        assert abs(x["lp_chosen_pos"] - y["lp_rejected_pos"]) < 1e-2
+
+
+def test_generation_logprobs_match_fresh_forward(embedded, pairs):
+    """tiny_pairs were sampled in float32: their raw log-probs equal a fresh forward within 1e-2."""
+    model, tok = embedded
+    assert all("gen_lp_chosen" in p for p in pairs)
+    fresh = score_pairs(model, tok, "harmless", pairs, reference=True, reuse_generation=False)
+    stats: dict = {}
+    reused = score_pairs(model, tok, "harmless", pairs, reference=True, reuse_generation=True, stats=stats)
+    assert stats["reused_generation_logprobs"] == len(pairs)
+    for f, r, p in zip(fresh, reused, pairs):
+        assert abs(f["lp_chosen_pos"] - p["gen_lp_chosen"]) < 1e-2
+        assert abs(f["lp_rejected_neg"] - p["gen_lp_rejected"]) < 1e-2
+        assert abs(f["self_reward"] - r["self_reward"]) < 2e-2
+        assert f["ref_lp_chosen"] < 0 and f["chosen_tokens"] > 0
+        assert f["ref_lp_chosen"] != f["lp_chosen_pos"]  # the bare context is a different context
+
+
+def test_empty_response_and_nan(embedded, pairs):
+    model, tok = embedded
+    stats: dict = {}
+    out = score_pairs(model, tok, "harmless", [{**pairs[0], "rejected": "  "}], reference=False, stats=stats)
+    assert out[0]["self_reward"] == 0.0 and stats["empty_responses"] == 1
+    bad = {**pairs[0], "id": "bad-one", "gen_lp_chosen": float("nan")}
+    with pytest.raises(DlmaError, match="bad-one"):
+        score_pairs(model, tok, "harmless", [bad], reference=False)
+
+
+def test_score_file_resumes(embedded, pairs, tiny_pairs, tmp_path):
+    model, tok = embedded
+    out = tmp_path / "scored.jsonl"
+    cfg = ScoreConfig(limit=2, reference=False)
+    first = score_file(ModelConfig(dtype="float32"), cfg, str(tiny_pairs), str(out), model=model, tokenizer=tok, progress=False)
+    assert first["scored"] == 2
+    with open(out, "a") as f:
+        f.write('{"id": "cut-off')  # a kill mid-write
+    cfg = ScoreConfig(limit=3, reference=False)
+    second = score_file(ModelConfig(dtype="float32"), cfg, str(tiny_pairs), str(out), model=model, tokenizer=tok,
+                        progress=False, summary_path=str(tmp_path / "s.json"))
+    assert second["already_done"] == 2 and second["scored"] == 1 and second["count"] == 3
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == [p["id"] for p in pairs]
+    assert json.loads((tmp_path / "s.json").read_text())["count"] == 3
+
+
+def test_accuracy_on_hh_pairs_both_judges(embedded, tmp_path):
+    model, tok = embedded
+    s = score_file(ModelConfig(dtype="float32"), ScoreConfig(judge="both", limit=3, reference=False), "hh-harmless",
+                   str(tmp_path / "hh.jsonl"), model=model, tokenizer=tok, progress=False)
+    assert s["labelled"] == 3
+    assert 0.0 <= s["accuracy"] <= 1.0 and 0.0 <= s["accuracy_per_token"] <= 1.0
+    j = s["text_judge"]
+    assert 0.0 <= j["accuracy"] <= 1.0 and 0.0 <= j["accuracy_calibrated"] <= 1.0
+    assert 0.0 < j["answer_token_mass"] <= 1.0 + 1e-6 and 0.0 <= j["position_bias"] <= 1.0
+    assert all(abs(x) <= 0.5 for x in (j["judge_score"]["mean"],))
+
+
+def test_summarize_scores_ties_count_half():
+    recs = [{"self_reward": r, "human_label": True, "lp_chosen_pos": r, "lp_chosen_neg": 0.0, "lp_rejected_pos": 0.0,
+             "lp_rejected_neg": 0.0, "chosen": "a", "rejected": "b", "chosen_tokens": 2, "rejected_tokens": 1}
+            for r in (1.0, -1.0, 0.0, 2.0)]
+    s = summarize_scores(recs)
+    assert s["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert s["self_reward"]["fraction_positive"] == 0.5
+    assert s["self_reward_per_token"]["mean"] == pytest.approx(sum((1.0, -1.0, 0.0, 2.0)) / 2 / 4)
+    assert math.isfinite(s["self_reward"]["std"])
