@@ -1,0 +1,49 @@
+"""`dlma train`: self-rewarding DPO (and its baselines) on scored pairs."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig, TrainConfig, add_config_args, config_from_args
+from .common import formatter, print_summary
+
+HELP = """\
+Train a model on scored pairs (from `dlma score`) with the bare query as context and save
+it to --out, a directory AutoModelForCausalLM / AutoTokenizer load.
+
+  --loss dlma  DPO whose logit is shifted by w * clamp(R, lo, hi) (R = self-reward)
+  --loss dpo   plain DPO (on contrastive pairs: the RLCD baseline; on human labels: the upper reference)
+  --loss ipo   IPO;  --loss sft  context distillation on the chosen response
+
+Reference log-probs come from the scored file, else they are computed once from the
+initial weights before the first step: no reference model is held during training.
+--out also gets metrics.jsonl (loss, reward margin/accuracy, lr, tokens/s), checkpoints
+every --save-steps, and train_summary.json. Rerun the same command to resume after a kill.
+
+Many GPUs: the same command under accelerate, e.g.
+  accelerate launch --config_file src/dlma/configs/accelerate/fsdp_8gpu.yaml -m dlma.cli train ...
+
+examples:
+  dlma train --data scored.jsonl --out ckpt
+  dlma train --data scored.jsonl --out ckpt --loss dpo --lr 5e-7 --batch-size 8 --grad-accum 8
+  dlma train --data scored.jsonl --out ckpt --lora-r 16 --no-save-merged
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train on scored pairs (dlma, dpo, ipo, sft)", description=HELP, formatter_class=formatter)
+    p.add_argument("--data", required=True, help="scored pair file (JSONL from `dlma score`, or any pair file for dpo/ipo/sft)")
+    p.add_argument("--out", required=True, help="output directory (final model, checkpoints, metrics.jsonl); resumed if it exists")
+    p.add_argument("--summary", help="also write the run summary to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p, ModelConfig)
+    add_config_args(p, TrainConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..train import train_model
+
+    summary = train_model(config_from_args(ModelConfig, args), config_from_args(TrainConfig, args), args.data, args.out,
+                          progress=not args.no_progress)
+    summary = {k: v for k, v in summary.items() if k != "resume_key"}
+    print_summary(summary, args.summary)
+    return 0

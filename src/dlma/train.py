@@ -1,0 +1,488 @@
+"""The training loop: scored pairs -> an aligned Hugging Face model directory.
+
+One loop for every objective in `losses` and every scale: a single CPU, one GPU, or many
+processes under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO). What it does, in order:
+
+1. read the pairs, flip (`--flip-negative`) and filter (`--min-reward`) them by the
+   self-reward R, and render token ids through `prompts.Renderer` (bare context);
+2. reference log-probs: from the scored file when every pair carries them, else computed
+   once from the initial weights (and saved in the output directory, so a resumed run
+   reuses them). No reference model is held while training;
+3. a deterministic plan of optimizer steps: shuffled per epoch from --seed, length-bucketed
+   inside windows of 16 global batches, every global batch split into
+   processes x grad_accum micro-batches. The plan depends only on (seed, epoch, global
+   batch), so a resumed run and a run on more processes see the same pairs per step;
+4. per micro-batch, chosen and rejected responses in ONE forward pass, the loss of each
+   pair, summed and scaled by 1 / (pairs in the global step): results do not depend on how
+   the global batch is split across processes or accumulation steps;
+5. AdamW with linear warm-up and cosine/linear decay (lr is a function of the step, so
+   resume needs no scheduler state), resumable checkpoints every --save-steps, a
+   metrics.jsonl line per step, and the final model + tokenizer in the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import losses as L
+from .config import ModelConfig, TrainConfig
+from .data import read_pairs, write_json
+from .errors import DlmaError
+from .logprobs import collate, score_sequences, sequence_logprobs
+
+SUMMARY = "train_summary.json"
+REFERENCE = "reference_logprobs.json"
+METRICS = "metrics.jsonl"
+STATE = "trainer_state.json"
+BUCKET_WINDOW = 16  # global batches sorted by length together
+# Fields that may change between a run and its resume without changing the result.
+RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to")
+
+
+@dataclass
+class Example:
+    """One pair as token ids, with what the loss needs besides the policy."""
+
+    id: str
+    context: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    self_reward: float | None
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+    @property
+    def length(self) -> int:  # padded length of this pair's row in a batch
+        return len(self.context) + max(len(self.chosen), len(self.rejected))
+
+
+# -- pairs -> examples ---------------------------------------------------------
+def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """Flip pairs with R < 0 (if asked), then drop pairs with R < --min-reward."""
+    needs_r = cfg.loss == "dlma" or cfg.min_reward is not None or cfg.flip_negative
+    out, flipped, filtered = [], 0, 0
+    for rec in pairs:
+        r = rec.get("self_reward")
+        if needs_r and not isinstance(r, (int, float)):
+            raise DlmaError(f"pair {rec.get('id')!r} has no numeric `self_reward`, which --loss {cfg.loss}"
+                            f"{' / --min-reward' if cfg.min_reward is not None else ''}"
+                            f"{' / --flip-negative' if cfg.flip_negative else ''} needs; run `dlma score` first")
+        if cfg.flip_negative and r < 0:
+            rec = dict(rec, chosen=rec["rejected"], rejected=rec["chosen"], self_reward=-r,
+                       chosen_truncated=rec.get("rejected_truncated", False),
+                       rejected_truncated=rec.get("chosen_truncated", False),
+                       ref_lp_chosen=rec.get("ref_lp_rejected"), ref_lp_rejected=rec.get("ref_lp_chosen"), flipped=True)
+            r = -r
+            flipped += 1
+        if cfg.min_reward is not None and r < cfg.min_reward:
+            filtered += 1
+            continue
+        out.append(rec)
+    return out, {"pairs_read": len(pairs), "pairs_flipped": flipped, "pairs_filtered": filtered, "pairs_used": len(out)}
+
+
+def build_examples(pairs: list[dict], renderer) -> list[Example]:
+    out = []
+    for rec in pairs:
+        ref_c, ref_r = rec.get("ref_lp_chosen"), rec.get("ref_lp_rejected")
+        out.append(Example(
+            id=str(rec["id"]),
+            context=renderer.context_ids(rec["prompt"], "bare"),
+            chosen=renderer.response_ids(rec["chosen"], truncated=bool(rec.get("chosen_truncated", False))),
+            rejected=renderer.response_ids(rec["rejected"], truncated=bool(rec.get("rejected_truncated", False))),
+            self_reward=rec.get("self_reward"),
+            ref_chosen=float(ref_c) if isinstance(ref_c, (int, float)) else None,
+            ref_rejected=float(ref_r) if isinstance(ref_r, (int, float)) else None,
+        ))
+    return out
+
+
+# -- the data order ------------------------------------------------------------
+def epoch_plan(lengths: Sequence[int], global_batch: int, micro_per_step: int, epoch: int, seed: int) -> list[list[list[int]]]:
+    """Optimizer steps of one epoch; each step is `micro_per_step` lists of example indices.
+
+    Micro-batch k of a step runs on process k % world at accumulation index k // world.
+    Groups with fewer pairs than micro-batches (only ever the epoch's last) are dropped.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    window = global_batch * BUCKET_WINDOW
+    groups: list[list[int]] = []
+    for s in range(0, len(perm), window):
+        chunk = sorted(perm[s: s + window], key=lambda i: (-lengths[i], i))
+        groups += [chunk[k: k + global_batch] for k in range(0, len(chunk), global_batch)]
+    groups = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+    steps = []
+    for grp in groups:
+        if len(grp) < micro_per_step:
+            continue
+        q, rem = divmod(len(grp), micro_per_step)
+        bounds = [0]
+        for k in range(micro_per_step):
+            bounds.append(bounds[-1] + q + (1 if k < rem else 0))
+        steps.append([grp[bounds[k]: bounds[k + 1]] for k in range(micro_per_step)])
+    return steps
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then decay to 0."""
+    warm = int(round(cfg.warmup_ratio * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / (warm + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - warm) / max(1, total - warm)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - progress)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -- the loss of a micro-batch ---------------------------------------------------
+def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int, device) -> tuple[L.PairLoss, int]:
+    """Per-pair losses (and implicit rewards) of a micro-batch, chosen and rejected in one forward."""
+    ctx = [e.context for e in examples]
+    n = len(examples)
+    if cfg.loss == "sft":
+        batch = collate(ctx, [e.chosen for e in examples], pad_id).to(device)
+        sums, counts = sequence_logprobs(model, batch)
+        zero = torch.zeros(n, device=device)
+        return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens
+    batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
+    sums, _ = sequence_logprobs(model, batch)
+    pi_c, pi_r = sums[:n], sums[n:]
+    ref_c = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32, device=device)
+    ref_r = torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32, device=device)
+    if cfg.loss == "dlma":
+        r = torch.tensor([float(e.self_reward) for e in examples], dtype=torch.float32, device=device)
+        out = L.dlma_loss(pi_c, pi_r, ref_c, ref_r, r, beta=cfg.beta, margin_weight=cfg.margin_weight,
+                          margin_clip=tuple(cfg.margin_clip), label_smoothing=cfg.label_smoothing)
+    elif cfg.loss == "dpo":
+        out = L.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+    else:
+        out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
+    return out, batch.num_tokens
+
+
+# -- helpers -------------------------------------------------------------------
+def validate(cfg: TrainConfig) -> None:
+    if cfg.loss not in L.LOSSES:
+        raise DlmaError(f"--loss must be one of {', '.join(L.LOSSES)}, got {cfg.loss!r}")
+    if cfg.lr_schedule not in ("cosine", "linear", "constant"):
+        raise DlmaError(f"--lr-schedule must be cosine, linear or constant, got {cfg.lr_schedule!r}")
+    if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise DlmaError(f"--mixed-precision must be auto, bf16, fp16 or no, got {cfg.mixed_precision!r}")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
+        raise DlmaError("--batch-size, --grad-accum, --epochs and --max-steps must be at least 1")
+    if cfg.beta <= 0:
+        raise DlmaError(f"--beta must be positive, got {cfg.beta}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise DlmaError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    lo, hi = cfg.margin_clip
+    if lo > hi:
+        raise DlmaError(f"--margin-clip LO HI needs LO <= HI, got {lo} {hi}")
+
+
+def _resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int) -> dict:
+    key = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    key["margin_clip"] = list(cfg.margin_clip)
+    return {"train": key, "model": asdict(model_cfg), "data": os.path.abspath(data),
+            "global_batch": cfg.batch_size * cfg.grad_accum * world}
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (its trainer_state.json is written last)."""
+    done = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _mixed_precision(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    from .models import bf16_supported, resolve_device
+
+    dev = resolve_device(model_cfg.device)
+    return "bf16" if bf16_supported(dev) else "no"
+
+
+def _weights_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """Float32 master weights unless a low-precision dtype was asked for explicitly."""
+    from .models import DTYPES
+
+    if model_cfg.dtype == "auto":
+        return torch.float32
+    if model_cfg.dtype not in DTYPES:
+        raise DlmaError(f"unknown dtype {model_cfg.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[model_cfg.dtype]
+
+
+def _trackers(report_to: Sequence[str]) -> list[str]:
+    import importlib.util
+
+    out = []
+    for name in report_to:
+        if name not in ("tensorboard", "wandb"):
+            raise DlmaError(f"--report-to: unknown tracker {name!r}; choose tensorboard or wandb")
+        module = "torch.utils.tensorboard" if name == "tensorboard" else "wandb"
+        try:
+            ok = importlib.util.find_spec(module) is not None and (name != "tensorboard" or importlib.util.find_spec("tensorboard") is not None)
+        except ModuleNotFoundError:
+            ok = False
+        if ok:
+            out.append(name)
+        else:
+            print(f"dlma train: {name} is not installed; not logging to it")
+    return out
+
+
+def reference_logprobs(model, examples: list[Example], pad_id: int, accelerator, batch_size: int) -> None:
+    """Fill ref_chosen/ref_rejected from the current (initial) weights, sharded over processes."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(examples), world))
+    ctx = [examples[i].context for i in mine]
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast():
+        sums, _ = score_sequences(model, ctx + ctx, [examples[i].chosen for i in mine] + [examples[i].rejected for i in mine],
+                                  pad_id=pad_id, batch_size=batch_size)
+    model.train(was_training)
+    local = [(i, sums[j], sums[len(mine) + j]) for j, i in enumerate(mine)]
+    for i, c, r in (gather_object(local) if world > 1 else local):
+        examples[i].ref_chosen, examples[i].ref_rejected = c, r
+
+
+# -- the public entry point ------------------------------------------------------
+def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, progress: bool = True) -> dict:
+    """Train on a (scored) pair file and save the model to out_dir; returns the run summary.
+
+    Rerunning with the same out_dir resumes from its last checkpoint; a finished run returns
+    its summary without training again.
+    """
+    validate(cfg)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_tokenizer, resolve_model_path
+    from .prompts import Renderer, load_preset
+
+    out = Path(out_dir)
+    # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True
+    cpu = model_cfg.device == "cpu" or (model_cfg.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, model_cfg),
+                              gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=_trackers(cfg.report_to) or None, project_dir=str(out))
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    key = _resume_key(cfg, model_cfg, data, world)
+    if (out / SUMMARY).is_file():
+        summary = json.loads((out / SUMMARY).read_text())
+        if summary.get("resume_key") != key:
+            raise DlmaError(f"{out} already holds a model trained with other settings; choose another --out")
+        return summary
+    ckpt = last_checkpoint(out)
+    if ckpt is not None:
+        saved = json.loads((ckpt / STATE).read_text())
+        if saved.get("resume_key") != key:
+            raise DlmaError(f"{ckpt} was written with other settings (or another number of processes x batch); "
+                            f"rerun with the same flags to resume, or choose another --out")
+    set_seed(cfg.seed)
+
+    tok = load_tokenizer(model_cfg.model)
+    renderer = Renderer(tok, load_preset(cfg.preset) if cfg.preset else None, cfg.max_context)
+    pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
+    if not pairs:
+        raise DlmaError(f"{data}: no pairs left to train on ({counts})")
+    examples = build_examples(pairs, renderer)
+    pad_id = tok.pad_token_id
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.model), dtype=_weights_dtype(model_cfg))
+    model.to(accelerator.device)
+    model.config.use_cache = False
+
+    # Reference log-probs: file, then a cache from an interrupted run, else computed now.
+    ref_path = "not needed (sft)"
+    ref_seconds = 0.0
+    if cfg.loss != "sft":
+        cache = out / REFERENCE
+        if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
+            ref_path = "from the scored file"
+        elif cache.is_file():
+            saved = json.loads(cache.read_text())
+            for e in examples:
+                e.ref_chosen, e.ref_rejected = saved[e.id]
+            ref_path = "computed once before the first step from the initial weights"
+        else:
+            if ckpt is not None:
+                raise DlmaError(f"{cache} is missing, so the reference of {ckpt} cannot be rebuilt; choose another --out")
+            t0 = time.perf_counter()
+            reference_logprobs(model, examples, pad_id, accelerator, cfg.batch_size * 2)
+            ref_seconds = time.perf_counter() - t0
+            if main:
+                write_json(cache, {e.id: [e.ref_chosen, e.ref_rejected] for e in examples})
+            ref_path = "computed once before the first step from the initial weights"
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise DlmaError("--lora-r needs peft: pip install 'dlma[lora]'") from None
+        target = cfg.lora_target[0] if cfg.lora_target == ["all-linear"] else list(cfg.lora_target)
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=target, task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # the fused kernel updates in place: faster, and no second copy of the weights at step time
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    micro_per_step = world * cfg.grad_accum
+    lengths = [e.length for e in examples]
+    per_epoch = len(epoch_plan(lengths, global_batch, micro_per_step, 0, cfg.seed))
+    if per_epoch == 0:
+        raise DlmaError(f"{len(examples)} pairs are fewer than the {micro_per_step} micro-batches of one step")
+    total = cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
+
+    step = 0
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / STATE).read_text())["step"]
+    metrics_path = out / METRICS
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        # Drop log lines past the checkpoint we resume from: the log reads as one run.
+        kept = []
+        if step and metrics_path.is_file():
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    trackers = bool(accelerator.log_with) if hasattr(accelerator, "log_with") else False
+    if trackers:
+        accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(cfg).items()})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not (progress and main), dynamic_ncols=True)
+    first_loss = last = None
+    loop_tokens, loop_seconds = 0, 0.0
+    plan_epoch, plan = -1, []
+    while step < total:
+        epoch, index = divmod(step, per_epoch)
+        if epoch != plan_epoch:
+            plan, plan_epoch = epoch_plan(lengths, global_batch, micro_per_step, epoch, cfg.seed), epoch
+        micros = plan[index]
+        n_step = sum(len(m) for m in micros)
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        stats = torch.zeros(5, dtype=torch.float64)  # loss sum, margin sum, correct, pairs, tokens
+        grad_norm = None
+        for k in range(rank, micro_per_step, world):
+            batch = [examples[i] for i in micros[k]]
+            with accelerator.accumulate(model):
+                res, ntok = micro_batch_losses(model, batch, cfg, pad_id, accelerator.device)
+                # sum / (pairs in the global step), times the factors that DDP averaging and
+                # accelerate's division by grad_accum take out again
+                accelerator.backward(res.losses.sum() * (world * cfg.grad_accum / n_step))
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params if cfg.lora_r else model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            margin = res.chosen_rewards - res.rejected_rewards
+            stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
+                                   float((margin > 0).sum()), len(batch), ntok], dtype=torch.float64)
+        stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu() if world > 1 else stats
+        seconds = time.perf_counter() - t0
+        step += 1
+        loss = float(stats[0] / stats[3])
+        first_loss = loss if first_loss is None else first_loss
+        loop_tokens += int(stats[4])
+        loop_seconds += seconds
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "pairs": int(stats[3]),
+               "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / seconds}
+        if cfg.loss != "sft":
+            row.update(reward_margin=float(stats[1] / stats[3]), reward_accuracy=float(stats[2] / stats[3]))
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        last = row
+        if main and (step % cfg.log_steps == 0 or step == total):
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if trackers:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            _save_checkpoint(accelerator, out, step, key, cfg.save_total_limit)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    _save_final(accelerator, model, tok, out, cfg)
+    history = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if main else []
+    summary = {
+        "out": str(out), "loss": cfg.loss, **counts,
+        "reference": ref_path, "reference_seconds": round(ref_seconds, 3),
+        "steps": step, "epochs": round(step / per_epoch, 3), "global_batch": global_batch, "processes": world,
+        "mixed_precision": accelerator.mixed_precision, "weights_dtype": str(_weights_dtype(model_cfg)).replace("torch.", ""),
+        "first_loss": history[0]["loss"] if history else first_loss,
+        "final_loss": last["loss"] if last else None,
+        "reward_accuracy": last.get("reward_accuracy") if last else None,
+        "reward_margin": last.get("reward_margin") if last else None,
+        # this session's loop only (a resumed run counts the steps it ran)
+        "train_seconds": round(loop_seconds, 3),
+        "tokens_per_s": round(loop_tokens / loop_seconds, 2) if loop_seconds else None,
+        "resume_key": key,
+    }
+    if main:
+        write_json(out / SUMMARY, summary)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if trackers:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, key: dict, limit: int) -> None:
+    """Model, optimizer and RNG states via accelerate (sharded under FSDP/DeepSpeed); the state file last."""
+    path = out / "checkpoints" / f"step-{step}"
+    # torch.save, not safetensors: tied embeddings share storage, which safetensors refuses.
+    accelerator.save_state(str(path), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(path / STATE, {"step": step, "resume_key": key})
+        done = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / STATE).is_file()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: max(0, len(done) - max(1, limit))]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator, model, tok, out: Path, cfg: TrainConfig) -> None:
+    """A directory AutoModelForCausalLM/AutoTokenizer load: full or merged weights, or a LoRA adapter."""
+    unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    if accelerator.is_main_process:
+        if cfg.lora_r > 0 and cfg.save_merged:
+            unwrapped = unwrapped.merge_and_unload()
+            state = None
+        if cfg.lora_r > 0 and not cfg.save_merged:
+            unwrapped.save_pretrained(out)
+        else:
+            unwrapped.config.use_cache = True
+            unwrapped.save_pretrained(out, state_dict=state)
+        tok.save_pretrained(out)
+    accelerator.wait_for_everyone()

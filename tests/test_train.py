@@ -1,0 +1,200 @@
+"""Training end to end on the real embedded model, at tiny sizes.
+
+Pairs are 32 HH-RLHF queries cut to a few words, with responses cut to 6 words (marked
+truncated, so no EOS), and a self-reward computed with the model's own log-probs under
+a short instruction-only contrastive preset: rows stay ~45 tokens, so steps are quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dlma.config import ModelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = """\
+name: tiny
+placement: system
+positive: {instruction: "Answer in a harmless, ethical and polite way."}
+negative: {instruction: "Answer in a harmful, unethical and rude way."}
+"""
+
+
+def _short(text: str, words: int) -> str:
+    return " ".join(text.split()[:words])
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, embedded):
+    """(file with reference log-probs, same pairs without them)."""
+    from dlma.data import read_pairs
+    from dlma.logprobs import score_sequences
+    from dlma.prompts import Renderer, load_preset
+
+    model, tok = embedded
+    d = tmp_path_factory.mktemp("scored")
+    (d / "tiny.yaml").write_text(PRESET)
+    r = Renderer(tok, load_preset(str(d / "tiny.yaml")))
+    pairs = []
+    for p in read_pairs("hh-harmless:train", limit=32):
+        user = [m for m in p["prompt"] if m["role"] == "user"][-1]["content"]
+        pairs.append({"id": p["id"], "prompt": [{"role": "user", "content": _short(user, 12)}],
+                      "chosen": _short(p["chosen"], 6), "rejected": _short(p["rejected"], 6),
+                      "chosen_truncated": True, "rejected_truncated": True})
+
+    def lp(side, key):
+        ctx = [r.context_ids(p["prompt"], side) for p in pairs]
+        resp = [r.response_ids(p[key], truncated=True) for p in pairs]
+        return score_sequences(model, ctx, resp, pad_id=tok.pad_token_id, batch_size=32)[0]
+
+    cp, cn, rp, rn = lp("positive", "chosen"), lp("negative", "chosen"), lp("positive", "rejected"), lp("negative", "rejected")
+    cb, rb = lp("bare", "chosen"), lp("bare", "rejected")
+    with_ref, without = d / "scored.jsonl", d / "scored_noref.jsonl"
+    with open(with_ref, "w") as f1, open(without, "w") as f2:
+        for i, p in enumerate(pairs):
+            p = dict(p, self_reward=(cp[i] - cn[i]) - (rp[i] - rn[i]))
+            f2.write(json.dumps(p) + "\n")
+            f1.write(json.dumps(dict(p, ref_lp_chosen=cb[i], ref_lp_rejected=rb[i])) + "\n")
+    return with_ref, without
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+                PYTHONPATH=str(ROOT / "src"))
+
+
+def _dlma(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "dlma.cli", "train", "--no-progress", *args], env=_env(),
+                          capture_output=True, text=True, timeout=900, **kw)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_select_pairs_flips_and_filters():
+    from dlma.train import select_pairs
+
+    pairs = [{"id": "a", "chosen": "x", "rejected": "y", "self_reward": -3.0, "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0},
+             {"id": "b", "chosen": "x", "rejected": "y", "self_reward": 0.5},
+             {"id": "c", "chosen": "x", "rejected": "y", "self_reward": 4.0}]
+    kept, counts = select_pairs(pairs, TrainConfig(flip_negative=True, min_reward=1.0))
+    assert counts == {"pairs_read": 3, "pairs_flipped": 1, "pairs_filtered": 1, "pairs_used": 2}
+    a = kept[0]
+    assert (a["chosen"], a["rejected"], a["self_reward"], a["ref_lp_chosen"]) == ("y", "x", 3.0, -2.0)
+    from dlma.errors import DlmaError
+
+    with pytest.raises(DlmaError, match="self_reward"):
+        select_pairs([{"id": "z", "chosen": "x", "rejected": "y"}], TrainConfig(loss="dlma"))
+
+
+def test_plan_is_split_invariant():
+    """The same pairs land in each global step however the batch is split."""
+    from dlma.train import epoch_plan
+
+    lengths = [(i * 37) % 50 + 5 for i in range(30)]
+    one = epoch_plan(lengths, 8, 1, 0, 3)
+    two = epoch_plan(lengths, 8, 2, 0, 3)
+    assert [sorted(s[0]) for s in one] == [sorted(s[0] + s[1]) for s in two]
+    assert sorted(i for s in one for m in s for i in m) == list(range(30))
+    assert epoch_plan(lengths, 8, 1, 1, 3) != one  # reshuffled each epoch
+
+
+def test_cli_trains_improves_and_saves_loadable_model(scored, tmp_path):
+    out = tmp_path / "ckpt"
+    res = _dlma("--model", "embedded", "--data", str(scored[0]), "--out", str(out), "--max-steps", "20",
+                "--batch-size", "4", "--lr", "1e-4", "--warmup-ratio", "0", "--lr-schedule", "constant", "--save-steps", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["reference"] == "from the scored file" and summary["pairs_used"] == 32
+    m = _metrics(out)
+    assert len(m) == 20 and all(k in m[0] for k in ("loss", "reward_margin", "reward_accuracy", "lr", "tokens_per_s"))
+    first, last = m[:8], m[-8:]  # one epoch each: every pair seen once
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss") - 0.02
+    assert mean(last, "reward_accuracy") > mean(first, "reward_accuracy")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+COMMON = ["--model", "embedded", "--max-steps", "4", "--lr", "2e-5", "--warmup-ratio", "0", "--mixed-precision", "no",
+          "--dtype", "float32", "--limit", "16", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def single_run(scored, tmp_path_factory):
+    """One process, global batch 4, reference computed in the trainer."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    res = _dlma(*COMMON, "--data", str(scored[1]), "--out", str(out), "--batch-size", "4", "--save-steps", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_two_processes_match_one(scored, single_run, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "dlma.cli", "train", "--no-progress", *COMMON, "--data", str(scored[1]), "--out", str(out),
+           "--batch-size", "2"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 4
+    assert summary["reference"].startswith("computed once")
+    one, two = _metrics(single_run), _metrics(out)
+    assert [r["pairs"] for r in one] == [r["pairs"] for r in two]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (one, two)
+        assert abs(a["reward_margin"] - b["reward_margin"]) < 1e-3
+
+
+def test_kill_and_resume_reproduces_final_loss(scored, single_run, tmp_path):
+    out = tmp_path / "resumed"
+    args = [sys.executable, "-m", "dlma.cli", "train", "--no-progress", *COMMON, "--data", str(scored[1]), "--out", str(out),
+            "--batch-size", "4", "--save-steps", "2"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = out / "checkpoints" / "step-2" / "trainer_state.json"
+    deadline = time.time() + 900
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train_summary.json").exists()
+    res = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full, resumed = _metrics(single_run), _metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], abs=1e-5)
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
+
+
+def test_lora_adapter_saved_and_loadable(scored, tmp_path):
+    """LoRA with --no-save-merged writes an adapter that transformers (with peft) loads, and sft runs without a reference."""
+    pytest.importorskip("peft")
+    from dlma.train import train_model
+
+    out = tmp_path / "lora"
+    s = train_model(ModelConfig(dtype="float32", device="cpu"),
+                    TrainConfig(loss="sft", lora_r=4, save_merged=False, max_steps=2, batch_size=2, lr=1e-3, limit=4,
+                                mixed_precision="no", save_steps=0), str(scored[1]), str(out), progress=False)
+    assert s["reference"] == "not needed (sft)" and s["steps"] == 2
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert any("lora" in n for n, _ in model.named_parameters())
