@@ -90,3 +90,22 @@ def test_embedded_model_is_cached_as_float_weights():
     cfg = json.loads((d / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
     assert embedded_model_dir() == d
+
+
+def test_each_prompt_source_can_have_its_own_preset(tmp_path, embedded):
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.errors import DlmaError
+    from dlma.generate import TransformersBackend, generate_pairs
+
+    model, tok = embedded
+    backend = TransformersBackend(model, tok, 4)
+    out = tmp_path / "mixed.jsonl"
+    cfg = GenerateConfig(prompts="hh-harmless:train,benign-train", preset="harmless,helpful", limit=2, max_new_tokens=6)
+    summary = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), backend=backend, tokenizer=tok, progress=False)
+    recs = read_jsonl(out)
+    assert summary["pairs_written"] == 4
+    assert [r["preset"] for r in recs] == ["harmless", "harmless", "helpful", "helpful"]
+    assert recs[2]["label"] == "safe" and recs[2]["prompt_id"].startswith("benign-")
+    bad = GenerateConfig(prompts="hh-harmless,benign-train,safety-eval", preset="harmless,helpful", limit=1)
+    with pytest.raises(DlmaError, match="2 presets for 3 prompt sources"):
+        generate_pairs(ModelConfig(dtype="float32"), bad, str(tmp_path / "x.jsonl"), backend=backend, tokenizer=tok, progress=False)

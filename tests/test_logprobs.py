@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dlma.logprobs import collate, plan_tree_batches, score_sequences, score_trees, sequence_logprobs
+from dlma.logprobs import _pack, _plan, collate, plan_tree_batches, score_sequences, score_trees, sequence_logprobs
 from dlma.prompts import Renderer, load_preset
 
 
@@ -10,7 +10,8 @@ def _cases(tok):
     r = Renderer(tok, load_preset("harmless"))
     qs = [[{"role": "user", "content": "How do I pick a lock?"}], [{"role": "user", "content": "Tell me a joke about cats, please."}]]
     resps = [r.response_ids("I can't help with that."), r.response_ids("Sure, here is how you do it step by step", truncated=True)]
-    return [(r.context_ids(q, side), resps) for q in qs for side in ("positive", "negative")]
+    # bare contexts are short: two of them pack into one row beside the long ones
+    return [(r.context_ids(q, side), resps) for q in qs for side in ("positive", "negative", "bare")]
 
 
 def test_trees_equal_plain_scoring_and_batch_one(embedded):
@@ -21,12 +22,26 @@ def test_trees_equal_plain_scoring_and_batch_one(embedded):
     plain, counts = score_sequences(model, flat_c, flat_r, pad_id=tok.pad_token_id, batch_size=8)
     shared = [x for t in score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=8) for x in t]
     single = [x for t in score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=1, share_prefix=False) for x in t]
-    for p, n, s, o in zip(plain, counts, shared, single):
-        assert s[1] == n == o[1]
-        assert abs(p - s[0]) < 1e-2 and abs(p - o[0]) < 1e-2
+    packed = [x for t in score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=8, share_prefix=False) for x in t]
+    for p, n, s, o, k in zip(plain, counts, shared, single, packed):
+        assert s[1] == n == o[1] == k[1]
+        assert abs(p - s[0]) < 1e-2 and abs(p - o[0]) < 1e-2 and abs(p - k[0]) < 1e-2
     # batch of 1 through the differentiable routine agrees too
     b = collate([flat_c[0]], [flat_r[0]], tok.pad_token_id)
     assert abs(float(sequence_logprobs(model, b)[0][0]) - plain[0]) < 1e-2
+
+
+def test_mixed_precision_trees_close_to_float32(embedded):
+    """bf16 body, float32 head: same positions and masks, so only rounding separates it from float32."""
+    from dlma.models import load_model
+
+    model, tok = embedded
+    bf16, _ = load_model("embedded", "bfloat16", "cpu")
+    trees = _cases(tok)
+    exact = [x for t in score_trees(model, trees, pad_id=tok.pad_token_id) for x in t]
+    mixed = [x for t in score_trees(bf16, trees, pad_id=tok.pad_token_id) for x in t]
+    for e, m in zip(exact, mixed):
+        assert e[1] == m[1] and abs(e[0] - m[0]) < 1.0  # a wrong position or mask costs 1 to 10
 
 
 def test_plan_covers_every_tree_once():
@@ -34,3 +49,7 @@ def test_plan_covers_every_tree_once():
     batches = plan_tree_batches(trees, batch_size=2, min_prefix=4)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(len(b) <= 2 for b in batches)
+    assert _pack([10, 4, 5, 3]) == [[0], [2, 1], [3]]  # first fit, longest first, rows no longer than 10
+    # one family: every batch of it shares the family's prefix, computed once
+    plan = _plan(trees, batch_size=2, max_tokens=None, min_prefix=4)
+    assert {L for b, L in plan if b[0] < 5} == {9}

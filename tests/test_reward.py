@@ -15,7 +15,7 @@ from dlma.reward import score_file, score_pairs, summarize_scores
 
 @pytest.fixture(scope="module")
 def pairs(tiny_pairs):
-    return read_pairs(str(tiny_pairs))[:3]
+    return read_pairs(str(tiny_pairs))[:2]
 
 
 def test_swap_negates_and_batch_size_invariant(embedded, pairs):
@@ -46,6 +46,27 @@ def test_generation_logprobs_match_fresh_forward(embedded, pairs):
         assert f["ref_lp_chosen"] != f["lp_chosen_pos"]  # the bare context is a different context
 
 
+def test_mixed_precision_rechecks_near_ties(embedded, pairs):
+    """bf16 body for all pairs; those with |R| under the margin are recomputed exactly."""
+    from dlma.reward import MIXED_RECHECK_MARGIN
+
+    model, tok = embedded
+    exact = score_pairs(model, tok, "harmless", pairs, reference=False, reuse_generation=False)
+    stats: dict = {}
+    mixed = score_pairs(model, tok, "harmless", pairs, reference=False, reuse_generation=False, precision="mixed",
+                        stats=stats)
+    near = 0
+    for e, m in zip(exact, mixed):
+        if abs(m["self_reward"]) < MIXED_RECHECK_MARGIN:
+            near += 1
+            assert abs(e["self_reward"] - m["self_reward"]) < 1e-2
+        else:
+            assert abs(e["self_reward"] - m["self_reward"]) < MIXED_RECHECK_MARGIN and e["self_reward"] * m["self_reward"] > 0
+    assert stats["mixed_rechecked"] >= near
+    with pytest.raises(DlmaError, match="precision"):
+        score_pairs(model, tok, "harmless", pairs, precision="half")
+
+
 def test_empty_response_and_nan(embedded, pairs):
     model, tok = embedded
     stats: dict = {}
@@ -59,25 +80,25 @@ def test_empty_response_and_nan(embedded, pairs):
 def test_score_file_resumes(embedded, pairs, tiny_pairs, tmp_path):
     model, tok = embedded
     out = tmp_path / "scored.jsonl"
-    cfg = ScoreConfig(limit=2, reference=False)
+    cfg = ScoreConfig(limit=1, reference=False)
     first = score_file(ModelConfig(dtype="float32"), cfg, str(tiny_pairs), str(out), model=model, tokenizer=tok, progress=False)
-    assert first["scored"] == 2
+    assert first["scored"] == 1
     with open(out, "a") as f:
         f.write('{"id": "cut-off')  # a kill mid-write
-    cfg = ScoreConfig(limit=3, reference=False)
+    cfg = ScoreConfig(limit=2, reference=False)
     second = score_file(ModelConfig(dtype="float32"), cfg, str(tiny_pairs), str(out), model=model, tokenizer=tok,
                         progress=False, summary_path=str(tmp_path / "s.json"))
-    assert second["already_done"] == 2 and second["scored"] == 1 and second["count"] == 3
+    assert second["already_done"] == 1 and second["scored"] == 1 and second["count"] == 2
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert ids == [p["id"] for p in pairs]
-    assert json.loads((tmp_path / "s.json").read_text())["count"] == 3
+    assert json.loads((tmp_path / "s.json").read_text())["count"] == 2
 
 
 def test_accuracy_on_hh_pairs_both_judges(embedded, tmp_path):
     model, tok = embedded
-    s = score_file(ModelConfig(dtype="float32"), ScoreConfig(judge="both", limit=3, reference=False), "hh-harmless",
+    s = score_file(ModelConfig(dtype="float32"), ScoreConfig(judge="both", limit=2, reference=False), "hh-harmless",
                    str(tmp_path / "hh.jsonl"), model=model, tokenizer=tok, progress=False)
-    assert s["labelled"] == 3
+    assert s["labelled"] == 2
     assert 0.0 <= s["accuracy"] <= 1.0 and 0.0 <= s["accuracy_per_token"] <= 1.0
     j = s["text_judge"]
     assert 0.0 <= j["accuracy"] <= 1.0 and 0.0 <= j["accuracy_calibrated"] <= 1.0

@@ -23,6 +23,9 @@ from .prompts import Messages, as_messages
 
 BUNDLED_HH = "hh-harmless"
 BUNDLED_SAFETY = "safety-eval"
+# name -> file in dlma/resources
+BUNDLED = {BUNDLED_HH: "hh-rlhf-harmless-dev.jsonl.gz", BUNDLED_SAFETY: "safety-eval.jsonl",
+           "benign-train": "benign-train.jsonl"}
 # The bundled HH file holds 1,000 records; the last 200 are held out for evaluation.
 HH_TEST_START = 800
 
@@ -153,10 +156,8 @@ def _prompt_of(obj: dict, path: Path, lineno: int) -> Messages:
 def _resolve_source(source: str) -> tuple[Path | None, str | None]:
     """(path, split) for files and bundled names; (None, None) for a HF dataset name."""
     base, _, split = source.partition(":")
-    if base == BUNDLED_HH:
-        return bundled_path("hh-rlhf-harmless-dev.jsonl.gz"), split or None
-    if base == BUNDLED_SAFETY:
-        return bundled_path("safety-eval.jsonl"), split or None
+    if base in BUNDLED:
+        return bundled_path(BUNDLED[base]), split or None
     p = Path(source)
     if p.exists():
         return p, None
@@ -169,7 +170,7 @@ def _from_hf_dataset(name: str) -> Iterator[tuple[int, dict]]:
     try:
         import datasets
     except ImportError:
-        raise DlmaError(f"{name!r} is neither a file nor a bundled set ({BUNDLED_HH}, {BUNDLED_SAFETY}); "
+        raise DlmaError(f"{name!r} is neither a file nor a bundled set ({', '.join(BUNDLED)}); "
                         "to read a Hugging Face dataset, pip install datasets") from None
     base, _, split = name.partition(":")
     try:
@@ -184,8 +185,10 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
     """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a cached HF dataset.
 
     Bundled sets: `hh-harmless` (1,000 HH-RLHF harmless queries; `hh-harmless:train` is
-    the first 800, `hh-harmless:test` the last 200) and `safety-eval` (hand-written
-    prompts labelled safe/unsafe for refusal checks). Empty prompts are skipped and counted.
+    the first 800, `hh-harmless:test` the last 200), `safety-eval` (hand-written prompts
+    labelled safe/unsafe for refusal checks) and `benign-train` (hand-written harmless
+    questions that sound dangerous, for training; none is in safety-eval). Empty prompts
+    are skipped and counted.
     """
     stats = stats if stats is not None else ReadStats()
     path, split = _resolve_source(source)

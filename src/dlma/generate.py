@@ -156,9 +156,19 @@ def generate_pairs(
 
     from .models import load_tokenizer
 
-    preset = load_preset(cfg.preset)
+    sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
+    preset_names = [x.strip() for x in cfg.preset.split(",") if x.strip()]
+    if len(preset_names) not in (1, len(sources)):
+        raise DlmaError(f"--preset names {len(preset_names)} presets for {len(sources)} prompt sources; "
+                        "give one preset, or one per source in the same order")
+    presets = {name: load_preset(name) for name in preset_names}
     stats = ReadStats()
-    prompts = read_prompts(cfg.prompts, cfg.limit, stats)
+    prompts: list[PromptRecord] = []
+    preset_of: dict[str, str] = {}
+    for i, source in enumerate(sources):
+        for p in read_prompts(source, cfg.limit, stats):
+            prompts.append(p)
+            preset_of[p.id] = preset_names[i if len(preset_names) > 1 else 0]
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
     writer = JsonlWriter(out)
@@ -172,9 +182,9 @@ def generate_pairs(
     if backend is None:
         backend = make_backend(cfg.backend, model_cfg, cfg.batch_size)
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
-    renderer = Renderer(tok, preset, max_context=max(1, cfg.max_context - cfg.max_new_tokens))
+    renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
     settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "backend": backend.name}
+                "max_new_tokens": cfg.max_new_tokens, "max_context": cfg.max_context, "seed": cfg.seed, "backend": backend.name}
     chunk = max(1, cfg.batch_size // 2)
     bar = tqdm(total=len(todo) * cfg.num_pairs, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
@@ -183,12 +193,13 @@ def generate_pairs(
             group = todo[start:start + chunk]
             jobs: list[tuple[PromptRecord, str, str]] = [
                 (p, pid, side) for p in group for pid in ids_for(p) if pid not in writer.done for side in ("positive", "negative")]
-            contexts = [renderer.context_ids(p.prompt, side) for p, _, side in jobs]
+            contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side in jobs]
             torch.manual_seed(_chunk_seed(cfg.seed, group[0].id))
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
             samples = backend.sample(contexts, params)
             for k in range(0, len(jobs), 2):
                 p, pid, _ = jobs[k]
+                renderer = renderers[preset_of[p.id]]
                 rec = {"id": pid, "prompt_id": p.id, "prompt": p.prompt}
                 if p.label is not None:
                     rec["label"] = p.label
@@ -201,7 +212,7 @@ def generate_pairs(
                     # exactly the sampled ids (plus EOS): scoring tokenizes the text.
                     if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([renderer.eos_id] if s.finished else [])):
                         rec[f"gen_lp_{key}"] = s.logprob
-                rec["preset"] = preset.name
+                rec["preset"] = preset_of[p.id]
                 rec["generation"] = settings
                 writer.write(rec)
                 summary["pairs_written"] += 1
@@ -210,6 +221,6 @@ def generate_pairs(
     finally:
         bar.close()
         writer.close()
-    summary["contexts_truncated"] = renderer.truncated
+    summary["contexts_truncated"] = sum(r.truncated for r in renderers.values())
     summary["seconds"] = round(time.time() - t0, 2)
     return summary

@@ -146,12 +146,15 @@ def score_sequences(
 
 # -- shared-prefix scoring (no grad) -------------------------------------------------
 # Scoring asks for lp(response | context) for several responses per context, and many
-# contexts start with the same tokens (the system prompt and the demonstrations of a
+# contexts start with the same tokens (the system prompt and the demonstration set of a
 # preset side). score_trees lays each context out once with all its responses as
-# branches in one row (a block attention mask keeps branches from seeing each other,
-# explicit position ids restart every branch at the end of the context), and computes
-# the prefix shared by a whole batch once, reusing its KV cache for every row. The
-# decoder body runs in the model's dtype; the head, log-softmax and sums in float32.
+# branches, packs several such trees into one row where they fit (a block attention mask
+# keeps trees and branches from seeing each other, explicit position ids restart every
+# branch at the end of its context), and computes the prefix shared by a family of
+# contexts once, reusing its KV cache for every row of every batch of that family. The
+# decoder body runs in the model's dtype; the head, log-softmax and sums in float32, on
+# response positions only. On this 2-core CPU the work is matmul-bound (78% in aten::mm),
+# so what pays is computing fewer tokens: benchmarks/score.py measures it.
 
 Tree = tuple[Sequence[int], Sequence[Sequence[int]]]  # (context ids, [response ids, ...])
 
@@ -164,35 +167,58 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def _families(trees: Sequence[Tree], min_prefix: int) -> list[tuple[list[int], int]]:
+    """Groups of tree indices whose contexts share a prefix, with that prefix's length (0: none).
+
+    Contexts are sorted as token strings, so ones sharing a prefix sit together; a run of
+    neighbours sharing at least half the shorter context (and min_prefix tokens) is a
+    family. The prefix stops one token short of every member's context so each row still
+    holds the context token that predicts the first response token.
+    """
+    ctx = [list(t[0]) for t in trees]
+    order = sorted(range(len(trees)), key=lambda i: ctx[i])
+    fams: list[list[int]] = []
+    for k, i in enumerate(order):
+        a = ctx[order[k - 1]] if k else None
+        if a is not None and _lcp(a, ctx[i]) >= max(min_prefix, min(len(a), len(ctx[i])) // 2):
+            fams[-1].append(i)
+        else:
+            fams.append([i])
+    out: list[tuple[list[int], int]] = []
+    for fam in fams:
+        L = min(len(ctx[i]) for i in fam) - 1
+        for i in fam[1:]:
+            L = min(L, _lcp(ctx[fam[0]], ctx[i]))
+        out.append((fam, L if L >= min_prefix else 0))
+    return out
+
+
+def _plan(trees: Sequence[Tree], batch_size: int, max_tokens: int | None, min_prefix: int) -> list[tuple[list[int], int]]:
+    """(tree indices, shared prefix length) per batch: families bucketed by suffix-row length."""
+    rows = [len(t[0]) + sum(len(r) for r in t[1]) for t in trees]
+    batches: list[tuple[list[int], int]] = []
+    pool: list[int] = []
+    for fam, L in _families(trees, min_prefix):
+        if not L or len(fam) == 1:  # a lone context gains nothing from a separate prefix pass
+            pool.extend(fam)
+            continue
+        for b in length_buckets([rows[i] - L for i in fam], batch_size, max_tokens):
+            batches.append(([fam[j] for j in b], L))
+    if pool:
+        batches.extend(([pool[j] for j in b], 0) for b in length_buckets([rows[i] for i in pool], batch_size, max_tokens))
+    return batches
+
+
 def plan_tree_batches(
     trees: Sequence[Tree], batch_size: int, max_tokens: int | None = None, min_prefix: int = 8
 ) -> list[list[int]]:
     """Batches of tree indices whose contexts share long prefixes and whose rows have similar lengths.
 
-    Contexts are sorted as token strings, so ones sharing a prefix sit together; a run of
-    neighbours sharing at least half their context (and min_prefix tokens) is a family,
-    bucketed by row length inside (a small family still pays its prefix only once); contexts
-    sharing nothing are pooled and bucketed by length.
+    A family (contexts sharing a prefix) is bucketed by row length inside and pays its
+    prefix once, however many batches it spans; contexts sharing nothing are pooled and
+    bucketed by length.
     """
-    ctx = [list(t[0]) for t in trees]
-    rows = [len(c) + sum(len(r) for r in t[1]) for c, t in zip(ctx, trees)]
-    order = sorted(range(len(trees)), key=lambda i: ctx[i])
-    families: list[list[int]] = []
-    for k, i in enumerate(order):
-        if k and (lambda a, b: _lcp(a, b) >= max(min_prefix, min(len(a), len(b)) // 2))(ctx[order[k - 1]], ctx[i]):
-            families[-1].append(i)
-        else:
-            families.append([i])
-    batches: list[list[int]] = []
-    pool: list[int] = []
-    for fam in families:
-        if len(fam) == 1:
-            pool.extend(fam)
-            continue
-        batches.extend([fam[j] for j in b] for b in length_buckets([rows[i] for i in fam], batch_size, max_tokens))
-    if pool:
-        batches.extend([pool[j] for j in b] for b in length_buckets([rows[i] for i in pool], batch_size, max_tokens))
-    return batches
+    return [b for b, _ in _plan(trees, batch_size, max_tokens, min_prefix)]
 
 
 class _PrefixCache:
@@ -210,37 +236,71 @@ class _PrefixCache:
         self.items[key] = kv
 
 
+def _pack(lengths: Sequence[int]) -> list[list[int]]:
+    """First-fit-decreasing packing of trees into rows no longer than the longest tree.
+
+    Padding every suffix row to the batch's longest nearly doubled the tokens computed on
+    generated pairs (20k for 12k real); packed rows cut that to a few percent, and the
+    longest row bounds how much extra attention a packed row costs.
+    """
+    cap = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(cap - lengths[i])
+    return rows
+
+
 def _tree_rows(trees: Sequence[Tree], L: int, pad_id: int):
-    """Right-padded suffix rows (context[L:] + branches), their positions, segments and targets."""
-    S = max(len(c) - L + sum(len(r) for r in rs) for c, rs in trees)
-    B = len(trees)
+    """Packed, right-padded rows of (context[L:] + branches) per tree, their positions, segments and targets.
+
+    seg codes each token by its tree's slot in the row and its branch (0: the context;
+    -1: padding); a token sees its own tree's context and its own branch only.
+    """
+    sizes = [len(c) - L + sum(len(r) for r in rs) for c, rs in trees]
+    packed = _pack(sizes)
+    S = max(sum(sizes[i] for i in row) for row in packed)
+    B = len(packed)
+    K = max(len(rs) for _, rs in trees) + 1
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     pos = torch.zeros((B, S), dtype=torch.long)
     seg = torch.full((B, S), -1, dtype=torch.long)
-    picks: list[tuple[int, int, int, int]] = []  # (row, predicting index, target id, branch)
-    for b, (c, rs) in enumerate(trees):
-        n = len(c) - L
-        ids[b, :n] = torch.tensor(list(c[L:]))
-        pos[b, :n] = torch.arange(L, len(c))
-        seg[b, :n] = 0
-        at = n
-        for k, r in enumerate(rs):
-            m = len(r)
-            if m:
-                ids[b, at:at + m] = torch.tensor(list(r))
-                pos[b, at:at + m] = torch.arange(len(c), len(c) + m)
-                seg[b, at:at + m] = k + 1
-                picks.extend((b, (n - 1) if j == 0 else at + j - 1, r[j], k) for j in range(m))
-            at += m
-    return ids, pos, seg, picks
+    picks: list[tuple[int, int, int, int, int]] = []  # (row, predicting index, target id, tree, branch)
+    for b, row in enumerate(packed):
+        at = 0
+        for slot, t in enumerate(row):
+            c, rs = trees[t]
+            n = len(c) - L
+            ids[b, at:at + n] = torch.tensor(list(c[L:]))
+            pos[b, at:at + n] = torch.arange(L, len(c))
+            seg[b, at:at + n] = slot * K
+            last = at + n - 1  # the context token that predicts each branch's first token
+            at += n
+            for k, r in enumerate(rs):
+                m = len(r)
+                if m:
+                    ids[b, at:at + m] = torch.tensor(list(r))
+                    pos[b, at:at + m] = torch.arange(len(c), len(c) + m)
+                    seg[b, at:at + m] = slot * K + k + 1
+                    picks.extend((b, last if j == 0 else at + j - 1, r[j], t, k) for j in range(m))
+                at += m
+    return ids, pos, seg, picks, K
 
 
-def _block_mask(seg: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (B, 1, S, L+S) mask: the shared prefix, own context, own branch, causal."""
+def _block_mask(seg: torch.Tensor, L: int, dtype: torch.dtype, K: int) -> torch.Tensor:
+    """Additive (B, 1, S, L+S) mask: the shared prefix, own tree's context, own branch, causal."""
     B, S = seg.shape
     si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
     causal = torch.ones(S, S, dtype=torch.bool).tril()
-    allowed = causal & ((sj == 0) | (sj == si)) & (si >= 0) & (sj >= 0)
+    same_tree = torch.div(si, K, rounding_mode="floor") == torch.div(sj, K, rounding_mode="floor")
+    allowed = causal & same_tree & ((sj % K == 0) | (sj == si)) & (si >= 0) & (sj >= 0)
     allowed |= torch.eye(S, dtype=torch.bool)  # padding rows see themselves (no all-masked row)
     allowed = torch.cat([torch.ones(B, S, L, dtype=torch.bool), allowed], dim=2)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -268,6 +328,7 @@ def score_trees(
     share_prefix: bool = True,
     min_prefix: int = 8,
     head_chunk: int = 1024,
+    body_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[tuple[float, int]]]:
     """lp(response | context) and token counts for every branch of every (context, responses) tree.
@@ -275,6 +336,8 @@ def score_trees(
     Exact up to kernel rounding: the same numbers as scoring each (context, response)
     alone with sequence_logprobs (float32 batch-1 vs batched differ by ~1e-4 on a sum).
     Falls back to plain per-sequence scoring for models whose head can't be split off.
+    body_dtype (e.g. torch.bfloat16 with a float32 model) runs the decoder body under
+    autocast in that dtype, keeping the residual stream, head and log-softmax in float32.
     """
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(t[1]) for t in trees]
     for t in trees:
@@ -294,27 +357,21 @@ def score_trees(
     base = model.base_model
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cache = _PrefixCache()
+    cache = _PrefixCache()  # per call: a prefix's KV depends on body_dtype
     from transformers import DynamicCache
 
     # transformers 5.x renamed `past_key_values` to `cache` in some models' forward
     cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
-    for idx in plan_tree_batches(trees, batch_size, max_tokens, min_prefix):
+    for idx, L in _plan(trees, batch_size, max_tokens, min_prefix if share_prefix else 1 << 30):
         group = [trees[i] for i in idx]
-        L = 0
-        if share_prefix:
-            L = min(len(c) for c, _ in group) - 1  # the last context token stays in the rows
-            first = group[0][0]
-            for c, _ in group[1:]:
-                L = min(L, _lcp(first, c))
-            L = L if L >= min_prefix else 0
-        past = None
+        kv = None
         if L:
             key = tuple(group[0][0][:L])
             kv = cache.get(key)
             if kv is None:
-                res = base(input_ids=torch.tensor([list(key)], device=device), use_cache=True)
+                with torch.autocast(device.type, dtype=body_dtype or torch.bfloat16, enabled=body_dtype is not None):
+                    res = base(input_ids=torch.tensor([list(key)], device=device), use_cache=True)
                 layers = res.past_key_values.layers
                 if any(getattr(layer, "is_sliding", False) for layer in layers):
                     kv = False  # sliding-window caches can't be shared this way
@@ -322,15 +379,17 @@ def score_trees(
                     kv = [(layer.keys, layer.values) for layer in layers]
                 cache.put(key, kv)
             if kv is False:
-                L = 0
-            else:
-                past = DynamicCache([(k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1)) for k, v in kv],
-                                    config=model.config)
-        ids, pos, seg, picks = _tree_rows(group, L, pad_id)
-        mask = _block_mask(seg, L, dtype)
+                L, kv = 0, None
+        ids, pos, seg, picks, K = _tree_rows(group, L, pad_id)
+        mask = _block_mask(seg, L, dtype, K)
+        past = None
+        if kv is not None:
+            B = ids.shape[0]
+            past = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv], config=model.config)
         kw = {cache_arg: past} if past is not None else {}
-        hidden = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                      use_cache=past is not None, **kw).last_hidden_state
+        with torch.autocast(device.type, dtype=body_dtype or torch.bfloat16, enabled=body_dtype is not None):
+            hidden = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                          use_cache=past is not None, **kw).last_hidden_state
         if picks:
             rows = torch.tensor([p[0] for p in picks], device=device)
             cols = torch.tensor([p[1] for p in picks], device=device)
@@ -346,7 +405,7 @@ def score_trees(
                 lps.append(logits.gather(-1, tgt[s:s + head_chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
             lp = torch.cat(lps).double().cpu().tolist()
             acc: dict[tuple[int, int], list] = {}
-            for (b, _, _, k), v in zip(picks, lp):
+            for (_, _, _, b, k), v in zip(picks, lp):
                 a = acc.setdefault((b, k), [0.0, 0])
                 a[0] += v
                 a[1] += 1

@@ -3,10 +3,12 @@
     R = [lp(o+|p+) - lp(o+|p-)] - [lp(o-|p+) - lp(o-|p-)]
 
 All log-probs come from logprobs.score_trees: each context is laid out once with every
-response it must score as a branch, and prefixes shared across a batch (system prompt,
-demonstrations) are computed once. lp(o+|p+) and lp(o-|p-) are taken from the pair file
-when generation recorded them under the same model, dtype and preset (they are the raw
-log-probs of the sampled tokens), so only the two cross terms need a forward pass.
+response it must score as a branch, and the prefix shared by a family of contexts (system
+prompt, demonstration set) is computed once and its KV reused by all of them; logits are
+taken on response positions only, in float32. In float32, lp(o+|p+) and lp(o-|p-) are taken
+from the pair file when generation recorded them under the same model and preset (they are
+the raw log-probs of the sampled tokens), so only the cross terms need branches.
+benchmarks/score.py measures this against the authors' four padded passes.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def _dtype_name(model) -> str:
 
 
 def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | None, ctx: dict) -> bool:
-    """Generation's raw log-probs equal lp(o+|p+), lp(o-|p-) only under the same model, dtype and
-    preset, and when generation saw the same (uncut) contexts."""
+    """Generation's raw log-probs stand in for lp(o+|p+), lp(o-|p-) only when they are the same
+    numbers a scoring pass would give: same model and preset, uncut contexts, and float32
+    throughout. A bf16 generator rounds its logits to bf16 before the log-softmax (per-token
+    errors of ~0.06 at logits ~20) while scoring takes the head in float32; mixing the two
+    in one R flipped its sign on 1 in 8 generated pairs, so bf16 scoring recomputes all
+    four terms in one precision (a branch of the same tree: ~15% more tokens)."""
     gen = rec.get("generation") or {}
     if "gen_lp_chosen" not in rec or "gen_lp_rejected" not in rec or rec.get("preset") != preset.name:
         return False
@@ -47,7 +53,7 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
         from .models import resolve_device, resolve_dtype
 
         gdtype = str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
-    return gdtype == model_dtype and (model_name is None or gen.get("model") == model_name)
+    return gdtype == model_dtype == "float32" and (model_name is None or gen.get("model") == model_name)
 
 
 class _Layout:
@@ -80,14 +86,47 @@ def _resolve_preset(preset: Preset | str | None, pairs: list[dict]) -> Preset:
     return load_preset(preset or next((p["preset"] for p in pairs if p.get("preset")), "harmless"))
 
 
+# bf16 bodies moved R by up to 0.75 on 32 generated pairs (benchmarks/score.py); a mixed-mode
+# R closer to 0 than this is recomputed in float32, so its sign is the exact one. On the
+# 2-core CPU this recheck (11/32 pairs) made mixed slower than exact (3.7x vs 4.3x the
+# baseline), so exact is the default; mixed pays only where bf16 is much faster than float32.
+MIXED_RECHECK_MARGIN = 1.0
+
+
 def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
                 reference: bool = True, reuse_generation: bool = True, max_context: int | None = None,
-                progress: bool = False, model_name: str | None = None, stats: dict | None = None) -> list[dict]:
+                progress: bool = False, model_name: str | None = None, stats: dict | None = None,
+                precision: str = "exact") -> list[dict]:
     """Copies of `pairs` with self_reward, its four terms, token counts and (reference) the bare-context lps.
 
+    precision "exact" computes in the model's dtype (float32: exact to ~1e-4). "mixed", for a
+    float32 model, runs the decoder body in bf16 (autocast; head and sums float32) and
+    recomputes exactly the pairs whose |R| < MIXED_RECHECK_MARGIN, so R keeps the float32
+    sign wherever bf16 rounding could flip it; the other pairs' terms carry bf16 error.
     Empty responses get R = 0 (counted in stats["empty_responses"]); a NaN/inf raises a
-    DlmaError naming the record. stats (optional) also collects reused/truncated counts.
+    DlmaError naming the record. stats (optional) also collects reused/truncated/rechecked counts.
     """
+    if precision not in ("exact", "mixed"):
+        raise DlmaError(f"unknown precision {precision!r}; choose exact or mixed")
+    kw = dict(batch_size=batch_size, reference=reference, max_context=max_context, progress=progress,
+              model_name=model_name)
+    if precision == "exact" or _dtype_name(model) != "float32":
+        return _score_pairs(model, tokenizer, preset, pairs, reuse_generation=reuse_generation, stats=stats, **kw)
+    stats = stats if stats is not None else {}
+    out = _score_pairs(model, tokenizer, preset, pairs, reuse_generation=False, stats=stats, body=torch.bfloat16, **kw)
+    near = [i for i, o in enumerate(out) if abs(o["self_reward"]) < MIXED_RECHECK_MARGIN and o["self_reward"] != 0.0]
+    if near:
+        again = _score_pairs(model, tokenizer, preset, [pairs[i] for i in near], reuse_generation=reuse_generation,
+                             stats={}, **kw)
+        for i, o in zip(near, again):
+            out[i] = o
+    stats["mixed_rechecked"] = stats.get("mixed_rechecked", 0) + len(near)
+    return out
+
+
+def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int,
+                 reference: bool, reuse_generation: bool, max_context: int | None, progress: bool,
+                 model_name: str | None, stats: dict | None, body: torch.dtype | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     preset = _resolve_preset(preset, pairs)
@@ -126,7 +165,8 @@ def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
     stats["contexts_truncated"] += layout.truncated
     bar = tqdm(total=len(trees), desc="score", unit="ctx", disable=not progress, dynamic_ncols=True)
     try:
-        res = score_trees(model, trees, pad_id=tokenizer.pad_token_id, batch_size=batch_size, on_batch=bar.update)
+        res = score_trees(model, trees, pad_id=tokenizer.pad_token_id, batch_size=batch_size, body_dtype=body,
+                          on_batch=bar.update)
     finally:
         bar.close()
     keys = TERMS + (["ref_lp_chosen", "ref_lp_rejected"] if reference else [])
@@ -316,21 +356,29 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
         if todo:
             if model is None:
                 model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
-            preset = _resolve_preset(cfg.preset, todo)
             bar = tqdm(total=len(todo), desc=f"score ({judge})", unit="pair", disable=not progress, dynamic_ncols=True)
             chunk = max(cfg.batch_size * 4, 16)
-            for s in range(0, len(todo), chunk):
-                group = todo[s:s + chunk]
+            done = 0
+            # Without --preset, each pair is scored under the preset that generated it
+            # (a run may mix sources, e.g. harmful prompts under `harmless`, benign ones under `helpful`).
+            by_preset: dict[str | None, list[dict]] = {}
+            for rec in todo:
+                by_preset.setdefault(cfg.preset or rec.get("preset"), []).append(rec)
+            work = [(_resolve_preset(name, recs), recs[i:i + chunk]) for name, recs in by_preset.items()
+                    for i in range(0, len(recs), chunk)]
+            for preset, group in work:
                 if judge in ("self-reward", "both"):
                     group = score_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, reference=cfg.reference,
                                         reuse_generation=cfg.reuse_generation, max_context=cfg.max_context,
+                                        precision=getattr(cfg, "precision", "exact"),
                                         model_name=model_cfg.model, stats=stats)
                 if judge in ("text", "both"):
                     group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
                 for rec in group:
                     writer.write(rec)
+                done += len(group)
                 bar.update(len(group))
-                bar.set_postfix(pairs_per_s=f"{(s + len(group)) / max(time.time() - t0, 1e-9):.2f}")
+                bar.set_postfix(pairs_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
             bar.close()
     finally:
         writer.close()
