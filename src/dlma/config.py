@@ -35,8 +35,8 @@ class ModelConfig:
 
 @dataclass
 class GenerateConfig:
-    prompts: str = opt("hh-harmless:train", "prompt source: .jsonl/.json/.csv file, HH-RLHF file, bundled `hh-harmless[:train|:test]` or `safety-eval`, or a cached HF dataset")
-    preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file")
+    prompts: str = opt("hh-harmless:train", "prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled `hh-harmless[:train|:test]`, `benign-train`, `safety-eval`, or cached HF datasets")
+    preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
     max_new_tokens: int = opt(64, "longest response, in tokens")
     # 0.7 / 0.9 measured on 48 held-out HH queries with the embedded model: pure sampling
@@ -45,10 +45,101 @@ class GenerateConfig:
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.9, "nucleus sampling mass (1 = off)")
     seed: int = opt(0, "random seed; each chunk of prompts is seeded from it and its first id")
-    limit: typing.Optional[int] = opt(None, "use only the first N prompts")
+    limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
     batch_size: int = opt(16, "sequences sampled together")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
+
+
+@dataclass
+class TrainConfig:
+    loss: str = opt("dlma", "objective: dlma (DPO shifted by the self-reward), dpo (RLCD baseline; on human labels the upper reference), ipo, sft (context distillation on the chosen response)")
+    beta: float = opt(0.1, "strength of the KL tie to the reference (dlma, dpo, ipo)")
+    margin_weight: float = opt(0.2, "dlma: weight w of the self-reward shift")
+    margin_clip: typing.Tuple[float, float] = opt((-40.0, 40.0), "dlma: clamp range LO HI of the self-reward")
+    label_smoothing: float = opt(0.0, "probability that a pair's label is wrong (conservative DPO; dlma, dpo)")
+    min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
+    flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
+    preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
+    max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
+    lr: float = opt(1e-6, "peak learning rate")
+    lr_schedule: str = opt("cosine", "decay after warm-up: cosine, linear, constant")
+    warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly from 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm (0 = off)")
+    max_steps: typing.Optional[int] = opt(None, "optimizer steps (overrides --epochs)")
+    epochs: int = opt(1, "passes over the pairs")
+    batch_size: int = opt(8, "pairs per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step; global batch = batch_size x processes x grad_accum")
+    mixed_precision: str = opt("auto", "autocast: auto (bf16 where the hardware runs it), bf16, fp16, no")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    step_in_backward: str = opt("auto", "apply AdamW to each weight as soon as its gradient is ready, then free the gradient (less memory): auto = where that is exact (one process, --grad-accum 1, --max-grad-norm 0), on, off")
+    share_context: bool = opt(True, "chosen and rejected in one row after a single copy of the context (block attention mask); off: one row each")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: int = opt(16, "LoRA scaling alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target: typing.List[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA adapts (or all-linear)")
+    save_merged: bool = opt(True, "with LoRA: save the merged model (else the adapter only)")
+    save_steps: int = opt(100, "save a resumable checkpoint every N steps (0 = only at the end)")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints")
+    log_steps: int = opt(1, "write a metrics.jsonl line every N steps")
+    report_to: typing.List[str] = opt([], "also log to: tensorboard, wandb (when installed)")
+    seed: int = opt(0, "seed of the data order and initialisation")
+    limit: typing.Optional[int] = opt(None, "use only the first N pairs")
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = opt("hh-harmless:test,safety-eval", "held-out prompts: comma-separated sources (files or bundled sets); prompts labelled unsafe/safe give refusal rates")
+    limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
+    preset: str = opt("harmless", "preset of the self-reward judge and of the judging question (harmless, helpful, or a YAML file)")
+    judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
+    max_new_tokens: int = opt(128, "longest answer, in tokens")
+    temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
+    top_p: float = opt(1.0, "nucleus sampling mass when sampling")
+    seed: int = opt(0, "sampling seed; the aligned and baseline answers use different streams of it")
+    batch_size: int = opt(8, "sequences per forward pass")
+    max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
+    reference: typing.Optional[str] = opt(None, "model whose perplexity of the answers measures fluency (default: the baseline)")
+    pairs: typing.Optional[str] = opt(None, "human-labelled pair file for self-reward reliability (e.g. hh-harmless:test); none: skipped")
+    pairs_limit: int = opt(100, "pairs of --pairs to score")
+    examples: int = opt(12, "example prompts shown side by side in the report")
+    judge_timeout: float = opt(60.0, "openai: judge: seconds per request")
+    judge_retries: int = opt(3, "openai: judge: retries per request (backoff by the client)")
+    judge_rate: float = opt(0.0, "openai: judge: at most this many requests per second (0 = unlimited)")
+    judge_concurrency: int = opt(4, "openai: judge: requests in flight")
+    judge_cache: typing.Optional[str] = opt(None, "openai: judge: reply cache file (default: OUT/judge-cache.jsonl)")
+
+
+@dataclass
+class ScoreConfig:
+    preset: typing.Optional[str] = opt(None, "preset whose p+/p- define the score (default: the pairs' own `preset`, else harmless)")
+    judge: str = opt("self-reward", "self-reward (probability judge R), text (RLAIF: the model answers 'A or B', both orders), or both")
+    batch_size: int = opt(8, "contexts per forward pass")
+    reference: bool = opt(True, "also store ref_lp_chosen/ref_lp_rejected under the bare context (training needs them)")
+    reuse_generation: bool = opt(True, "take lp(o+|p+) and lp(o-|p-) from generation's raw log-probs when model and preset match and both ran in float32")
+    precision: str = opt("exact", "exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
+    max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
+    limit: typing.Optional[int] = opt(None, "score only the first N pairs")
+
+
+def section(factory: Any, help: str) -> Any:
+    """A nested config section (YAML mapping, `--set section.key=value`)."""
+    return field(default_factory=factory, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Everything `dlma run` does; the sections are the stage commands' options."""
+
+    run_dir: str = opt("runs/default", "where stages, the final model and the report go")
+    method: str = opt("dlma", "dlma, rlcd (DPO on the pairs, no score), context-distillation (SFT on o+), rlaif (text-judge labels + DPO)")
+    rounds: int = opt(1, "generate -> score -> train repeats, the latest policy generating and serving as reference")
+    model: ModelConfig = section(ModelConfig, "the starting model")
+    generate: GenerateConfig = section(GenerateConfig, "contrastive generation")
+    score: "ScoreConfig" = section(lambda: ScoreConfig(), "self-rewarding score")  # noqa: F821
+    train: TrainConfig = section(TrainConfig, "training")
+    evaluate: EvalConfig = section(EvalConfig, "evaluation against the starting model")
 
 
 # -- dataclass <-> argparse / YAML -----------------------------------------------
@@ -173,7 +264,15 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
     return from_dict(type(obj), data)
 
 
-def load_yaml(cls: type, path: str) -> Any:
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(cls: type, path: str, base: Any = None) -> Any:
+    """cls from a YAML file; keys the file leaves out keep `base`'s values (or the defaults)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -183,4 +282,6 @@ def load_yaml(cls: type, path: str) -> Any:
         raise DlmaError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise DlmaError(f"{path}: expected a mapping at the top level")
+    if base is not None:
+        data = _deep_merge(to_dict(base), data)
     return from_dict(cls, data, path)

@@ -1,0 +1,336 @@
+"""`dlma run`: generate -> score -> train -> evaluate -> report in a run directory.
+
+Each stage writes into RUN_DIR/round-K/STAGE/: `started.json` (the stage's key), its
+outputs, and last `done.json` (key, summary, wall time, peak memory), renamed into
+place atomically. A stage's key hashes its settings and the keys of the stages it reads
+from, so a rerun skips stages whose key matches their `done.json`, resumes one that
+started with the same key (stage outputs are resumable), and redoes a stage, and
+everything after it, whose settings changed. RUN_DIR/final-model always points at the
+last round's trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .config import ModelConfig, RunConfig, to_dict
+from .data import read_jsonl, write_json
+from .errors import DlmaError
+
+# method -> (score judge or None to skip scoring, training loss, how pairs are oriented)
+METHODS: dict[str, dict[str, Any]] = {
+    "dlma": {"judge": "self-reward", "loss": "dlma", "orient": None},
+    "rlcd": {"judge": "self-reward", "loss": "dpo", "orient": None},
+    "context-distillation": {"judge": None, "loss": "sft", "orient": None},
+    "rlaif": {"judge": "text", "loss": "dpo", "orient": "judge_score"},
+}
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS; children cover accelerate subprocesses
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) * scale, 1)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Refuse a second `dlma run` on the same directory while one is running."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DlmaError(f"{run_dir} is in use by another dlma run ({holder}); wait for it or choose another run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {platform.node()}")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dlma", "torch", "transformers", "accelerate", "peft", "vllm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class Pipeline:
+    """One method's run: rounds of generate -> score -> train, each evaluated, then a report."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, *, progress: bool = True,
+                 siblings: list[Path] | None = None, log: Callable[[str], None] | None = None):
+        if cfg.method not in METHODS:
+            raise DlmaError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+        if cfg.rounds < 1:
+            raise DlmaError("rounds must be at least 1")
+        self.cfg = cfg
+        self.dir = Path(run_dir or cfg.run_dir)
+        self.progress = progress
+        self.siblings = siblings or []  # other methods' run dirs whose identical stages can be copied
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest: dict[str, Any] = {}
+
+    # -- stage bookkeeping ----------------------------------------------------
+    def _stage(self, name: str, rnd: int, key: str, fn: Callable[[Path], dict]) -> dict:
+        sdir = self.dir / f"round-{rnd}" / name
+        label = f"round {rnd} {name}"
+        done = sdir / "done.json"
+        if done.is_file():
+            marker = json.loads(done.read_text())
+            if marker.get("key") == key:
+                self.log(f"[{label}] done already, skipping")
+                self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
+                return marker["summary"]
+        started = sdir / "started.json"
+        if sdir.exists() and not (started.is_file() and json.loads(started.read_text()).get("key") == key):
+            self.log(f"[{label}] settings changed: redoing it")
+            shutil.rmtree(sdir)
+        if not sdir.exists() and self._copy_from_sibling(name, rnd, key, sdir):
+            self.log(f"[{label}] identical stage found in a sibling run: copied")
+            marker = json.loads(done.read_text())
+            self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
+            return marker["summary"]
+        resuming = started.is_file()
+        sdir.mkdir(parents=True, exist_ok=True)
+        write_json(started, {"key": key})
+        self.log(f"[{label}] {'resuming' if resuming else 'starting'}")
+        t0 = time.time()
+        try:
+            summary = fn(sdir)
+        except DlmaError as exc:
+            raise DlmaError(f"stage {label}: {exc}") from None
+        except FileNotFoundError as exc:
+            raise DlmaError(f"stage {label}: missing file {exc.filename}") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DlmaError(f"stage {label}: the disk is full ({exc.filename or sdir}); free space and rerun to resume") from None
+            raise
+        marker = {"key": key, "summary": summary, "wall_s": round(time.time() - t0, 2), "peak_rss_mb": _peak_rss_mb(),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(done, marker)
+        self._record(f"round-{rnd}/{name}", {**marker, "skipped": False})
+        return summary
+
+    def _copy_from_sibling(self, name: str, rnd: int, key: str, sdir: Path) -> bool:
+        for sib in self.siblings:
+            src = sib / f"round-{rnd}" / name
+            marker = src / "done.json"
+            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+                tmp = sdir.with_name(sdir.name + ".copy")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                os.replace(tmp, sdir)
+                return True
+        return False
+
+    def _record(self, stage: str, info: dict) -> None:
+        entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
+        self.manifest.setdefault("stages", {})[stage] = entry
+        write_json(self.manifest_path, self.manifest)
+
+    # -- the run ----------------------------------------------------------------
+    def run(self) -> dict:
+        """Run (or resume) every stage; return the last round's evaluation metrics."""
+        import torch
+
+        from .models import resolve_device
+
+        cfg, spec = self.cfg, METHODS[self.cfg.method]
+        with run_lock(self.dir):
+            old = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+            self.manifest = {"config": to_dict(cfg), "method": cfg.method, "versions": _versions(),
+                             "seeds": {"generate": cfg.generate.seed, "train": cfg.train.seed, "evaluate": cfg.evaluate.seed},
+                             "device": str(resolve_device(cfg.model.device)), "threads": torch.get_num_threads(),
+                             "platform": platform.platform(), "stages": old.get("stages", {}),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_json(self.manifest_path, self.manifest)
+            policy, upstream = cfg.model.model, _key(cfg.model.model)
+            rounds: list[dict] = []
+            for rnd in range(1, cfg.rounds + 1):
+                policy, upstream, metrics = self._round(rnd, spec, policy, upstream)
+                rounds.append(metrics)
+            self._link_final(policy)
+            self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self.manifest["final_model"] = str(self.dir / "final-model")
+            write_json(self.manifest_path, self.manifest)
+            final = dict(rounds[-1])
+            if len(rounds) > 1:
+                final["rounds"] = [_headline(m) for m in rounds]
+            return final
+
+    def _round(self, rnd: int, spec: dict, policy: str, upstream: str) -> tuple[str, str, dict]:
+        from .generate import generate_pairs
+
+        cfg = self.cfg
+        mcfg = dataclasses.replace(cfg.model, model=policy)
+        gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
+        gen_key = _key("generate", to_dict(gcfg), to_dict(cfg.model), upstream)
+        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
+        pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
+
+        data, data_key = pairs, gen_key
+        if spec["judge"] is not None:
+            scfg = dataclasses.replace(cfg.score, judge=spec["judge"])  # preset None: each pair's own
+            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key)
+
+            def score(d: Path) -> dict:
+                from .reward import score_file
+
+                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress)
+                if spec["orient"]:
+                    summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec["orient"])
+                return summary
+
+            self._stage("score", rnd, score_key, score)
+            sdir = self.dir / f"round-{rnd}" / "score"
+            data = sdir / ("oriented.jsonl" if spec["orient"] else "scored.jsonl")
+            data_key = score_key
+
+        single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
+        tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
+        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key)
+
+        def train(d: Path) -> dict:
+            from .train import train_model
+
+            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress)
+
+        self._stage("train", rnd, train_key, train)
+        new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
+
+        ecfg = cfg.evaluate
+        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key)
+
+        def evaluate(d: Path) -> dict:
+            from .evaluate import evaluate_models
+
+            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress)
+
+        self._stage("evaluate", rnd, eval_key, evaluate)
+        metrics = json.loads((self.dir / f"round-{rnd}" / "evaluate" / "metrics.json").read_text())
+        metrics["round"] = rnd
+        return new_policy, train_key, metrics
+
+    def _link_final(self, policy: str) -> None:
+        link = self.dir / "final-model"
+        tmp = self.dir / ".final-model.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(os.path.relpath(policy, self.dir), tmp)
+        os.replace(tmp, link)
+
+
+def _orient(src: Path, dst: Path, field: str) -> dict:
+    """RLAIF: make `chosen` the side the text judge preferred (judge score < 0 flips the pair)."""
+    flipped = kept = 0
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in read_jsonl(src):
+            score = rec.get(field)
+            if score is None:
+                continue
+            if score < 0:
+                rec["chosen"], rec["rejected"] = rec["rejected"], rec["chosen"]
+                for a, b in (("chosen_truncated", "rejected_truncated"), ("ref_lp_chosen", "ref_lp_rejected"),
+                             ("gen_lp_chosen", "gen_lp_rejected")):
+                    if a in rec or b in rec:
+                        rec[a], rec[b] = rec.get(b), rec.get(a)
+                if "self_reward" in rec:
+                    rec["self_reward"] = -rec["self_reward"]
+                flipped += 1
+            kept += 1
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, dst)
+    return {"pairs": kept, "flipped_by_judge": flipped}
+
+
+def _headline(m: dict) -> dict:
+    """The few numbers the before/after table shows."""
+    ref = m.get("refusal", {})
+    out: dict[str, Any] = {"round": m.get("round")}
+    for role in ("baseline", "aligned"):
+        r = ref.get(role, {})
+        out[f"{role}_refusal_unsafe"] = r.get("refusal_rate")
+        out[f"{role}_over_refusal_safe"] = r.get("over_refusal_rate")
+        q = m.get("quality", {}).get(role, {})
+        out[f"{role}_perplexity"] = q.get("perplexity")
+        out[f"{role}_mean_tokens"] = q.get("mean_tokens")
+    for spec, j in m.get("judges", {}).items():
+        out[f"win_rate[{spec}]"] = j.get("adjusted_win_rate")
+    return out
+
+
+def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dict[str, dict]:
+    """Run several methods into sibling directories RUN_DIR/<method>/ and one combined report."""
+    from .report import write_report
+
+    root = Path(cfg.run_dir)
+    results: dict[str, dict] = {}
+    done_dirs: list[Path] = []
+    for m in methods:
+        sub = dataclasses.replace(cfg, method=m, run_dir=str(root / m))
+        results[m] = Pipeline(sub, progress=progress, siblings=list(done_dirs)).run()
+        done_dirs.append(root / m)
+    write_report(results[methods[0]], root / "report", title=f"dlma run: {', '.join(methods)}", runs=results)
+    return results
+
+
+def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
+    """A short before/after table for the terminal."""
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    def num(x: Any) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    items = runs or {"": metrics}
+    lines = []
+    for name, m in items.items():
+        h = _headline(m)
+        rows = [(f"{name} " if name else "") + "metric", "before (untouched)", "after (aligned)"]
+        table = [rows,
+                 ["refusals on harmful prompts", pct(h["baseline_refusal_unsafe"]), pct(h["aligned_refusal_unsafe"])],
+                 ["refusals on harmless prompts", pct(h["baseline_over_refusal_safe"]), pct(h["aligned_over_refusal_safe"])],
+                 ["answer perplexity", num(h["baseline_perplexity"]), num(h["aligned_perplexity"])],
+                 ["mean answer tokens", num(h["baseline_mean_tokens"]), num(h["aligned_mean_tokens"])]]
+        for k, v in h.items():
+            if k.startswith("win_rate"):
+                table.append([f"aligned win rate {k[8:]}", "", pct(v)])
+        widths = [max(len(str(r[i])) for r in table) for i in range(3)]
+        for r in table:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        lines.append("")
+    return "\n".join(lines).rstrip()
