@@ -12,6 +12,15 @@ process every pair once, so they count the same tokens.
 Then, in float32 from the same weights, both losses on the same first batch, with the
 policy one dlma step away from the reference so the check is not trivially log 2.
 
+Every worker imports the same modules (torch, transformers, datasets, trl, dlma) and runs
+the same number of torch threads, so import RSS and cores are equal. Both use the same
+gradient clipping (--max-grad-norm; 0 by default, which lets dlma update each weight
+inside the backward pass, exact only without clipping); dlma uses gradient checkpointing
+unless --checkpointing says otherwise (TRL's default is off; `both` turns it on for TRL
+too). Times are the training steps only (model loading and tokenisation excluded for
+both); --repeats alternates the runs and keeps each trainer's fastest, since this machine
+is shared.
+
 Prints speed_ratio (dlma tokens/s over TRL's) and memory_ratio (dlma peak RSS over TRL's).
 """
 
@@ -30,6 +39,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def common_setup(a) -> None:
+    """Every worker imports the same modules and uses the same threads, so import RSS and cores are equal."""
+    import datasets  # noqa: F401
+    import torch
+    import trl  # noqa: F401
+    from trl import DPOTrainer  # noqa: F401
+
+    import dlma.train  # noqa: F401
+
+    torch.set_num_threads(a.threads)
 
 
 def peak_rss_mb() -> float:
@@ -80,8 +101,10 @@ def worker_dlma(a) -> dict:
     out = tempfile.mkdtemp(prefix="bench-dlma-")
     s = train_model(ModelConfig(dtype="float32" if a.precision == "no" else "auto"),
                     TrainConfig(loss="dpo", batch_size=a.batch_size, max_steps=a.steps, lr=1e-6, mixed_precision=a.precision,
+                                max_grad_norm=a.max_grad_norm, gradient_checkpointing=a.checkpointing in ("dlma", "both"),
                                 save_steps=0, seed=0), str(a.data), out, progress=False)
-    return {"seconds": s["reference_seconds"] + s["train_seconds"], "reference": s["reference"], "out": out}
+    return {"seconds": s["reference_seconds"] + s["train_seconds"], "reference": s["reference"], "out": out,
+            "step_in_backward": s["step_in_backward"], "share_context": s["share_context"]}
 
 
 def _trl_args(a, out, precision):
@@ -89,6 +112,7 @@ def _trl_args(a, out, precision):
 
     return DPOConfig(output_dir=out, per_device_train_batch_size=a.batch_size, max_steps=a.steps, learning_rate=1e-6,
                      bf16=precision == "bf16", loss_type=["sigmoid"], beta=0.1, logging_steps=1, save_strategy="no",
+                     max_grad_norm=a.max_grad_norm, gradient_checkpointing=a.checkpointing == "both",
                      report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, max_length=None,
                      disable_tqdm=True)
 
@@ -123,11 +147,21 @@ def worker_trl(a) -> dict:
 
     ds, tok = trl_dataset(a.data)
     out = tempfile.mkdtemp(prefix="bench-trl-")
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):  # the training steps only, as dlma's train_seconds
+        seconds, t0 = 0.0, 0.0
+
+        def on_step_begin(self, *args, **kw):
+            Clock.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            Clock.seconds += time.perf_counter() - Clock.t0
+
     trainer = DPOTrainer(model=str(embedded_model_dir()), args=_trl_args(a, out, a.precision), train_dataset=ds,
-                         processing_class=tok)
-    t0 = time.perf_counter()
+                         processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": Clock.seconds}
 
 
 def worker_check(a) -> dict:
@@ -169,7 +203,8 @@ def worker_check(a) -> dict:
 
 def spawn(role: str, a, data=None, **extra) -> dict:
     cmd = [sys.executable, __file__, "--worker", role, "--data", str(data or a.data), "--steps", str(a.steps),
-           "--batch-size", str(a.batch_size), "--precision", a.precision]
+           "--batch-size", str(a.batch_size), "--precision", a.precision, "--threads", str(a.threads),
+           "--max-grad-norm", str(a.max_grad_norm), "--checkpointing", a.checkpointing]
     for k, v in extra.items():
         cmd += [f"--{k}", str(v)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -184,11 +219,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--words", type=int, default=30, help="query and responses cut to this many words (~65-token rows)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 where supported), bf16 or no")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of every worker")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate dlma and TRL runs this many times; fastest run of each counts")
+    ap.add_argument("--max-grad-norm", type=float, default=0.0,
+                    help="gradient clipping of both trainers (0: off, so dlma can step inside backward; 1.0: both defaults)")
+    ap.add_argument("--checkpointing", default="dlma", choices=["dlma", "both", "none"],
+                    help="gradient checkpointing: dlma only (TRL as a user runs it by default), both, or none")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
+        common_setup(a)
         result = {"dlma": worker_dlma, "trl": worker_trl, "check": worker_check, "refs": worker_refs}[a.worker](a)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
@@ -205,20 +247,32 @@ def main() -> None:
     tokens = count_tokens(a.data)
     print(f"{a.steps} steps x {a.batch_size} pairs, {tokens} tokens (chosen + rejected rows), precision {a.precision}")
     scored = spawn("refs", a)["path"]
-    d = spawn("dlma", a, data=scored)   # reference log-probs from the scored file (the pipeline's path)
-    d2 = spawn("dlma", a)               # reference log-probs computed inside the timed run
-    t = spawn("trl", a)
-    rows = (("dlma", d, "reference from the scored file"), ("dlma", d2, "reference computed in the run"),
-            ("trl", t, "reference model, TRL default"))
-    for name, r, how in rows:
-        print(f"{name:5s} {tokens / r['seconds']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  ({how})")
+    runs: dict[str, list[dict]] = {"dlma": [], "dlma-ref": [], "trl": []}
+    for _ in range(a.repeats):  # interleaved, so a change in the machine's load hits both
+        runs["dlma"].append(spawn("dlma", a, data=scored))  # reference log-probs from the scored file (the pipeline's path)
+        runs["trl"].append(spawn("trl", a))
+        runs["dlma-ref"].append(spawn("dlma", a))  # reference log-probs computed inside the timed run
+    for name, rs in runs.items():
+        secs = " ".join(f"{r['seconds']:.1f}" for r in rs)
+        mbs = " ".join(f"{r['peak_rss_mb']:.0f}" for r in rs)
+        print(f"{name:8s} seconds per run: {secs}  peak RSS MB: {mbs}")
+    best = {k: min(rs, key=lambda r: r["seconds"]) for k, rs in runs.items()}
+    peak = {k: max(r["peak_rss_mb"] for r in rs) for k, rs in runs.items()}
+    d, d2, t = best["dlma"], best["dlma-ref"], best["trl"]
+    print(f"dlma settings: step in backward {d['step_in_backward']}, shared context {d['share_context']}, "
+          f"max_grad_norm {a.max_grad_norm} (both), gradient checkpointing: {a.checkpointing}, {a.threads} threads each")
+    rows = (("dlma", "dlma", "reference from the scored file"), ("dlma", "dlma-ref", "reference computed in the run"),
+            ("trl", "trl", "reference model, TRL default"))
+    for name, k, how in rows:
+        r = best[k]
+        print(f"{name:5s} {tokens / r['seconds']:8.1f} tokens/s  {r['seconds']:7.1f} s  peak RSS {peak[k]:7.0f} MB  ({how})")
     c = spawn("check", a, policy=d["out"])
     print(f"first-batch float32 DPO loss: dlma {c['dlma_loss']:.6f}  trl {c['trl_loss']:.6f}  "
           f"difference {abs(c['dlma_loss'] - c['trl_loss']):.2e}  (same token ids: {c['same_token_ids']})")
     print(f"speed_ratio_incl_reference={t['seconds'] / d2['seconds']:.2f}")
-    print(f"memory_ratio_incl_reference={d2['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+    print(f"memory_ratio_incl_reference={peak['dlma-ref'] / peak['trl']:.2f}")
     print(f"speed_ratio={t['seconds'] / d['seconds']:.2f}")
-    print(f"memory_ratio={d['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+    print(f"memory_ratio={peak['dlma'] / peak['trl']:.2f}")
 
 
 if __name__ == "__main__":

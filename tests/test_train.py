@@ -198,3 +198,53 @@ def test_lora_adapter_saved_and_loadable(scored, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_shared_context_row_matches_two_rows():
+    """One row (context, chosen, rejected) gives the two-row log-probs and gradients, float32."""
+    import torch
+
+    from dlma.logprobs import collate, sequence_logprobs
+    from dlma.models import load_model
+    from dlma.train import Example, shared_context_logprobs
+
+    model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
+    model.config.use_cache = False
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ex = [Example("a", enc("Tell me how to pick a lock, please."), enc("I can't help with that.") + [2], enc("Sure: first"), 1.0),
+          Example("b", enc("Hi"), enc("Hello! How are you?"), enc("Go away, I am busy today.") + [2], 1.0),
+          Example("c", enc("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
+    c, r, ntok = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    (c.sum() - 2 * r.sum()).backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    ctx = [e.context for e in ex]
+    sums, _ = sequence_logprobs(model, collate(ctx + ctx, [e.chosen for e in ex] + [e.rejected for e in ex], tok.pad_token_id))
+    (sums[:3].sum() - 2 * sums[3:].sum()).backward()
+    assert torch.allclose(c, sums[:3], atol=1e-3) and torch.allclose(r, sums[3:], atol=1e-3), (c, r, sums)
+    assert ntok == sum(len(e.context) + len(e.chosen) + len(e.rejected) for e in ex)
+    for a, p in zip(g1, model.parameters()):
+        assert (a - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8
+
+
+def test_step_in_backward_is_exact_and_only_auto_where_exact(scored, tmp_path):
+    from dlma.errors import DlmaError
+    from dlma.train import train_model
+
+    base = dict(loss="dpo", max_steps=3, batch_size=2, lr=1e-4, limit=6, mixed_precision="no", save_steps=0,
+                warmup_ratio=0.0, seed=1)
+    runs = {}
+    for mode in ("off", "auto"):
+        out = tmp_path / mode
+        s = train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(step_in_backward=mode, max_grad_norm=0, **base),
+                        str(scored[0]), str(out), progress=False)
+        assert s["step_in_backward"] == (mode == "auto")
+        runs[mode] = [m["loss"] for m in _metrics(out)]
+    assert runs["auto"] == pytest.approx(runs["off"], abs=1e-6) and len(runs["auto"]) == 3
+    assert runs["auto"][2] != runs["auto"][0]  # the weights did move
+    s = train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(max_grad_norm=1.0, **dict(base, max_steps=1)),
+                    str(scored[0]), str(tmp_path / "clip"), progress=False)
+    assert s["step_in_backward"] is False  # clipping needs every gradient first
+    with pytest.raises(DlmaError, match="max-grad-norm"):
+        train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(step_in_backward="on", max_grad_norm=1.0, **base),
+                    str(scored[0]), str(tmp_path / "bad"), progress=False)

@@ -12,12 +12,19 @@ processes under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO). What it does, i
    inside windows of 16 global batches, every global batch split into
    processes x grad_accum micro-batches. The plan depends only on (seed, epoch, global
    batch), so a resumed run and a run on more processes see the same pairs per step;
-4. per micro-batch, chosen and rejected responses in ONE forward pass, the loss of each
+4. per micro-batch, chosen and rejected responses in ONE forward pass (by default in one
+   row per pair, the context computed once: `shared_context_logprobs`), the loss of each
    pair, summed and scaled by 1 / (pairs in the global step): results do not depend on how
    the global batch is split across processes or accumulation steps;
 5. AdamW with linear warm-up and cosine/linear decay (lr is a function of the step, so
    resume needs no scheduler state), resumable checkpoints every --save-steps, a
    metrics.jsonl line per step, and the final model + tokenizer in the output directory.
+
+Memory: float32 master weights and AdamW moments are the fixed cost. On top of it, where
+exact (one process, no accumulation, no clipping), each weight is updated inside the
+backward pass and its gradient freed at once (`BackwardStepper`); autocast keeps no cache
+of low-precision weight copies, so with --gradient-checkpointing only the layer being
+recomputed holds them.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from . import losses as L
 from .config import ModelConfig, TrainConfig
 from .data import read_pairs, write_json
 from .errors import DlmaError
-from .logprobs import collate, score_sequences, sequence_logprobs
+from .logprobs import IGNORE, collate, score_sequences, sequence_logprobs, token_logprobs
 
 SUMMARY = "train_summary.json"
 REFERENCE = "reference_logprobs.json"
@@ -45,7 +52,7 @@ METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
 BUCKET_WINDOW = 16  # global batches sorted by length together
 # Fields that may change between a run and its resume without changing the result.
-RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to")
+RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to", "step_in_backward")
 
 
 @dataclass
@@ -147,6 +154,51 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 # -- the loss of a micro-batch ---------------------------------------------------
+def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Differentiable (chosen sums, rejected sums, tokens) with each pair in ONE row: context, chosen, rejected.
+
+    The context is computed once for both responses; a block attention mask keeps the
+    rejected branch from seeing the chosen one and its position ids restart where the
+    context ends, so each sum equals the two-row `sequence_logprobs` result up to kernel
+    rounding. Goes through the model's own forward (DDP/FSDP wrappers keep working);
+    float32 log-softmax over the response positions only, as in `logprobs`.
+    """
+    B = len(examples)
+    T = max(len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 context, 1 chosen, 2 rejected
+    tgt = torch.full((2, B, T), IGNORE, dtype=torch.long)  # targets of chosen / rejected at predicting positions
+    first = T
+    for b, e in enumerate(examples):
+        n, c, r = len(e.context), list(e.chosen), list(e.rejected)
+        if not n:
+            raise ValueError("a context must hold at least one token")
+        ids[b, :n + len(c) + len(r)] = torch.tensor(list(e.context) + c + r, dtype=torch.long)
+        pos[b, :n + len(c)] = torch.arange(n + len(c))
+        pos[b, n + len(c):n + len(c) + len(r)] = torch.arange(n, n + len(r))
+        seg[b, :n], seg[b, n:n + len(c)], seg[b, n + len(c):n + len(c) + len(r)] = 0, 1, 2
+        if c:
+            tgt[0, b, n - 1:n + len(c) - 1] = torch.tensor(c)
+        if r:  # the first rejected token is predicted by the last context token
+            tgt[1, b, n - 1] = r[0]
+            tgt[1, b, n + len(c):n + len(c) + len(r) - 1] = torch.tensor(r[1:], dtype=torch.long)
+        first = min(first, n - 1)
+    si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & ((sj == 0) | (sj == si)) & (sj >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves: no all-masked row
+    mask = allowed.unsqueeze(1).to(device)
+    if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager":
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    keep = T - first
+    kwargs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False)
+    logits = model(**kwargs, logits_to_keep=keep).logits
+    tgt = tgt[:, :, -logits.shape[1]:].to(device)
+    lp = torch.stack([token_logprobs(logits, tgt[0]), token_logprobs(logits, tgt[1])])
+    sums = lp.sum(-1)
+    return sums[0], sums[1], int((seg >= 0).sum())
+
+
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int, device) -> tuple[L.PairLoss, int]:
     """Per-pair losses (and implicit rewards) of a micro-batch, chosen and rejected in one forward."""
     ctx = [e.context for e in examples]
@@ -156,9 +208,14 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         sums, counts = sequence_logprobs(model, batch)
         zero = torch.zeros(n, device=device)
         return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens
-    batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
-    sums, _ = sequence_logprobs(model, batch)
-    pi_c, pi_r = sums[:n], sums[n:]
+    if cfg.share_context:
+        pi_c, pi_r, _ = shared_context_logprobs(model, examples, pad_id, device)
+    else:
+        batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
+        sums, _ = sequence_logprobs(model, batch)
+        pi_c, pi_r = sums[:n], sums[n:]
+    # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
+    ntok = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
     ref_c = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32, device=device)
     ref_r = torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32, device=device)
     if cfg.loss == "dlma":
@@ -169,7 +226,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         out = L.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
     else:
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
-    return out, batch.num_tokens
+    return out, ntok
 
 
 # -- helpers -------------------------------------------------------------------
@@ -186,6 +243,11 @@ def validate(cfg: TrainConfig) -> None:
         raise DlmaError(f"--beta must be positive, got {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise DlmaError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.step_in_backward not in ("auto", "on", "off"):
+        raise DlmaError(f"--step-in-backward must be auto, on or off, got {cfg.step_in_backward!r}")
+    if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0):
+        raise DlmaError("--step-in-backward on is exact only with --grad-accum 1 and --max-grad-norm 0 "
+                        "(clipping needs the global norm of every gradient first)")
     lo, hi = cfg.margin_clip
     if lo > hi:
         raise DlmaError(f"--margin-clip LO HI needs LO <= HI, got {lo} {hi}")
@@ -243,6 +305,53 @@ def _trackers(report_to: Sequence[str]) -> list[str]:
     return out
 
 
+def _step_in_backward(cfg: TrainConfig, accelerator) -> bool:
+    """Whether each weight is updated inside backward: exact only when its gradient is final there."""
+    from accelerate.utils import DistributedType
+
+    why = []
+    if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
+        why.append("more than one process (gradients are reduced after the backward)")
+    if cfg.grad_accum > 1:
+        why.append("--grad-accum > 1")
+    if cfg.max_grad_norm > 0:
+        why.append("--max-grad-norm > 0 (the global norm needs every gradient first)")
+    if cfg.step_in_backward == "on" and why:
+        raise DlmaError(f"--step-in-backward on is not exact with {'; '.join(why)}")
+    return cfg.step_in_backward == "on" or (cfg.step_in_backward == "auto" and not why)
+
+
+class BackwardStepper:
+    """AdamW applied per parameter from a post-accumulate-grad hook, the gradient freed right after.
+
+    The update is the same fused AdamW as a whole-model step (per-parameter, there is no
+    cross-parameter coupling without clipping); the moments live in `optimizer.state`, so
+    checkpoints save and resume them unchanged.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]):
+        self.optimizer = optimizer  # the (prepared) optimizer whose state and lr are used
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self.inner = inner
+        import inspect
+
+        accepted = inspect.signature(type(inner).__init__).parameters
+        defaults = {k: v for k, v in inner.defaults.items() if k in accepted and k != "params"}
+        self.single = {p: type(inner)([p], **defaults) for p in params}
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    def _hook(self, p: torch.nn.Parameter) -> None:
+        opt = self.single[p]
+        opt.state = self.inner.state  # re-linked every time: load_state_dict replaces the dict
+        opt.param_groups[0]["lr"] = self.inner.param_groups[0]["lr"]
+        opt.step()
+        p.grad = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def reference_logprobs(model, examples: list[Example], pad_id: int, accelerator, batch_size: int) -> None:
     """Fill ref_chosen/ref_rejected from the current (initial) weights, sharded over processes."""
     from accelerate.utils import gather_object
@@ -279,8 +388,13 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     out = Path(out_dir)
     # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True
     cpu = model_cfg.device == "cpu" or (model_cfg.device == "auto" and not torch.cuda.is_available())
+    from accelerate.utils import AutocastKwargs
+
+    # No autocast weight cache: a cached low-precision copy of every weight would live through
+    # the whole forward even where checkpointing recomputes the layer; recasting costs little.
     accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, model_cfg),
                               gradient_accumulation_steps=cfg.grad_accum,
+                              kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
                               log_with=_trackers(cfg.report_to) or None, project_dir=str(out))
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     key = _resume_key(cfg, model_cfg, data, world)
@@ -348,6 +462,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     except (RuntimeError, TypeError, ValueError):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    stepper = BackwardStepper(optimizer, params) if _step_in_backward(cfg, accelerator) else None
 
     global_batch = cfg.batch_size * world * cfg.grad_accum
     micro_per_step = world * cfg.grad_accum
@@ -398,10 +513,11 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
                 # sum / (pairs in the global step), times the factors that DDP averaging and
                 # accelerate's division by grad_accum take out again
                 accelerator.backward(res.losses.sum() * (world * cfg.grad_accum / n_step))
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params if cfg.lora_r else model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if stepper is None:  # else every weight was already updated inside backward
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params if cfg.lora_r else model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             margin = res.chosen_rewards - res.rejected_rewards
             stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
                                    float((margin > 0).sum()), len(batch), ntok], dtype=torch.float64)
@@ -429,6 +545,8 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
             _save_checkpoint(accelerator, out, step, key, cfg.save_total_limit)
     bar.close()
+    if stepper is not None:
+        stepper.remove()
 
     accelerator.wait_for_everyone()
     _save_final(accelerator, model, tok, out, cfg)
@@ -437,7 +555,8 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         "out": str(out), "loss": cfg.loss, **counts,
         "reference": ref_path, "reference_seconds": round(ref_seconds, 3),
         "steps": step, "epochs": round(step / per_epoch, 3), "global_batch": global_batch, "processes": world,
-        "mixed_precision": accelerator.mixed_precision, "weights_dtype": str(_weights_dtype(model_cfg)).replace("torch.", ""),
+        "mixed_precision": accelerator.mixed_precision, "step_in_backward": stepper is not None,
+        "share_context": cfg.share_context and cfg.loss != "sft", "weights_dtype": str(_weights_dtype(model_cfg)).replace("torch.", ""),
         "first_loss": history[0]["loss"] if history else first_loss,
         "final_loss": last["loss"] if last else None,
         "reward_accuracy": last.get("reward_accuracy") if last else None,

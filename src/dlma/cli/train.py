@@ -18,6 +18,11 @@ initial weights before the first step: no reference model is held during trainin
 --out also gets metrics.jsonl (loss, reward margin/accuracy, lr, tokens/s), checkpoints
 every --save-steps, and train_summary.json. Rerun the same command to resume after a kill.
 
+Memory: chosen and rejected share one copy of the context (--no-share-context: one row
+each); with --max-grad-norm 0 on one process each weight is updated inside the backward
+pass and its gradient freed (--step-in-backward); --gradient-checkpointing trades ~25%
+speed for most of the activations.
+
 Many GPUs: the same command under accelerate, e.g.
   accelerate launch --config_file src/dlma/configs/accelerate/fsdp_8gpu.yaml -m dlma.cli train ...
 
