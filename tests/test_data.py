@@ -81,3 +81,12 @@ def test_writer_resumes_and_repairs_a_cut_line(tmp_path):
     w.write({"id": "3"})
     w.close()
     assert [json.loads(line)["id"] for line in f.read_text().splitlines()] == ["1", "2", "3"]
+
+
+def test_hh_first_turn_source_is_single_turn_and_deduplicated():
+    firsts = read_prompts("hh-harmless-first:train")
+    assert all(len(p.prompt) == 1 and p.prompt[0]["role"] == "user" for p in firsts)
+    texts = [p.prompt[0]["content"] for p in firsts]
+    assert len(texts) == len(set(texts)) and len(texts) <= 800
+    full = {p.id: p for p in read_prompts("hh-harmless:train")}
+    assert all(full[p.id].prompt[0] == p.prompt[0] for p in firsts[:50])

@@ -18,7 +18,7 @@ from dlma.errors import DlmaError
 
 DLMA = [sys.executable, "-m", "dlma.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--set", "generate.limit=10", "--set", "generate.max_new_tokens=12", "--set", "generate.batch_size=4",
+TINY = ["--set", "generate.limit=5", "--set", "generate.max_new_tokens=12", "--set", "generate.batch_size=4",
         "--set", "score.batch_size=1", "--set", "train.max_steps=6", "--set", "train.batch_size=2",
         "--set", "train.save_steps=2", "--set", "evaluate.limit=2", "--set", "evaluate.max_new_tokens=8",
         "--set", "model.dtype=float32"]
@@ -29,13 +29,16 @@ def _args(*argv: str):
 
 
 def test_config_layers(tmp_path):
+    from dlma.cli.run import shipped_defaults
+
+    shipped = shipped_defaults()
     cfg = resolve_config(_args())
-    assert cfg.method == "dlma" and cfg.generate.preset == "harmless"
+    assert cfg == shipped and cfg.method == "dlma" and "harmless" in cfg.generate.preset
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  beta: 0.3\ngenerate:\n  limit: 7\n")
     cfg = resolve_config(_args("--config", str(f), "--set", "train.beta=0.5", "--method", "rlcd"))
     assert (cfg.train.beta, cfg.generate.limit, cfg.method) == (0.5, 7, "rlcd")
-    assert cfg.generate.preset == "harmless"  # untouched keys keep the shipped defaults
+    assert cfg.generate.preset == shipped.generate.preset  # untouched keys keep the shipped defaults
     with pytest.raises(DlmaError, match="unknown key 'betta'"):
         resolve_config(_args("--set", "train.betta=1"))
     with pytest.raises(DlmaError, match="not a valid float"):
@@ -78,7 +81,7 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
 
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(r1 / "train" / "started.json", proc)
-    while not list((r1 / "train").glob("model/checkpoint-*")) and proc.poll() is None:
+    while not list((r1 / "train").glob("model/checkpoints/step-*/*")) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -87,7 +90,7 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refusals on harmful prompts" in done.stdout and "index.html" in done.stdout
-    assert _lines(r1 / "generate" / "pairs.jsonl") == 10
+    assert _lines(r1 / "generate" / "pairs.jsonl") == 10  # 5 harmful + 5 benign prompts
     scored = [json.loads(x)["id"] for x in (r1 / "score" / "scored.jsonl").read_text().splitlines()]
     assert len(scored) == 10 and len(set(scored)) == 10
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -25,7 +25,7 @@ BUNDLED_HH = "hh-harmless"
 BUNDLED_SAFETY = "safety-eval"
 # name -> file in dlma/resources
 BUNDLED = {BUNDLED_HH: "hh-rlhf-harmless-dev.jsonl.gz", BUNDLED_SAFETY: "safety-eval.jsonl",
-           "benign-train": "benign-train.jsonl"}
+           "benign-train": "benign-train.jsonl", "hh-harmless-first": "hh-rlhf-harmless-dev.jsonl.gz"}
 # The bundled HH file holds 1,000 records; the last 200 are held out for evaluation.
 HH_TEST_START = 800
 
@@ -185,7 +185,8 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
     """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a cached HF dataset.
 
     Bundled sets: `hh-harmless` (1,000 HH-RLHF harmless queries; `hh-harmless:train` is
-    the first 800, `hh-harmless:test` the last 200), `safety-eval` (hand-written prompts
+    the first 800, `hh-harmless:test` the last 200; `hh-harmless-first[:train|:test]` keeps
+    only each dialogue's opening request, without repeats), `safety-eval` (hand-written prompts
     labelled safe/unsafe for refusal checks) and `benign-train` (hand-written harmless
     questions that sound dangerous, for training; none is in safety-eval). Empty prompts
     are skipped and counted.
@@ -196,12 +197,19 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
     where = path if path is not None else Path(source)
     out: list[PromptRecord] = []
     seen: set[str] = set()
+    seen_first: set[str] = set()
     for index, (lineno, obj) in enumerate(rows):
         if split and path is not None and path.name.startswith("hh-rlhf"):
             in_test = index >= HH_TEST_START
             if (split == "test") != in_test:
                 continue
         msgs = _prompt_of(obj, where, lineno)
+        if source.partition(":")[0] == "hh-harmless-first":
+            # the opening request alone: single-turn queries, like most users' first message
+            msgs = msgs[:1]
+            if msgs and msgs[0]["content"] in seen_first:
+                continue
+            seen_first.add(msgs[0]["content"] if msgs else "")
         stats.read += 1
         if not msgs or not msgs[-1]["content"].strip():
             stats.empty += 1
