@@ -123,7 +123,7 @@ def test_second_concurrent_run_is_refused(tmp_path):
 
 def test_missing_prompt_file_names_the_stage(tmp_path):
     res = subprocess.run(DLMA + ["run", "--run-dir", str(tmp_path / "r"), "--no-progress",
-                                 "--set", f"generate.prompts={tmp_path / 'nope.jsonl'}"],
+                                 "--set", f"generate.prompts={tmp_path / 'nope.jsonl'}", "--set", "generate.preset=harmless"],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "stage round 1 generate" in res.stderr and "nope.jsonl" in res.stderr
