@@ -19,3 +19,15 @@ def print_summary(summary: dict, path: str | None = None) -> None:
         from ..data import write_json
 
         write_json(path, summary)
+
+
+def add_stage_options(p: argparse.ArgumentParser, out_help: str, summary_help: str, *configs: type) -> None:
+    """The options every stage command shares: --out, --summary, --no-progress, then one
+    flag per field of each config dataclass."""
+    from ..config import add_config_args
+
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--summary", help=summary_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for cls in configs:
+        add_config_args(p, cls)

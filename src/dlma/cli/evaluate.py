@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import EvalConfig, ModelConfig, add_config_args, config_from_args
-from .common import formatter, print_summary
+from ..config import EvalConfig, ModelConfig, config_from_args
+from .common import add_stage_options, formatter, print_summary
 
 HELP = """\
 Answer held-out prompts with the aligned model (--model) and a baseline (--baseline,
@@ -32,11 +32,8 @@ def register(sub) -> None:
     p = sub.add_parser("evaluate", help="compare the aligned model with its baseline; write a report",
                        description=HELP, formatter_class=formatter)
     p.add_argument("--baseline", default="embedded", help="model to compare against (default: embedded)")
-    p.add_argument("--out", required=True, help="report directory; its cached answers are reused")
-    p.add_argument("--summary", help="also write the metrics to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress output")
-    add_config_args(p, ModelConfig)
-    add_config_args(p, EvalConfig)
+    add_stage_options(p, "report directory; its cached answers are reused", "also write the metrics to this JSON file",
+                      ModelConfig, EvalConfig)
     p.set_defaults(func=run)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import GenerateConfig, ModelConfig, add_config_args, config_from_args
-from .common import formatter, print_summary
+from ..config import GenerateConfig, ModelConfig, config_from_args
+from .common import add_stage_options, formatter, print_summary
 
 HELP = """\
 Sample, for every prompt, a response o+ under the positive prompt p+ and o- under the
@@ -22,11 +22,8 @@ examples:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample contrastive pairs (o+ under p+, o- under p-)", description=HELP, formatter_class=formatter)
-    p.add_argument("--out", required=True, help="output JSONL; an existing file is resumed")
-    p.add_argument("--summary", help="also write the run summary to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p, ModelConfig)
-    add_config_args(p, GenerateConfig)
+    add_stage_options(p, "output JSONL; an existing file is resumed", "also write the run summary to this JSON file",
+                      ModelConfig, GenerateConfig)
     p.set_defaults(func=run)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig, ScoreConfig, add_config_args, config_from_args
-from .common import formatter, print_summary
+from ..config import ModelConfig, ScoreConfig, config_from_args
+from .common import add_stage_options, formatter, print_summary
 
 HELP = """\
 Judge every pair of --data with the model's own probabilities under the contrastive
@@ -28,11 +28,8 @@ def register(sub) -> None:
     p = sub.add_parser("score", help="self-rewarding score R of each pair (or the RLAIF text judge)", description=HELP,
                        formatter_class=formatter)
     p.add_argument("--data", required=True, help="pair file (JSONL/JSON/CSV, HH-RLHF dialogues) or bundled hh-harmless[:train|:test]")
-    p.add_argument("--out", required=True, help="output JSONL; an existing file is resumed")
-    p.add_argument("--summary", help="also write the summary (R statistics, accuracy, judge stats) to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p, ModelConfig)
-    add_config_args(p, ScoreConfig)
+    add_stage_options(p, "output JSONL; an existing file is resumed",
+                      "also write the summary (R statistics, accuracy, judge stats) to this JSON file", ModelConfig, ScoreConfig)
     p.set_defaults(func=run)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig, TrainConfig, add_config_args, config_from_args
-from .common import formatter, print_summary
+from ..config import ModelConfig, TrainConfig, config_from_args
+from .common import add_stage_options, formatter, print_summary
 
 HELP = """\
 Train a model on scored pairs (from `dlma score`) with the bare query as context and save
@@ -36,11 +36,8 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train on scored pairs (dlma, dpo, ipo, sft)", description=HELP, formatter_class=formatter)
     p.add_argument("--data", required=True, help="scored pair file (JSONL from `dlma score`, or any pair file for dpo/ipo/sft)")
-    p.add_argument("--out", required=True, help="output directory (final model, checkpoints, metrics.jsonl); resumed if it exists")
-    p.add_argument("--summary", help="also write the run summary to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p, ModelConfig)
-    add_config_args(p, TrainConfig)
+    add_stage_options(p, "output directory (final model, checkpoints, metrics.jsonl); resumed if it exists",
+                      "also write the run summary to this JSON file", ModelConfig, TrainConfig)
     p.set_defaults(func=run)
 
 
