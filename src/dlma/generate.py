@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch

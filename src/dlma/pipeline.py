@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import ModelConfig, RunConfig, to_dict
+from .config import RunConfig, to_dict
 from .data import read_jsonl, write_json
 from .errors import DlmaError
 
@@ -311,7 +311,7 @@ def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dic
 def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
     """A short before/after table for the terminal."""
     def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * x:.0f}%"
+        return "-" if x is None else f"{100 * x:.1f}%"
 
     def num(x: Any) -> str:
         return "-" if x is None else f"{x:.1f}"
@@ -320,8 +320,7 @@ def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
     lines = []
     for name, m in items.items():
         h = _headline(m)
-        rows = [(f"{name} " if name else "") + "metric", "before (untouched)", "after (aligned)"]
-        table = [rows,
+        table = [[(f"{name} " if name else "") + "metric", "before (untouched)", "after (aligned)"],
                  ["refusals on harmful prompts", pct(h["baseline_refusal_unsafe"]), pct(h["aligned_refusal_unsafe"])],
                  ["refusals on harmless prompts", pct(h["baseline_over_refusal_safe"]), pct(h["aligned_over_refusal_safe"])],
                  ["answer perplexity", num(h["baseline_perplexity"]), num(h["aligned_perplexity"])],
