@@ -84,7 +84,6 @@ def trl_dataset(pairs_path: Path):
 
 
 def count_tokens(pairs_path: Path) -> int:
-    from dlma.config import TrainConfig
     from dlma.data import read_pairs
     from dlma.models import load_tokenizer
     from dlma.prompts import Renderer

@@ -18,7 +18,8 @@ from dlma.errors import DlmaError
 
 DLMA = [sys.executable, "-m", "dlma.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--set", "generate.limit=5", "--set", "generate.max_new_tokens=12", "--set", "generate.batch_size=4",
+TINY = ["--set", "generate.limit=5", "--set", "generate.num_pairs=1", "--set", "generate.max_new_tokens=12",
+        "--set", "generate.batch_size=4",
         "--set", "score.batch_size=1", "--set", "train.max_steps=6", "--set", "train.batch_size=2",
         "--set", "train.save_steps=2", "--set", "evaluate.limit=2", "--set", "evaluate.max_new_tokens=8",
         "--set", "model.dtype=float32"]

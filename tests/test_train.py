@@ -248,3 +248,25 @@ def test_step_in_backward_is_exact_and_only_auto_where_exact(scored, tmp_path):
     with pytest.raises(DlmaError, match="max-grad-norm"):
         train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(step_in_backward="on", max_grad_norm=1.0, **base),
                     str(scored[0]), str(tmp_path / "bad"), progress=False)
+
+
+def test_rpo_alpha_adds_the_chosen_nll_per_token():
+    """--rpo-alpha a: each pair's loss is the pair loss plus a x (mean NLL of its chosen tokens)."""
+    import torch
+
+    from dlma.models import load_model
+    from dlma.train import Example, micro_batch_losses, shared_context_logprobs
+
+    model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
+    model.config.use_cache = False
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ex = [Example("a", enc("How do I pick a lock?"), enc("I can't help with that.") + [2], enc("Sure: first get"), 3.0, -30.0, -20.0),
+          Example("b", enc("Hi"), enc("Hello! How are you?"), enc("Go away."), 1.0, -15.0, -9.0)]
+    with torch.no_grad():
+        base, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma"), tok.pad_token_id, "cpu")
+        rpo, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
+        pi_c, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
+    assert (nll > 0).all()
+    assert torch.allclose(rpo.losses, base.losses + 0.5 * nll, atol=1e-4), (rpo.losses, base.losses, nll)
+    assert torch.equal(rpo.chosen_rewards, base.chosen_rewards)  # logged implicit rewards stay DPO's

@@ -58,6 +58,7 @@ class TrainConfig:
     margin_weight: float = opt(0.2, "dlma: weight w of the self-reward shift")
     margin_clip: typing.Tuple[float, float] = opt((-40.0, 40.0), "dlma: clamp range LO HI of the self-reward")
     label_smoothing: float = opt(0.0, "probability that a pair's label is wrong (conservative DPO; dlma, dpo)")
+    rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")

@@ -226,6 +226,9 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         out = L.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
     else:
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
+    if cfg.rpo_alpha:
+        counts = torch.tensor([len(e.chosen) for e in examples], device=device)
+        out.losses = out.losses + cfg.rpo_alpha * L.sft_loss(pi_c, counts)
     return out, ntok
 
 
@@ -248,6 +251,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0):
         raise DlmaError("--step-in-backward on is exact only with --grad-accum 1 and --max-grad-norm 0 "
                         "(clipping needs the global norm of every gradient first)")
+    if cfg.rpo_alpha < 0:
+        raise DlmaError(f"--rpo-alpha must be >= 0, got {cfg.rpo_alpha}")
     lo, hi = cfg.margin_clip
     if lo > hi:
         raise DlmaError(f"--margin-clip LO HI needs LO <= HI, got {lo} {hi}")
