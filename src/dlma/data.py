@@ -25,7 +25,8 @@ BUNDLED_HH = "hh-harmless"
 BUNDLED_SAFETY = "safety-eval"
 # name -> file in dlma/resources
 BUNDLED = {BUNDLED_HH: "hh-rlhf-harmless-dev.jsonl.gz", BUNDLED_SAFETY: "safety-eval.jsonl",
-           "benign-train": "benign-train.jsonl", "hh-harmless-first": "hh-rlhf-harmless-dev.jsonl.gz"}
+           "benign-train": "benign-train.jsonl", "hh-harmless-first": "hh-rlhf-harmless-dev.jsonl.gz",
+           "harmful-train": "harmful-train.jsonl", "safety-val": "safety-val.jsonl", "safety-test": "safety-test.jsonl"}
 # The bundled HH file holds 1,000 records; the last 200 are held out for evaluation.
 HH_TEST_START = 800
 
@@ -186,10 +187,12 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
 
     Bundled sets: `hh-harmless` (1,000 HH-RLHF harmless queries; `hh-harmless:train` is
     the first 800, `hh-harmless:test` the last 200; `hh-harmless-first[:train|:test]` keeps
-    only each dialogue's opening request, without repeats), `safety-eval` (hand-written prompts
-    labelled safe/unsafe for refusal checks) and `benign-train` (hand-written harmless
-    questions that sound dangerous, for training; none is in safety-eval). Empty prompts
-    are skipped and counted.
+    only each dialogue's opening request, without repeats); for training, `harmful-train`
+    (written harmful requests) and `benign-train` (written harmless questions that sound
+    dangerous); held out, labelled unsafe/safe for refusal rates, `safety-val` (for tuning;
+    it holds the older 80-prompt `safety-eval`) and `safety-test` (for reporting). No held-out
+    prompt nearly duplicates a training prompt or a preset demonstration
+    (scripts/build_safety_sets.py, tests/test_safety_sets.py). Empty prompts are skipped and counted.
     """
     stats = stats if stats is not None else ReadStats()
     path, split = _resolve_source(source)
