@@ -134,11 +134,23 @@ def test_missing_prompt_file_names_the_stage(tmp_path):
 def test_compare_puts_methods_side_by_side(tmp_path):
     run_dir = tmp_path / "cmp"
     res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", "dlma,rlcd", "--no-progress", *TINY,
-                                 "--set", "train.max_steps=2"], env=ENV, capture_output=True, text=True, timeout=1800)
+                                 "--set", "train.max_steps=2", "--set", "seeds=[0,1]",
+                                 "--set", "method_train={rlcd: {lr: 3.0e-6}}"], env=ENV, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     for m in ("dlma", "rlcd"):
-        assert (run_dir / m / "final-model" / "config.json").is_file()
-    # rlcd reuses dlma's identical generation and scoring instead of redoing them
-    assert "[round 1 generate] identical stage found in a sibling run" in res.stderr
+        for seed in (0, 1):
+            assert (run_dir / m / f"seed-{seed}" / "final-model" / "config.json").is_file()
+    # every run after the first reuses the identical generation and scoring instead of redoing them
+    assert res.stderr.count("[round 1 generate] identical stage found in a sibling run") == 3
+    for m in ("dlma", "rlcd"):
+        for seed in (0, 1):
+            ev = run_dir / m / f"seed-{seed}" / "round-1" / "evaluate"
+            assert json.loads((ev / "metrics.json").read_text())["prompts"]["answers_generated"]["baseline"] == (
+                2 if (m, seed) == ("dlma", 0) else 0)
+    rlcd = json.loads((run_dir / "rlcd" / "seed-1" / "round-1" / "train" / "model" / "train_summary.json").read_text())
+    assert rlcd["resume_key"]["train"]["lr"] == 3.0e-6 and rlcd["resume_key"]["train"]["seed"] == 1  # its own lr, the seed
+    spread = json.loads((run_dir / "compare.json").read_text())
+    assert spread["dlma"]["seeds"] == [0, 1] and "sd" in spread["dlma"]["aligned_refusal_unsafe"]
+    assert "balanced (difference)" in res.stdout and "(sd " in res.stdout
     html = (run_dir / "report" / "index.html").read_text()
     assert "dlma" in html and "rlcd" in html

@@ -99,6 +99,8 @@ class EvalConfig:
     temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
     top_p: float = opt(1.0, "nucleus sampling mass when sampling")
     seed: int = opt(0, "sampling seed; the aligned and baseline answers use different streams of it")
+    samples: int = opt(0, "also sample this many answers per prompt from each model at --sample-temperature and report their refusal rates (what a deployed model does); 0 = only the main answers")
+    sample_temperature: float = opt(0.7, "temperature of the --samples answers (top-p 1)")
     batch_size: int = opt(8, "sequences per forward pass")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     reference: typing.Optional[str] = opt(None, "model whose perplexity of the answers measures fluency (default: the baseline)")
@@ -141,6 +143,8 @@ class RunConfig:
     score: "ScoreConfig" = section(lambda: ScoreConfig(), "self-rewarding score")  # noqa: F821
     train: TrainConfig = section(TrainConfig, "training")
     evaluate: EvalConfig = section(EvalConfig, "evaluation against the starting model")
+    seeds: typing.List[int] = opt([], "--compare: train and evaluate every method once per seed (data order and initialisation) on the same pairs, and report mean and spread; empty: train.seed only")
+    method_train: typing.Dict[str, typing.Dict[str, typing.Any]] = opt({}, "--compare: training settings per method, e.g. {rlcd: {lr: 2.0e-5}} (each method's own learning rate, chosen on the validation split)")
 
 
 # -- dataclass <-> argparse / YAML -----------------------------------------------
@@ -217,6 +221,10 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             if len(value) != len(args):
                 raise ValueError(f"expected {len(args)} values")
             return tuple(a(v) for a, v in zip(args, value))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping")
+            return {str(k): dict(v) if isinstance(v, dict) else v for k, v in value.items()}
         if origin is list:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):

@@ -20,6 +20,7 @@ default; with a temperature they are sampled, the two models from different seed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -148,6 +149,37 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
                 bar.update(len(group))
         bar.close()
     return {p.id: have[p.id] for p in prompts}, len(todo)
+
+
+def sampled_refusals(model_tok: tuple, prompts: Sequence[PromptRecord], cfg: EvalConfig, preset: Preset, out: Path, *,
+                     role: str, model_name: str, progress: bool = True) -> dict:
+    """Refusal and over-refusal over `cfg.samples` sampled answers per prompt (T = --sample-temperature).
+
+    Samples of one prompt are not independent, so the interval is over prompts: the mean of the
+    per-prompt refusal fractions +- 1.96 standard errors (clipped to [0, 1]).
+    """
+    model, tok = model_tok
+    fractions: dict[str, list[float]] = {"unsafe": [], "safe": []}
+    runs = []
+    for s in range(cfg.samples):
+        scfg = dataclasses.replace(cfg, temperature=cfg.sample_temperature, top_p=1.0, seed=cfg.seed + 1 + s)
+        got, _ = generate_answers(model, tok, prompts, scfg, preset, out / f"answers-{role}-sample{s + 1}.jsonl",
+                                  role=role, model_name=model_name, progress=progress)
+        runs.append(got)
+    for p in prompts:
+        if p.label in fractions:
+            fractions[p.label].append(statistics.fmean(is_refusal(r[p.id]["answer"]) for r in runs))
+
+    def summary(xs: list[float]) -> tuple[float | None, list[float] | None]:
+        if not xs:
+            return None, None
+        m = statistics.fmean(xs)
+        half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 1.0
+        return m, [max(0.0, m - half), min(1.0, m + half)]
+
+    (r, r_ci), (o, o_ci) = summary(fractions["unsafe"]), summary(fractions["safe"])
+    return {"refusal_rate": r, "refusal_ci": r_ci, "n_unsafe": len(fractions["unsafe"]),
+            "over_refusal_rate": o, "over_refusal_ci": o_ci, "n_safe": len(fractions["safe"])}
 
 
 def _copy_answers(answers: dict[str, dict], path: Path) -> dict[str, dict]:
@@ -352,6 +384,8 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
         m, tok = pool.get(names[role])
         answers[role], generated[role] = generate_answers(m, tok, prompts, cfg, preset, out / f"answers-{role}.jsonl",
                                          role=role, model_name=names[role], progress=progress)
+    sampled = {role: sampled_refusals(pool.get(names[role]), prompts, cfg, preset, out, role=role,
+                                      model_name=names[role], progress=progress) for role in ROLES} if cfg.samples > 0 else None
     if model not in (baseline, reference) and not any(spec.partition(":")[2] == model for spec in cfg.judge):
         pool.release(model)
 
@@ -365,6 +399,14 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
             per, corpus = answer_perplexities(ref_model, ref_tok, preset, prompts, answers[role], cfg)
         quality[role] = quality_metrics(answers[role], per, corpus)
         dists[role] = {"tokens": [answers[role][p.id]["tokens"] for p in prompts], "perplexity": per}
+    # Refusals are short and alike, so over all prompts a model that refuses more looks less fluent
+    # and less diverse; on harmless prompts (which it should answer) the quality change is its own.
+    safe = [p for p in prompts if p.label == "safe"]
+    quality_safe = {}
+    if safe and len(safe) < len(prompts):
+        for role in ROLES:
+            sub = {p.id: answers[role][p.id] for p in safe}
+            quality_safe[role] = quality_metrics(sub, *answer_perplexities(ref_model, ref_tok, preset, safe, sub, cfg))
     labels = [p.label for p in prompts]
     refusal = {role: refusal_rates([answers[role][p.id]["answer"] for p in prompts], labels) for role in ROLES}
 
@@ -390,7 +432,9 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
                     "answers_generated": generated},
         "judges": judges,
         "refusal": {**refusal, "detector": "dlma.refusal: refusal phrases in the first two sentences of an answer"},
+        **({"sampled_refusal": {**sampled, "samples": cfg.samples, "temperature": cfg.sample_temperature}} if sampled else {}),
         "quality": quality,
+        **({"quality_safe": quality_safe} if quality_safe else {}),
     }
     if cfg.pairs:
         rel = reliability(pool, baseline, preset, cfg, progress)

@@ -156,6 +156,24 @@ class Pipeline:
                 return True
         return False
 
+    def _reuse_baseline_answers(self, rnd: int, eval_key: str, sdir: Path) -> None:
+        """Copy the untouched model's answers from a sibling run evaluated with the same settings.
+
+        The baseline is the starting model in every round of every sibling, so with equal evaluation
+        and model settings its answers are the same: a comparison answers them once, not per method.
+        (The copied records still carry their generation settings, which evaluate checks.)
+        """
+        key = _key("baseline-answers", to_dict(self.cfg.evaluate), to_dict(self.cfg.model))
+        write_json(sdir / "baseline-key.json", {"key": key})
+        for sib in self.siblings:
+            src = sib / f"round-{rnd}" / "evaluate"
+            marker = src / "baseline-key.json"
+            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+                for f in src.glob("answers-baseline*.jsonl"):
+                    if not (sdir / f.name).exists():
+                        shutil.copy(f, sdir / f.name)
+                return
+
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
         self.manifest.setdefault("stages", {})[stage] = entry
@@ -237,6 +255,7 @@ class Pipeline:
         def evaluate(d: Path) -> dict:
             from .evaluate import evaluate_models
 
+            self._reuse_baseline_answers(rnd, eval_key, d)
             return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress)
 
         self._stage("evaluate", rnd, eval_key, evaluate)
@@ -281,31 +300,102 @@ def _headline(m: dict) -> dict:
     """The few numbers the before/after table shows."""
     ref = m.get("refusal", {})
     out: dict[str, Any] = {"round": m.get("round")}
+    sampled = m.get("sampled_refusal") or {}
     for role in ("baseline", "aligned"):
         r = ref.get(role, {})
         out[f"{role}_refusal_unsafe"] = r.get("refusal_rate")
+        out[f"{role}_refusal_unsafe_ci"] = r.get("refusal_ci")
+        out[f"{role}_refused_unsafe"] = (r.get("refused_unsafe"), r.get("n_unsafe"))
         out[f"{role}_over_refusal_safe"] = r.get("over_refusal_rate")
+        out[f"{role}_over_refusal_safe_ci"] = r.get("over_refusal_ci")
+        out[f"{role}_refused_safe"] = (r.get("refused_safe"), r.get("n_safe"))
+        s = sampled.get(role) or {}
+        out[f"{role}_sampled_refusal_unsafe"] = s.get("refusal_rate")
+        out[f"{role}_sampled_over_refusal_safe"] = s.get("over_refusal_rate")
+        if r.get("refusal_rate") is not None and r.get("over_refusal_rate") is not None:
+            out[f"{role}_balanced"] = r["refusal_rate"] - r["over_refusal_rate"]
         q = m.get("quality", {}).get(role, {})
         out[f"{role}_perplexity"] = q.get("perplexity")
         out[f"{role}_mean_tokens"] = q.get("mean_tokens")
+        out[f"{role}_distinct_2"] = q.get("distinct_2")
+        qs = m.get("quality_safe", {}).get(role, {})
+        out[f"{role}_perplexity_safe"] = qs.get("perplexity")
+        out[f"{role}_distinct_2_safe"] = qs.get("distinct_2")
     for spec, j in m.get("judges", {}).items():
         out[f"win_rate[{spec}]"] = j.get("adjusted_win_rate")
     return out
 
 
 def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dict[str, dict]:
-    """Run several methods into sibling directories RUN_DIR/<method>/ and one combined report."""
+    """Run several methods, each once per seed, into RUN_DIR/<method>[/seed-S]/, and one combined report.
+
+    Every run shares the generated (and, where the judge matches, scored) pairs and the
+    baseline's answers through sibling copies, so methods differ only in scoring and loss;
+    `method_train` gives a method its own training settings (its own tuned learning rate).
+    Returns {method: metrics}; with several seeds the metrics are the first seed's, with
+    `seeds` holding every seed's headline numbers and their mean and standard deviation.
+    """
     from .report import write_report
 
+    unknown = [m for m in methods if m not in METHODS] + [m for m in cfg.method_train if m not in METHODS]
+    if unknown:
+        raise DlmaError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
+    known = {f.name for f in dataclasses.fields(cfg.train)}
+    for m, over in cfg.method_train.items():
+        if set(over) - known:
+            raise DlmaError(f"method_train.{m}: unknown train setting(s) {', '.join(sorted(set(over) - known))}")
+    seeds = cfg.seeds or [cfg.train.seed]
     root = Path(cfg.run_dir)
     results: dict[str, dict] = {}
     done_dirs: list[Path] = []
     for m in methods:
-        sub = dataclasses.replace(cfg, method=m, run_dir=str(root / m))
-        results[m] = Pipeline(sub, progress=progress, siblings=list(done_dirs)).run()
-        done_dirs.append(root / m)
+        per_seed = []
+        for seed in seeds:
+            train = dataclasses.replace(cfg.train, **{**cfg.method_train.get(m, {}), "seed": seed})
+            sub_dir = root / m if len(seeds) == 1 else root / m / f"seed-{seed}"
+            sub = dataclasses.replace(cfg, method=m, run_dir=str(sub_dir), train=train, seeds=[], method_train={})
+            per_seed.append(Pipeline(sub, progress=progress, siblings=list(done_dirs)).run())
+            done_dirs.append(sub_dir)
+        results[m] = dict(per_seed[0], seeds=seed_spread(per_seed, seeds)) if len(seeds) > 1 else per_seed[0]
     write_report(results[methods[0]], root / "report", title=f"dlma run: {', '.join(methods)}", runs=results)
+    write_json(root / "compare.json", {m: r.get("seeds") or {"values": [_headline(r)]} for m, r in results.items()})
     return results
+
+
+def seed_spread(runs: list[dict], seeds: list[int]) -> dict:
+    """Mean and standard deviation over seeds of the aligned model's headline rates."""
+    import statistics
+
+    heads = [_headline(m) for m in runs]
+    out: dict[str, Any] = {"seeds": seeds, "values": heads}
+    for key in ("aligned_refusal_unsafe", "aligned_over_refusal_safe", "aligned_balanced", "aligned_perplexity"):
+        xs = [h[key] for h in heads if h.get(key) is not None]
+        if xs:
+            out[key] = {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+    return out
+
+
+def format_compare(runs: dict[str, dict]) -> str:
+    """One line per method: mean (sd over seeds) of the rates and the balanced score."""
+    def ms(r: dict, key: str, scale: float = 100.0, unit: str = "%") -> str:
+        s = r.get("seeds")
+        if s and key in s:
+            return f"{scale * s[key]['mean']:.1f}{unit} (sd {scale * s[key]['sd']:.1f})"
+        v = _headline(r).get(key)
+        return "-" if v is None else f"{scale * v:.1f}{unit}"
+
+    rows = [["method", "harmful refused", "harmless refused", "balanced (difference)", "perplexity"]]
+    first = next(iter(runs.values()))
+    h = _headline(first)
+    rows.append(["untouched model", f"{100 * h['baseline_refusal_unsafe']:.1f}%" if h["baseline_refusal_unsafe"] is not None else "-",
+                 f"{100 * h['baseline_over_refusal_safe']:.1f}%" if h["baseline_over_refusal_safe"] is not None else "-",
+                 f"{100 * h['baseline_balanced']:.1f}" if h.get("baseline_balanced") is not None else "-",
+                 f"{h['baseline_perplexity']:.2f}" if h["baseline_perplexity"] else "-"])
+    for name, r in runs.items():
+        rows.append([name, ms(r, "aligned_refusal_unsafe"), ms(r, "aligned_over_refusal_safe"),
+                     ms(r, "aligned_balanced", unit=""), ms(r, "aligned_perplexity", 1.0, "")])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
 def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
@@ -316,15 +406,36 @@ def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
     def num(x: Any) -> str:
         return "-" if x is None else f"{x:.1f}"
 
+    def num2(x: Any) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    def rate(h: dict, key: str, count: str) -> str:
+        k, n = h[count] if h.get(count) else (None, None)
+        ci = h.get(key + "_ci")
+        return pct(h[key]) + (f" ({k}/{n})" if n else "") + (f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci else "")
+
     items = runs or {"": metrics}
     lines = []
     for name, m in items.items():
         h = _headline(m)
+        samples = (m.get("sampled_refusal") or {}).get("samples")
         table = [[(f"{name} " if name else "") + "metric", "before (untouched)", "after (aligned)"],
-                 ["refusals on harmful prompts", pct(h["baseline_refusal_unsafe"]), pct(h["aligned_refusal_unsafe"])],
-                 ["refusals on harmless prompts", pct(h["baseline_over_refusal_safe"]), pct(h["aligned_over_refusal_safe"])],
-                 ["answer perplexity", num(h["baseline_perplexity"]), num(h["aligned_perplexity"])],
-                 ["mean answer tokens", num(h["baseline_mean_tokens"]), num(h["aligned_mean_tokens"])]]
+                 ["refusals on harmful prompts", rate(h, "baseline_refusal_unsafe", "baseline_refused_unsafe"),
+                  rate(h, "aligned_refusal_unsafe", "aligned_refused_unsafe")],
+                 ["refusals on harmless prompts", rate(h, "baseline_over_refusal_safe", "baseline_refused_safe"),
+                  rate(h, "aligned_over_refusal_safe", "aligned_refused_safe")]]
+        if samples:
+            t = (m.get("sampled_refusal") or {}).get("temperature")
+            table += [[f"  sampled (T={t}, {samples}/prompt): harmful", pct(h["baseline_sampled_refusal_unsafe"]),
+                       pct(h["aligned_sampled_refusal_unsafe"])],
+                      [f"  sampled (T={t}, {samples}/prompt): harmless", pct(h["baseline_sampled_over_refusal_safe"]),
+                       pct(h["aligned_sampled_over_refusal_safe"])]]
+        table += [["answer perplexity", num2(h["baseline_perplexity"]), num2(h["aligned_perplexity"])],
+                  ["distinct-2 of answers", num2(h["baseline_distinct_2"]), num2(h["aligned_distinct_2"])]]
+        if h.get("aligned_perplexity_safe") is not None:
+            table += [["  on harmless prompts: perplexity", num2(h["baseline_perplexity_safe"]), num2(h["aligned_perplexity_safe"])],
+                      ["  on harmless prompts: distinct-2", num2(h["baseline_distinct_2_safe"]), num2(h["aligned_distinct_2_safe"])]]
+        table.append(["mean answer tokens", num(h["baseline_mean_tokens"]), num(h["aligned_mean_tokens"])])
         for k, v in h.items():
             if k.startswith("win_rate"):
                 table.append([f"aligned win rate {k[8:]}", "", pct(v)])

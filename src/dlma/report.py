@@ -179,6 +179,11 @@ def quality_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
                             ("over_refusal_rate", "over-refusal on safe prompts (lower is better)", True)):
         if any((r.get(role) or {}).get(key) is not None for role in ROLES):
             rows.append([label] + [_fmt((r.get(role) or {}).get(key), pct) + _counts(r.get(role) or {}, key) for role in ROLES])
+    sampled = metrics.get("sampled_refusal") or {}
+    for key, label in (("refusal_rate", "refusal rate, sampled answers"), ("over_refusal_rate", "over-refusal, sampled answers")):
+        if any((sampled.get(role) or {}).get(key) is not None for role in ROLES):
+            rows.append([f"{label} (T={sampled.get('temperature')}, {sampled.get('samples')} per prompt)"]
+                        + [_fmt((sampled.get(role) or {}).get(key), True) + _counts(sampled.get(role) or {}, key) for role in ROLES])
     for key, label, pct in QUALITY_ROWS:
         rows.append([label] + [_fmt((q.get(role) or {}).get(key), pct) for role in ROLES])
     return ["", "aligned", "baseline"], rows
@@ -186,7 +191,9 @@ def quality_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
 
 def _counts(r: dict, key: str) -> str:
     k = "unsafe" if key == "refusal_rate" else "safe"
-    return f" ({r.get('refused_' + k)}/{r.get('n_' + k)})" if r.get("n_" + k) else ""
+    ci = r.get(key.replace("_rate", "_ci"))
+    return ((f" ({r.get('refused_' + k)}/{r.get('n_' + k)})" if r.get("n_" + k) else "")
+            + (f" [95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%]" if ci else ""))
 
 
 def compare_table(runs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
@@ -195,8 +202,15 @@ def compare_table(runs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, m in runs.items():
         j, ra, qa = m.get("judges") or {}, (m.get("refusal") or {}).get("aligned") or {}, (m.get("quality") or {}).get("aligned") or {}
+        spread = m.get("seeds") or {}
+
+        def over_seeds(key: str, fallback: Any) -> str:
+            s = spread.get(key)
+            return f"{100 * s['mean']:.1f}% (sd {100 * s['sd']:.1f}, {len(spread['seeds'])} seeds)" if s else _fmt(fallback, True)
+
         rows.append([name] + [_fmt((j.get(s) or {}).get("adjusted_win_rate"), True) for s in specs]
-                    + [_fmt(ra.get("refusal_rate"), True), _fmt(ra.get("over_refusal_rate"), True),
+                    + [over_seeds("aligned_refusal_unsafe", ra.get("refusal_rate")),
+                       over_seeds("aligned_over_refusal_safe", ra.get("over_refusal_rate")),
                        _fmt(qa.get("perplexity")), _fmt(qa.get("mean_tokens"))])
     return head, rows
 

@@ -63,7 +63,7 @@ def resolve_config(args) -> RunConfig:
 
 
 def run(args) -> int:
-    from ..pipeline import Pipeline, compare, format_table
+    from ..pipeline import Pipeline, compare, format_compare, format_table
 
     cfg = resolve_config(args)
     if args.print_config:
@@ -74,6 +74,8 @@ def run(args) -> int:
         methods = [m.strip() for m in args.compare.split(",") if m.strip()]
         runs = compare(cfg, methods, progress=progress)
         print(format_table(runs[methods[0]], runs))
+        print()
+        print(format_compare(runs))
         print(f"\nreport: {cfg.run_dir}/report/index.html")
         return 0
     metrics = Pipeline(cfg, progress=progress).run()
