@@ -253,6 +253,9 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
             for key in ("chosen", "rejected"):
                 if not isinstance(obj.get(key), str):
                     raise DataError(path, lineno, f"`{key}` must be a string")
+        for key, value in obj.items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+                raise DataError(path, lineno, f"`{key}` is {value}; numbers must be finite (no NaN or Infinity)")
         rec.setdefault("id", f"{path.name.split('.')[0]}-{index:05d}")
         rec["id"] = str(rec["id"])
         out.append(rec)
