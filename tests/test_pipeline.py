@@ -130,15 +130,41 @@ def test_missing_prompt_file_names_the_stage(tmp_path):
     assert "stage round 1 generate" in res.stderr and "nope.jsonl" in res.stderr
 
 
+def test_every_method_can_train_on_what_its_scoring_gives():
+    """With the shipped config (min_reward 0), methods without a self-reward train on their pairs."""
+    import dataclasses
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.pipeline import METHODS, train_config
+    from dlma.train import select_pairs
+
+    shipped = shipped_defaults()
+    assert shipped.train.min_reward is not None  # what makes this a test
+    for method, spec in METHODS.items():
+        pair = {"id": "a", "chosen": "x", "rejected": "y"}
+        if spec["judge"] in ("self-reward", "both"):
+            pair["self_reward"] = 1.0
+        if spec["judge"] in ("text", "both"):
+            pair["judge_score"] = 0.25
+        tcfg = train_config(dataclasses.replace(shipped, method=method))
+        assert tcfg.loss == spec["loss"]
+        kept, _ = select_pairs([pair], tcfg)
+        assert len(kept) == 1, method
+    assert train_config(shipped).min_reward == shipped.train.min_reward  # dlma keeps its filter
+
+
 @pytest.mark.slow
 def test_compare_puts_methods_side_by_side(tmp_path):
+    from dlma.pipeline import METHODS
+
     run_dir = tmp_path / "cmp"
-    res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", "dlma,rlcd", "--no-progress", *TINY,
+    methods = list(METHODS)
+    res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", ",".join(methods), "--no-progress", *TINY,
                                  "--set", "train.max_steps=2"], env=ENV, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
-    for m in ("dlma", "rlcd"):
+    for m in methods:
         assert (run_dir / m / "final-model" / "config.json").is_file()
     # rlcd reuses dlma's identical generation and scoring instead of redoing them
     assert "[round 1 generate] identical stage found in a sibling run" in res.stderr
     html = (run_dir / "report" / "index.html").read_text()
-    assert "dlma" in html and "rlcd" in html
+    assert all(m in html for m in methods)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, TrainConfig, to_dict
 from .data import read_jsonl, write_json
 from .errors import DlmaError
 
@@ -219,8 +219,7 @@ class Pipeline:
             data = sdir / ("oriented.jsonl" if spec["orient"] else "scored.jsonl")
             data_key = score_key
 
-        single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
-        tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
+        tcfg = train_config(cfg)
         train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key)
 
         def train(d: Path) -> dict:
@@ -251,6 +250,20 @@ class Pipeline:
             tmp.unlink()
         os.symlink(os.path.relpath(policy, self.dir), tmp)
         os.replace(tmp, link)
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    """The training settings of cfg.method: its loss, and the run's other settings.
+
+    min_reward and flip_negative act on the self-reward R, so they apply only to methods that
+    compute it; context distillation scores nothing and RLAIF's text judge orients its pairs.
+    """
+    spec = METHODS[cfg.method]
+    single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
+    tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
+    if spec["judge"] not in ("self-reward", "both"):
+        tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False)
+    return tcfg
 
 
 def _orient(src: Path, dst: Path, field: str) -> dict:
