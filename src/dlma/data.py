@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -58,13 +59,35 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def _readable(path: Path, lines: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    """Pass records through; undecodable text or a cut or corrupt .gz becomes a DataError."""
+    last = 0
+    try:
+        for lineno, obj in lines:
+            last = lineno
+            yield lineno, obj
+    except UnicodeDecodeError as exc:
+        raise DataError(path, None, f"not UTF-8 text ({exc.reason}, after line {last}); save the file as UTF-8") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(path, None, f"compressed file is cut short or corrupt, after line {last} ({exc})") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a malformed line is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DlmaError(f"{path}: no such file")
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    return _readable(path, _jsonl_lines(path))
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, lineno, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -77,6 +100,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    return _readable(path, _iter_any(path))
+
+
+def _iter_any(path: Path) -> Iterator[tuple[int, dict]]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         yield from iter_jsonl(path)
@@ -302,7 +329,7 @@ class JsonlWriter:
                 continue
             try:
                 self.done.add(str(json.loads(line)[self.key]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise DataError(self.path, lineno, f"existing output is not a dlma record (no `{self.key}`); "
                                 "move it away or choose another --out") from None
 

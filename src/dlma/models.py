@@ -115,7 +115,18 @@ def resolve_device(device: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DlmaError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DlmaError(f"device {device!r}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu or auto")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise DlmaError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DlmaError(f"device {device!r}: MPS is not available here; use --device cpu or auto")
+    return dev
 
 
 def bf16_supported(device: torch.device) -> bool:

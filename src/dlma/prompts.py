@@ -105,7 +105,10 @@ def load_preset(name_or_path: str) -> Preset:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise DlmaError(f"preset file {path} does not exist")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise DlmaError(f"preset file {path}: not UTF-8 text; save it as UTF-8") from None
     elif name_or_path in list_presets():
         text = resources.files("dlma.presets").joinpath(f"{name_or_path}.yaml").read_text()
         source = f"preset {name_or_path}"

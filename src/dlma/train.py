@@ -243,22 +243,11 @@ def validate(cfg: TrainConfig) -> None:
         raise DlmaError(f"--lr-schedule must be cosine, linear or constant, got {cfg.lr_schedule!r}")
     if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise DlmaError(f"--mixed-precision must be auto, bf16, fp16 or no, got {cfg.mixed_precision!r}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
-        raise DlmaError("--batch-size, --grad-accum, --epochs and --max-steps must be at least 1")
-    if cfg.beta <= 0:
-        raise DlmaError(f"--beta must be positive, got {cfg.beta}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise DlmaError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.step_in_backward not in ("auto", "on", "off"):
         raise DlmaError(f"--step-in-backward must be auto, on or off, got {cfg.step_in_backward!r}")
     if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0):
         raise DlmaError("--step-in-backward on is exact only with --grad-accum 1 and --max-grad-norm 0 "
                         "(clipping needs the global norm of every gradient first)")
-    if cfg.rpo_alpha < 0:
-        raise DlmaError(f"--rpo-alpha must be >= 0, got {cfg.rpo_alpha}")
-    lo, hi = cfg.margin_clip
-    if lo > hi:
-        raise DlmaError(f"--margin-clip LO HI needs LO <= HI, got {lo} {hi}")
 
 
 def _resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int) -> dict:
@@ -395,7 +384,9 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM
 
-    from .models import load_tokenizer, resolve_model_path
+    from .models import load_tokenizer, resolve_device, resolve_model_path
+
+    resolve_device(model_cfg.device)  # an unknown or missing device is a clean error before any work
     from .prompts import Renderer, load_preset
 
     out = Path(out_dir)
