@@ -97,3 +97,20 @@ def test_the_same_checks_for_yaml_set_and_python(tmp_path, capsys):
         with pytest.raises(DlmaError, match="must be"):
             cls(**kw)
     assert GenerateConfig(limit=None).limit is None and TrainConfig(max_steps=None).max_steps is None
+
+
+@pytest.mark.parametrize("broken", ["tokenizer-only directory", "unknown id"])
+def test_a_model_that_cannot_be_loaded_is_the_same_one_line_in_every_command(files, capsys, tokenizer, broken):
+    if broken == "unknown id":
+        model = "no-such-org/no-such-model"
+    else:  # a directory whose tokenizer loads but whose weights are missing: train used to crash here
+        model = str(files / "tok-only")
+        tokenizer.save_pretrained(model)
+    good, out = str(files / "good.jsonl"), str(files / "out")
+    errs = [_error(capsys, ["generate", "--prompts", good, "--model", model, "--out", out + ".g", "--no-progress"]),
+            _error(capsys, ["score", "--data", good, "--model", model, "--out", out + ".s", "--no-progress"]),
+            _error(capsys, ["train", "--data", good, "--loss", "sft", "--model", model, "--out", out + ".t", "--no-progress",
+                            "--mixed-precision", "no"])]
+    for err in errs:
+        assert f"cannot load model {model!r}" in err and "a Hugging Face id that is cached" in err
+    assert len({e.split(": error: ")[1] for e in errs}) == 1, errs

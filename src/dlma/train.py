@@ -382,9 +382,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     validate(cfg)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM
-
-    from .models import load_tokenizer, resolve_device, resolve_model_path
+    from .models import load_tokenizer, load_weights, resolve_device
 
     resolve_device(model_cfg.device)  # an unknown or missing device is a clean error before any work
     from .prompts import Renderer, load_preset
@@ -423,7 +421,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     examples = build_examples(pairs, renderer)
     pad_id = tok.pad_token_id
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.model), dtype=_weights_dtype(model_cfg))
+    model = load_weights(model_cfg.model, _weights_dtype(model_cfg))
     model.to(accelerator.device)
     model.config.use_cache = False
 
