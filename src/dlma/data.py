@@ -263,6 +263,7 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
     if path is None:
         raise DlmaError(f"{source}: no such file")
     out: list[dict] = []
+    first_line: dict[str, int] = {}  # id -> line: resume skips ids already written, so ids must be unique
     for index, (lineno, obj) in enumerate(_iter_records(path)):
         if split and path.name.startswith("hh-rlhf") and (split == "test") != (index >= HH_TEST_START):
             continue
@@ -285,6 +286,10 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
                 raise DataError(path, lineno, f"`{key}` is {value}; numbers must be finite (no NaN or Infinity)")
         rec.setdefault("id", f"{path.name.split('.')[0]}-{index:05d}")
         rec["id"] = str(rec["id"])
+        if rec["id"] in first_line:
+            raise DataError(path, lineno, f"duplicate id {rec['id']!r} (first at line {first_line[rec['id']]}); "
+                            "pair ids must be unique")
+        first_line[rec["id"]] = lineno
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
