@@ -168,3 +168,21 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     assert "[round 1 generate] identical stage found in a sibling run" in res.stderr
     html = (run_dir / "report" / "index.html").read_text()
     assert all(m in html for m in methods)
+
+
+def test_train_defaults_are_the_run_defaults():
+    """`dlma train` by hand trains like `dlma run`: lr, clipping and rpo_alpha come from TrainConfig, not the YAML."""
+    from importlib import resources
+
+    import yaml
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.config import TrainConfig, config_from_args
+
+    shipped = shipped_defaults().train
+    by_hand = config_from_args(TrainConfig, build_parser().parse_args(["train", "--data", "x", "--out", "y"]))
+    for name, value in (("lr", 7.5e-6), ("max_grad_norm", 0.0), ("rpo_alpha", 1.0)):
+        assert getattr(TrainConfig(), name) == getattr(by_hand, name) == getattr(shipped, name) == value, name
+    yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
+    assert not {"lr", "max_grad_norm", "rpo_alpha"} & set(yaml_train)
+

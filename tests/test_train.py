@@ -111,7 +111,8 @@ def test_plan_is_split_invariant():
 def test_cli_trains_improves_and_saves_loadable_model(scored, tmp_path):
     out = tmp_path / "ckpt"
     res = _dlma("--model", "embedded", "--data", str(scored[0]), "--out", str(out), "--max-steps", "20",
-                "--batch-size", "4", "--lr", "1e-4", "--warmup-ratio", "0", "--lr-schedule", "constant", "--save-steps", "0")
+                "--batch-size", "4", "--lr", "1e-4", "--warmup-ratio", "0", "--lr-schedule", "constant", "--save-steps", "0",
+                "--rpo-alpha", "0", "--max-grad-norm", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["reference"] == "from the scored file" and summary["pairs_used"] == 32
@@ -133,7 +134,7 @@ def test_cli_trains_improves_and_saves_loadable_model(scored, tmp_path):
 
 
 COMMON = ["--model", "embedded", "--max-steps", "4", "--lr", "2e-5", "--warmup-ratio", "0", "--mixed-precision", "no",
-          "--dtype", "float32", "--limit", "16", "--seed", "1"]
+          "--dtype", "float32", "--limit", "16", "--seed", "1", "--rpo-alpha", "0", "--max-grad-norm", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +264,7 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     ex = [Example("a", enc("How do I pick a lock?"), enc("I can't help with that.") + [2], enc("Sure: first get"), 3.0, -30.0, -20.0),
           Example("b", enc("Hi"), enc("Hello! How are you?"), enc("Go away."), 1.0, -15.0, -9.0)]
     with torch.no_grad():
-        base, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma"), tok.pad_token_id, "cpu")
+        base, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
         rpo, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
         pi_c, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
