@@ -311,7 +311,7 @@ class JsonlWriter:
     holds whole records.
     """
 
-    def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0):
+    def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0, settings: dict | None = None):
         self.path = Path(path)
         self.key = key
         self.done: set[str] = set()
@@ -320,7 +320,23 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._repair_and_load()
+        if settings is not None:
+            self._check_settings(settings)
         self._f = open(self.path, "a", encoding="utf-8")
+
+    def _check_settings(self, settings: dict) -> None:
+        """Resume only what was made the same way: the settings that shape the records sit in
+        OUT.settings.json; an output with records made otherwise is refused, never appended to."""
+        side = self.path.with_name(self.path.name + ".settings.json")
+        settings = json.loads(json.dumps(settings))
+        if self.done and side.is_file():
+            old = json.loads(side.read_text(encoding="utf-8"))
+            if old != settings:
+                diff = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+                                 for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+                raise DlmaError(f"{self.path} holds {len(self.done)} records made with other settings ({diff}); "
+                                "rerun with those settings to resume it, or choose another --out to start again")
+        write_json(side, settings)
 
     def _repair_and_load(self) -> None:
         with open(self.path, "rb") as f:

@@ -352,7 +352,9 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     pairs = read_pairs(data, cfg.limit)
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
-    writer = JsonlWriter(out)
+    writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
+        "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
+        "reference": cfg.reference, "precision": cfg.precision, "max_context": cfg.max_context})
     todo = [p for p in pairs if p["id"] not in writer.done]
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()
