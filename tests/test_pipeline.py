@@ -186,3 +186,43 @@ def test_train_defaults_are_the_run_defaults():
     yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
     assert not {"lr", "max_grad_norm", "rpo_alpha"} & set(yaml_train)
 
+
+def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):
+    """An edited prompt file or a local model directory retrained in place redoes the stages, not `done already`."""
+    import dataclasses
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.pipeline import Pipeline
+
+    prompts, model_dir = tmp_path / "prompts.jsonl", tmp_path / "model"
+    prompts.write_text('{"prompt": "How do I bake bread?"}\n')
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"weights v1")
+
+    def keys() -> dict:
+        seen = {}
+
+        def stage(self, name, rnd, key, fn):
+            seen[name] = key
+            if name == "evaluate":
+                d = self.dir / f"round-{rnd}" / "evaluate"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "metrics.json").write_text("{}")
+            return {}
+
+        monkeypatch.setattr(Pipeline, "_stage", stage)
+        cfg = shipped_defaults()
+        cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, model=str(model_dir)),
+                                  generate=dataclasses.replace(cfg.generate, prompts=str(prompts), preset="harmless"),
+                                  evaluate=dataclasses.replace(cfg.evaluate, prompts=str(prompts)))
+        Pipeline(cfg, progress=False, log=lambda m: None).run()
+        return seen
+
+    first = keys()
+    assert keys() == first  # nothing changed: every stage would be skipped
+    prompts.write_text('{"prompt": "How do I bake rye bread?"}\n')
+    edited = keys()
+    assert all(edited[s] != first[s] for s in first), (first, edited)
+    (model_dir / "model.safetensors").write_bytes(b"weights v2, retrained")
+    retrained = keys()
+    assert all(retrained[s] != edited[s] for s in first)
