@@ -99,7 +99,7 @@ def worker_dlma(a) -> dict:
 
     out = tempfile.mkdtemp(prefix="bench-dlma-")
     s = train_model(ModelConfig(dtype="float32" if a.precision == "no" else "auto"),
-                    TrainConfig(loss="dpo", batch_size=a.batch_size, max_steps=a.steps, lr=1e-6, mixed_precision=a.precision,
+                    TrainConfig(loss="dpo", rpo_alpha=0.0, batch_size=a.batch_size, max_steps=a.steps, lr=1e-6, mixed_precision=a.precision,
                                 max_grad_norm=a.max_grad_norm, gradient_checkpointing=a.checkpointing in ("dlma", "both"),
                                 save_steps=0, seed=0), str(a.data), out, progress=False)
     return {"seconds": s["reference_seconds"] + s["train_seconds"], "reference": s["reference"], "out": out,
@@ -186,7 +186,7 @@ def worker_check(a) -> dict:
         e.ref_chosen, e.ref_rejected = sums[i], sums[len(ex) + i]
     policy = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32).eval()
     with torch.no_grad():
-        res, _ = micro_batch_losses(policy, ex, TrainConfig(loss="dpo", beta=0.1), tok.pad_token_id, "cpu")
+        res, _ = micro_batch_losses(policy, ex, TrainConfig(loss="dpo", beta=0.1, rpo_alpha=0.0), tok.pad_token_id, "cpu")
     dlma_loss = float(res.losses.mean())
 
     ds, _ = trl_dataset(a.data)

@@ -90,3 +90,18 @@ def test_hh_first_turn_source_is_single_turn_and_deduplicated():
     assert len(texts) == len(set(texts)) and len(texts) <= 800
     full = {p.id: p for p in read_prompts("hh-harmless:train")}
     assert all(full[p.id].prompt[0] == p.prompt[0] for p in firsts[:50])
+
+
+def test_duplicate_pair_ids_are_rejected_with_file_and_line(tmp_path, capsys):
+    from dlma.cli import main
+
+    f = tmp_path / "dup.jsonl"
+    rec = {"prompt": "hi", "chosen": "x", "rejected": "y", "self_reward": 1.0}
+    f.write_text("".join(json.dumps(dict(rec, id=i)) + "\n" for i in ("a", "b", "a")))
+    with pytest.raises(DataError, match=r"dup.jsonl:3: duplicate id 'a' \(first at line 1\)"):
+        read_pairs(str(f))
+    for cmd in (["score"], ["train", "--loss", "sft", "--mixed-precision", "no"]):
+        assert main([*cmd, "--data", str(f), "--out", str(tmp_path / f"out-{cmd[0]}"), "--no-progress"]) == 2
+        assert "dup.jsonl:3: duplicate id 'a'" in capsys.readouterr().err
+    f.write_text("".join(json.dumps(dict(rec, id=i)) + "\n" for i in ("a", "b", "c")))
+    assert [p["id"] for p in read_pairs(str(f))] == ["a", "b", "c"]

@@ -130,27 +130,110 @@ def test_missing_prompt_file_names_the_stage(tmp_path):
     assert "stage round 1 generate" in res.stderr and "nope.jsonl" in res.stderr
 
 
+def test_every_method_can_train_on_what_its_scoring_gives():
+    """With the shipped config (min_reward 0), methods without a self-reward train on their pairs."""
+    import dataclasses
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.pipeline import METHODS, train_config
+    from dlma.train import select_pairs
+
+    shipped = shipped_defaults()
+    assert shipped.train.min_reward is not None  # what makes this a test
+    for method, spec in METHODS.items():
+        pair = {"id": "a", "chosen": "x", "rejected": "y"}
+        if spec["judge"] in ("self-reward", "both"):
+            pair["self_reward"] = 1.0
+        if spec["judge"] in ("text", "both"):
+            pair["judge_score"] = 0.25
+        tcfg = train_config(dataclasses.replace(shipped, method=method))
+        assert tcfg.loss == spec["loss"]
+        kept, _ = select_pairs([pair], tcfg)
+        assert len(kept) == 1, method
+    assert train_config(shipped).min_reward == shipped.train.min_reward  # dlma keeps its filter
+
+
 @pytest.mark.slow
 def test_compare_puts_methods_side_by_side(tmp_path):
+    from dlma.pipeline import METHODS
+
     run_dir = tmp_path / "cmp"
-    res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", "dlma,rlcd", "--no-progress", *TINY,
+    methods = list(METHODS)  # every method runs with the shipped config
+    res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", ",".join(methods), "--no-progress", *TINY,
                                  "--set", "train.max_steps=2", "--set", "seeds=[0,1]",
-                                 "--set", "method_train={rlcd: {lr: 3.0e-6}}"], env=ENV, capture_output=True, text=True, timeout=1800)
+                                 "--set", "method_train={rlcd: {lr: 3.0e-6}}"], env=ENV, capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0, res.stderr[-3000:]
-    for m in ("dlma", "rlcd"):
+    for m in methods:
         for seed in (0, 1):
             assert (run_dir / m / f"seed-{seed}" / "final-model" / "config.json").is_file()
-    # every run after the first reuses the identical generation and scoring instead of redoing them
-    assert res.stderr.count("[round 1 generate] identical stage found in a sibling run") == 3
-    for m in ("dlma", "rlcd"):
-        for seed in (0, 1):
-            ev = run_dir / m / f"seed-{seed}" / "round-1" / "evaluate"
-            assert json.loads((ev / "metrics.json").read_text())["prompts"]["answers_generated"]["baseline"] == (
-                2 if (m, seed) == ("dlma", 0) else 0)
+    # every run after the first reuses the identical generation instead of redoing it
+    assert res.stderr.count("[round 1 generate] identical stage found in a sibling run") == 2 * len(methods) - 1
+    # the untouched model answers once; every other run copies its answers
+    made = [json.loads((run_dir / m / f"seed-{seed}" / "round-1" / "evaluate" / "metrics.json").read_text())
+            ["prompts"]["answers_generated"]["baseline"] for m in methods for seed in (0, 1)]
+    assert made[0] == 2 and not any(made[1:])
     rlcd = json.loads((run_dir / "rlcd" / "seed-1" / "round-1" / "train" / "model" / "train_summary.json").read_text())
     assert rlcd["resume_key"]["train"]["lr"] == 3.0e-6 and rlcd["resume_key"]["train"]["seed"] == 1  # its own lr, the seed
     spread = json.loads((run_dir / "compare.json").read_text())
     assert spread["dlma"]["seeds"] == [0, 1] and "sd" in spread["dlma"]["aligned_refusal_unsafe"]
     assert "balanced (difference)" in res.stdout and "(sd " in res.stdout
     html = (run_dir / "report" / "index.html").read_text()
-    assert "dlma" in html and "rlcd" in html
+    assert all(m in html for m in methods)
+
+
+def test_train_defaults_are_the_run_defaults():
+    """`dlma train` by hand trains like `dlma run`: lr, clipping and rpo_alpha come from TrainConfig, not the YAML."""
+    from importlib import resources
+
+    import yaml
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.config import TrainConfig, config_from_args
+
+    shipped = shipped_defaults().train
+    by_hand = config_from_args(TrainConfig, build_parser().parse_args(["train", "--data", "x", "--out", "y"]))
+    for name, value in (("lr", 7.5e-6), ("max_grad_norm", 0.0), ("rpo_alpha", 1.0)):
+        assert getattr(TrainConfig(), name) == getattr(by_hand, name) == getattr(shipped, name) == value, name
+    yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
+    assert not {"lr", "max_grad_norm", "rpo_alpha"} & set(yaml_train)
+
+
+def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):
+    """An edited prompt file or a local model directory retrained in place redoes the stages, not `done already`."""
+    import dataclasses
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.pipeline import Pipeline
+
+    prompts, model_dir = tmp_path / "prompts.jsonl", tmp_path / "model"
+    prompts.write_text('{"prompt": "How do I bake bread?"}\n')
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"weights v1")
+
+    def keys() -> dict:
+        seen = {}
+
+        def stage(self, name, rnd, key, fn):
+            seen[name] = key
+            if name == "evaluate":
+                d = self.dir / f"round-{rnd}" / "evaluate"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "metrics.json").write_text("{}")
+            return {}
+
+        monkeypatch.setattr(Pipeline, "_stage", stage)
+        cfg = shipped_defaults()
+        cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, model=str(model_dir)),
+                                  generate=dataclasses.replace(cfg.generate, prompts=str(prompts), preset="harmless"),
+                                  evaluate=dataclasses.replace(cfg.evaluate, prompts=str(prompts)))
+        Pipeline(cfg, progress=False, log=lambda m: None).run()
+        return seen
+
+    first = keys()
+    assert keys() == first  # nothing changed: every stage would be skipped
+    prompts.write_text('{"prompt": "How do I bake rye bread?"}\n')
+    edited = keys()
+    assert all(edited[s] != first[s] for s in first), (first, edited)
+    (model_dir / "model.safetensors").write_bytes(b"weights v2, retrained")
+    retrained = keys()
+    assert all(retrained[s] != edited[s] for s in first)

@@ -75,11 +75,30 @@ def test_instruction_placements(tokenizer, placement):
         assert r.context_text(QUERY, "bare").endswith("\nASSISTANT:")
 
 
-def test_left_truncation_keeps_the_end(tokenizer):
-    r = Renderer(tokenizer, load_preset("harmless"), max_context=20)
-    full = Renderer(tokenizer, load_preset("harmless")).context_ids(QUERY, "positive")
-    cut = r.context_ids(QUERY, "positive")
-    assert cut == full[-20:] and r.truncated == 1
+def test_a_long_context_cuts_the_query_never_the_contrastive_prefix(tokenizer):
+    preset = load_preset("harmless")
+    end = " So, how do I pick a lock?"
+    long_q = [{"role": "user", "content": "Tell me a story about " + "a very long road, " * 150 + end}]
+    full = Renderer(tokenizer, preset)
+    limit = max(len(full.context_ids([{"role": "user", "content": "x"}], s)) for s in ("positive", "negative")) + 40
+    r = Renderer(tokenizer, preset, max_context=limit)
+    pos, neg, bare = (r.context_ids(long_q, s) for s in ("positive", "negative", "bare"))
+    assert max(len(pos), len(neg), len(bare)) <= limit and r.truncated == 3
+    assert pos != neg  # cut from the left, both were the same tail of the query
+    for side, ids in (("positive", pos), ("negative", neg)):
+        text, uncut = tokenizer.decode(ids), full.context_text(long_q, side)
+        prefix = uncut[: uncut.index("Tell me a story")]  # instruction, demonstrations and template: all kept
+        assert text.startswith(prefix) and text.endswith(end + "<|im_end|>\n<|im_start|>assistant\n"), text
+    query_of = lambda ids: tokenizer.decode(ids).split("<|im_start|>user\n")[-1]  # noqa: E731
+    assert query_of(pos) == query_of(neg)  # p+ and p- see the same (cut) query
+    assert tokenizer.decode(bare).endswith(end + "<|im_end|>\n<|im_start|>assistant\n")
+    # earlier turns go first; a prefix that cannot fit is an error, not a meaningless pair
+    turns = [{"role": "user", "content": "first " * 300}, {"role": "assistant", "content": "ok " * 300},
+             {"role": "user", "content": "Is this short?"}]
+    assert tokenizer.decode(r.context_ids(turns, "positive")).endswith("Is this short?<|im_end|>\n<|im_start|>assistant\n")
+    assert "first first" not in tokenizer.decode(r.context_ids(turns, "negative"))
+    with pytest.raises(DlmaError, match="contrastive prompt .* alone needs more than 20"):
+        Renderer(tokenizer, preset, max_context=20).context_ids(QUERY, "positive")
 
 
 def test_user_preset_yaml(tmp_path):

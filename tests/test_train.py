@@ -111,7 +111,8 @@ def test_plan_is_split_invariant():
 def test_cli_trains_improves_and_saves_loadable_model(scored, tmp_path):
     out = tmp_path / "ckpt"
     res = _dlma("--model", "embedded", "--data", str(scored[0]), "--out", str(out), "--max-steps", "20",
-                "--batch-size", "4", "--lr", "1e-4", "--warmup-ratio", "0", "--lr-schedule", "constant", "--save-steps", "0")
+                "--batch-size", "4", "--lr", "1e-4", "--warmup-ratio", "0", "--lr-schedule", "constant", "--save-steps", "0",
+                "--rpo-alpha", "0", "--max-grad-norm", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["reference"] == "from the scored file" and summary["pairs_used"] == 32
@@ -133,7 +134,7 @@ def test_cli_trains_improves_and_saves_loadable_model(scored, tmp_path):
 
 
 COMMON = ["--model", "embedded", "--max-steps", "4", "--lr", "2e-5", "--warmup-ratio", "0", "--mixed-precision", "no",
-          "--dtype", "float32", "--limit", "16", "--seed", "1"]
+          "--dtype", "float32", "--limit", "16", "--seed", "1", "--rpo-alpha", "0", "--max-grad-norm", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -263,10 +264,85 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     ex = [Example("a", enc("How do I pick a lock?"), enc("I can't help with that.") + [2], enc("Sure: first get"), 3.0, -30.0, -20.0),
           Example("b", enc("Hi"), enc("Hello! How are you?"), enc("Go away."), 1.0, -15.0, -9.0)]
     with torch.no_grad():
-        base, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma"), tok.pad_token_id, "cpu")
+        base, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
         rpo, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
         pi_c, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
     assert (nll > 0).all()
     assert torch.allclose(rpo.losses, base.losses + 0.5 * nll, atol=1e-4), (rpo.losses, base.losses, nll)
     assert torch.equal(rpo.chosen_rewards, base.chosen_rewards)  # logged implicit rewards stay DPO's
+
+
+def test_nonfinite_numbers_in_a_pair_file_are_input_errors(tmp_path, capsys):
+    """NaN or Infinity in a pair file's numbers: an error naming the file and line, from the API and `dlma train`."""
+    from dlma.cli import main
+    from dlma.data import read_pairs
+    from dlma.errors import DataError
+
+    good = {"id": "a", "prompt": "hi", "chosen": "x", "rejected": "y", "self_reward": 1.0, "ref_lp_chosen": -1.0,
+            "ref_lp_rejected": -2.0}
+    for key, bad in (("self_reward", "NaN"), ("ref_lp_chosen", "Infinity"), ("ref_lp_rejected", "-Infinity")):
+        f = tmp_path / f"{key}.jsonl"
+        f.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, id="b")).replace(f'"{key}": {good[key]}', f'"{key}": {bad}') + "\n")
+        with pytest.raises(DataError, match=rf"{key}.jsonl:2: `{key}` is .*finite"):
+            read_pairs(str(f))
+    assert main(["train", "--data", str(tmp_path / "self_reward.jsonl"), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--mixed-precision", "no"]) == 2
+    err = capsys.readouterr().err
+    assert "self_reward.jsonl:2" in err and "NaN" in err and not (tmp_path / "o" / "train_summary.json").exists()
+
+
+def _poisoned(monkeypatch, bad_calls, kind):
+    """Make micro_batch_losses give a NaN loss (kind 'loss') or a finite loss with NaN gradients ('grad') on some calls."""
+    import torch
+
+    import dlma.train as T
+
+    real, calls = T.micro_batch_losses, []
+
+    def fake(model, examples, cfg, pad_id, device):
+        res, ntok = real(model, examples, cfg, pad_id, device)
+        calls.append(1)
+        if bad_calls is None or len(calls) in bad_calls:
+            if kind == "loss":
+                res.losses = res.losses * float("nan")
+            else:  # value 0, gradient 0 * inf = NaN
+                d = res.losses - res.losses.detach()
+                res.losses = res.losses + 0 * torch.sqrt(d)
+        return res, ntok
+
+    monkeypatch.setattr(T, "micro_batch_losses", fake)
+
+
+@pytest.mark.parametrize("kind,clip", [("loss", 0.0), ("grad", 0.0), ("loss", 1.0), ("grad", 1.0)])
+def test_nonfinite_step_is_skipped_counted_and_never_reaches_the_weights(scored, tmp_path, monkeypatch, kind, clip):
+    """clip 0: weights updated inside backward; clip 1: a whole-model optimizer step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dlma.train import train_model
+
+    _poisoned(monkeypatch, {2}, kind)
+    out = tmp_path / "run"
+    s = train_model(ModelConfig(dtype="float32", device="cpu"),
+                    TrainConfig(loss="dpo", max_steps=3, batch_size=2, lr=1e-4, limit=6, mixed_precision="no", save_steps=0,
+                                warmup_ratio=0.0, max_grad_norm=clip), str(scored[0]), str(out), progress=False)
+    assert s["step_in_backward"] == (clip == 0)
+    assert s["steps"] == 3 and s["steps_skipped_nonfinite"] == 1
+    rows = _metrics(out)
+    assert [r.get("skipped", False) for r in rows] == [False, True, False]
+    assert "NaN" not in (out / "metrics.jsonl").read_text() + (out / "train_summary.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_steps_in_a_row_stop_training(scored, tmp_path, monkeypatch):
+    from dlma.errors import DlmaError
+    from dlma.train import train_model
+
+    _poisoned(monkeypatch, None, "loss")
+    with pytest.raises(DlmaError, match="3 steps in a row had a NaN or infinite loss"):
+        train_model(ModelConfig(dtype="float32", device="cpu"),
+                    TrainConfig(loss="dpo", max_steps=5, batch_size=2, lr=1e-4, limit=6, mixed_precision="no", save_steps=0),
+                    str(scored[0]), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "train_summary.json").exists()

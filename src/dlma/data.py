@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,13 +60,35 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def _readable(path: Path, lines: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    """Pass records through; undecodable text or a cut or corrupt .gz becomes a DataError."""
+    last = 0
+    try:
+        for lineno, obj in lines:
+            last = lineno
+            yield lineno, obj
+    except UnicodeDecodeError as exc:
+        raise DataError(path, None, f"not UTF-8 text ({exc.reason}, after line {last}); save the file as UTF-8") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(path, None, f"compressed file is cut short or corrupt, after line {last} ({exc})") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a malformed line is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DlmaError(f"{path}: no such file")
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    return _readable(path, _jsonl_lines(path))
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, lineno, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -78,6 +101,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    return _readable(path, _iter_any(path))
+
+
+def _iter_any(path: Path) -> Iterator[tuple[int, dict]]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         yield from iter_jsonl(path)
@@ -239,6 +266,7 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
     if path is None:
         raise DlmaError(f"{source}: no such file")
     out: list[dict] = []
+    first_line: dict[str, int] = {}  # id -> line: resume skips ids already written, so ids must be unique
     for index, (lineno, obj) in enumerate(_iter_records(path)):
         if split and path.name.startswith("hh-rlhf") and (split == "test") != (index >= HH_TEST_START):
             continue
@@ -256,8 +284,15 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
             for key in ("chosen", "rejected"):
                 if not isinstance(obj.get(key), str):
                     raise DataError(path, lineno, f"`{key}` must be a string")
+        for key, value in obj.items():
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+                raise DataError(path, lineno, f"`{key}` is {value}; numbers must be finite (no NaN or Infinity)")
         rec.setdefault("id", f"{path.name.split('.')[0]}-{index:05d}")
         rec["id"] = str(rec["id"])
+        if rec["id"] in first_line:
+            raise DataError(path, lineno, f"duplicate id {rec['id']!r} (first at line {first_line[rec['id']]}); "
+                            "pair ids must be unique")
+        first_line[rec["id"]] = lineno
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
@@ -279,7 +314,7 @@ class JsonlWriter:
     holds whole records.
     """
 
-    def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0):
+    def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0, settings: dict | None = None):
         self.path = Path(path)
         self.key = key
         self.done: set[str] = set()
@@ -288,7 +323,23 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._repair_and_load()
+        if settings is not None:
+            self._check_settings(settings)
         self._f = open(self.path, "a", encoding="utf-8")
+
+    def _check_settings(self, settings: dict) -> None:
+        """Resume only what was made the same way: the settings that shape the records sit in
+        OUT.settings.json; an output with records made otherwise is refused, never appended to."""
+        side = self.path.with_name(self.path.name + ".settings.json")
+        settings = json.loads(json.dumps(settings))
+        if self.done and side.is_file():
+            old = json.loads(side.read_text(encoding="utf-8"))
+            if old != settings:
+                diff = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+                                 for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+                raise DlmaError(f"{self.path} holds {len(self.done)} records made with other settings ({diff}); "
+                                "rerun with those settings to resume it, or choose another --out to start again")
+        write_json(side, settings)
 
     def _repair_and_load(self) -> None:
         with open(self.path, "rb") as f:
@@ -302,7 +353,7 @@ class JsonlWriter:
                 continue
             try:
                 self.done.add(str(json.loads(line)[self.key]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise DataError(self.path, lineno, f"existing output is not a dlma record (no `{self.key}`); "
                                 "move it away or choose another --out") from None
 

@@ -171,7 +171,10 @@ def generate_pairs(
             preset_of[p.id] = preset_names[i if len(preset_names) > 1 else 0]
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
-    writer = JsonlWriter(out)
+    writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
+        "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
+        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
+        "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend})
     ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
     todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
     summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),

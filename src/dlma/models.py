@@ -115,7 +115,18 @@ def resolve_device(device: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DlmaError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DlmaError(f"device {device!r}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu or auto")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise DlmaError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DlmaError(f"device {device!r}: MPS is not available here; use --device cpu or auto")
+    return dev
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -138,33 +149,46 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# What transformers raises for a model it cannot find, read or build (offline, missing files, bad config).
+LOAD_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _cannot_load(name: str, part: str, exc: Exception) -> DlmaError:
+    """The one error every command gives for a model it cannot load: one line, what failed, what works."""
+    reason = " ".join(str(exc).split())
+    return DlmaError(f"cannot load model {name!r} ({part}): {reason} "
+                     "Use 'embedded', a local directory, or a Hugging Face id that is cached (offline: HF_HUB_OFFLINE=1)")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise DlmaError(f"cannot load tokenizer for model {name!r}: {exc}. "
-                        f"Use 'embedded', a local directory, or a Hugging Face id that is cached") from None
+    except LOAD_ERRORS as exc:
+        raise _cannot_load(name, "tokenizer", exc) from None
     if tok.pad_token_id is None:
         # Padding positions are always masked out; any id works, EOS is the usual choice.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return tok
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto", *, train: bool = False):
-    """Load (model, tokenizer) ready for inference (eval mode, no grad) or training."""
+def load_weights(name: str, dtype: torch.dtype):
+    """AutoModelForCausalLM of `name` on the CPU; every command loads weights through here."""
     from transformers import AutoModelForCausalLM
 
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        raise DlmaError(f"cannot load model {name!r}: {exc}. "
-                        f"Use 'embedded', a local directory, or a Hugging Face id that is cached") from None
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except LOAD_ERRORS as exc:
+        raise _cannot_load(name, "weights", exc) from None
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", *, train: bool = False):
+    """Load (model, tokenizer) ready for inference (eval mode, no grad) or training."""
+    dev = resolve_device(device)
+    model = load_weights(name, resolve_dtype(dtype, dev))
     model.to(dev)
     model.train(train)
     if not train:

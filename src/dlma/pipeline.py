@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, TrainConfig, to_dict
 from .data import read_jsonl, write_json
 from .errors import DlmaError
 
@@ -41,6 +41,29 @@ METHODS: dict[str, dict[str, Any]] = {
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files(spec: str | None) -> list:
+    """Content hashes of the files a comma-separated setting names (prompt files, preset YAMLs), so a
+    stage redoes when a file is edited; other names (bundled sets and presets, datasets) are their names."""
+    out = []
+    for item in (spec or "").split(","):
+        p = Path(item.strip())
+        if item.strip() and p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out.append([item.strip(), h.hexdigest()])
+    return out
+
+
+def _model_stamp(name: str | None) -> Any:
+    """A local model directory by the size and mtime of its files (retrained in place: a new key)."""
+    p = Path(name) if name else None
+    if p is None or not p.is_dir():
+        return name
+    return [name, sorted([str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in p.rglob("*") if f.is_file())]
 
 
 def _peak_rss_mb() -> float:
@@ -195,7 +218,7 @@ class Pipeline:
                              "platform": platform.platform(), "stages": old.get("stages", {}),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(self.manifest_path, self.manifest)
-            policy, upstream = cfg.model.model, _key(cfg.model.model)
+            policy, upstream = cfg.model.model, _key(_model_stamp(cfg.model.model))
             rounds: list[dict] = []
             for rnd in range(1, cfg.rounds + 1):
                 policy, upstream, metrics = self._round(rnd, spec, policy, upstream)
@@ -215,14 +238,14 @@ class Pipeline:
         cfg = self.cfg
         mcfg = dataclasses.replace(cfg.model, model=policy)
         gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
-        gen_key = _key("generate", to_dict(gcfg), to_dict(cfg.model), upstream)
+        gen_key = _key("generate", to_dict(gcfg), to_dict(cfg.model), upstream, _files(gcfg.prompts), _files(gcfg.preset))
         self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
         if spec["judge"] is not None:
             scfg = dataclasses.replace(cfg.score, judge=spec["judge"])  # preset None: each pair's own
-            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key)
+            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
 
             def score(d: Path) -> dict:
                 from .reward import score_file
@@ -237,9 +260,8 @@ class Pipeline:
             data = sdir / ("oriented.jsonl" if spec["orient"] else "scored.jsonl")
             data_key = score_key
 
-        single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
-        tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
-        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key)
+        tcfg = train_config(cfg)
+        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _files(tcfg.preset))
 
         def train(d: Path) -> dict:
             from .train import train_model
@@ -250,7 +272,8 @@ class Pipeline:
         new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
 
         ecfg = cfg.evaluate
-        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key)
+        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
+                        _files(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
             from .evaluate import evaluate_models
@@ -270,6 +293,20 @@ class Pipeline:
             tmp.unlink()
         os.symlink(os.path.relpath(policy, self.dir), tmp)
         os.replace(tmp, link)
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    """The training settings of cfg.method: its loss, and the run's other settings.
+
+    min_reward and flip_negative act on the self-reward R, so they apply only to methods that
+    compute it; context distillation scores nothing and RLAIF's text judge orients its pairs.
+    """
+    spec = METHODS[cfg.method]
+    single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
+    tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
+    if spec["judge"] not in ("self-reward", "both"):
+        tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False)
+    return tcfg
 
 
 def _orient(src: Path, dst: Path, field: str) -> dict:

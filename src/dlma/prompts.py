@@ -105,7 +105,10 @@ def load_preset(name_or_path: str) -> Preset:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise DlmaError(f"preset file {path} does not exist")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise DlmaError(f"preset file {path}: not UTF-8 text; save it as UTF-8") from None
     elif name_or_path in list_presets():
         text = resources.files("dlma.presets").joinpath(f"{name_or_path}.yaml").read_text()
         source = f"preset {name_or_path}"
@@ -130,8 +133,9 @@ def as_messages(prompt: str | Sequence[dict]) -> Messages:
 class Renderer:
     """Token ids of contexts (positive / negative / bare) and responses for one tokenizer.
 
-    max_context: contexts longer than this keep their last max_context tokens
-    (truncation from the left keeps the query's end and the assistant header).
+    max_context: a longer context loses the beginning of its query (earliest turns first,
+    then the start of the last user turn), never the contrastive prefix (instructions,
+    demonstrations) or the template; p+ and p- keep the same query. Counted in `truncated`.
     """
 
     def __init__(self, tokenizer, preset: Preset | None = None, max_context: int | None = None):
@@ -140,17 +144,18 @@ class Renderer:
         self.max_context = max_context
         self.plain = (preset is not None and preset.placement == "plain") or not getattr(tokenizer, "chat_template", None)
         self.eos_id = tokenizer.eos_token_id
-        self.truncated = 0  # contexts cut from the left so far
+        self.truncated = 0  # contexts whose query was cut so far
 
     # -- text of a context -------------------------------------------------
-    def context_text(self, query: Messages, side: Side) -> str:
+    def context_text(self, query: Messages, side: Side, demos_of: Messages | None = None) -> str:
+        """demos_of: the query whose hash picks the demonstrations (default: query; a cut query keeps the uncut one's)."""
         if side != "bare" and self.preset is None:
             raise DlmaError("a contrastive context needs a preset")
         if self.plain:
-            return self._plain_text(query, side)
-        return self._chat_text(query, side)
+            return self._plain_text(query, side, demos_of)
+        return self._chat_text(query, side, demos_of)
 
-    def _turns(self, query: Messages, side: Side) -> tuple[Messages, str | None]:
+    def _turns(self, query: Messages, side: Side, demos_of: Messages | None = None) -> tuple[Messages, str | None]:
         """Messages with demonstrations and the instruction placed, plus an assistant tag."""
         if side == "bare":
             return list(query), None
@@ -163,7 +168,7 @@ class Renderer:
             msgs.append({"role": "system", "content": instr})
         else:
             msgs.extend(system)
-        for ex in p.demos_for(query):
+        for ex in p.demos_for(demos_of or query):
             msgs.append({"role": "user", "content": ex.user})
             msgs.append({"role": "assistant", "content": ex.positive if side == "positive" else ex.negative})
         rest = [dict(m) for m in rest]
@@ -174,13 +179,13 @@ class Renderer:
         tag = instr if instr and p.placement in ("assistant", "plain") else None
         return msgs, tag
 
-    def _chat_text(self, query: Messages, side: Side) -> str:
-        msgs, tag = self._turns(query, side)
+    def _chat_text(self, query: Messages, side: Side, demos_of: Messages | None = None) -> str:
+        msgs, tag = self._turns(query, side, demos_of)
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return text + (f"({tag}) " if tag else "")
 
-    def _plain_text(self, query: Messages, side: Side) -> str:
-        msgs, tag = self._turns(query, side)
+    def _plain_text(self, query: Messages, side: Side, demos_of: Messages | None = None) -> str:
+        msgs, tag = self._turns(query, side, demos_of)
         lines = []
         for m in msgs:
             role = {"user": "USER", "assistant": "ASSISTANT", "system": "SYSTEM"}.get(m["role"], m["role"].upper())
@@ -189,12 +194,44 @@ class Renderer:
         return "\n".join(lines)
 
     # -- token ids ---------------------------------------------------------
+    def _ids(self, query: Messages, side: Side, demos_of: Messages | None = None) -> list[int]:
+        return self.tok(self.context_text(query, side, demos_of), add_special_tokens=False)["input_ids"]
+
     def context_ids(self, query: Messages, side: Side) -> list[int]:
-        ids = self.tok(self.context_text(query, side), add_special_tokens=False)["input_ids"]
-        if self.max_context is not None and len(ids) > self.max_context:
-            self.truncated += 1
-            ids = ids[len(ids) - self.max_context:]
-        return ids
+        if self.max_context is None:
+            return self._ids(query, side)
+        sides: tuple[Side, ...] = (side,) if side == "bare" or self.preset is None else ("positive", "negative")
+        return self.fit(query, sides, self.max_context)[side]
+
+    def fit(self, query: Messages, sides: Sequence[Side], limit: int) -> dict[Side, list[int]]:
+        """Context ids of `sides` in at most `limit` tokens each, all with the same query.
+
+        A query too long loses its beginning: earlier turns first, then the start of the last
+        user turn. The contrastive prefix is never cut (cut from the left, it went first and
+        left p+ and p- the same context); if it alone does not fit, that is an error.
+        """
+        ids = {s: self._ids(query, s) for s in sides}
+        if max(len(v) for v in ids.values()) <= limit:
+            return ids
+        q = [dict(m) for m in query]
+        while True:
+            over = max(len(v) for v in ids.values()) - limit
+            if over <= 0:
+                self.truncated += 1
+                return ids
+            last_user = max((i for i, m in enumerate(q) if m["role"] == "user"), default=None)
+            earlier = [i for i, m in enumerate(q) if m["role"] != "system" and last_user is not None and i < last_user]
+            if earlier:  # drop the earliest turn, and an assistant turn it leaves first
+                del q[earlier[0]]
+                if len(earlier) > 1 and q[earlier[0]]["role"] == "assistant":
+                    del q[earlier[0]]
+            else:
+                toks = self.tok(q[last_user]["content"], add_special_tokens=False)["input_ids"] if last_user is not None else []
+                if len(toks) <= 1:
+                    raise DlmaError(f"the contrastive prompt ({', '.join(sides)}) alone needs more than {limit} context "
+                                    "tokens; raise --max-context or use a preset with fewer or shorter demonstrations")
+                q[last_user]["content"] = self.tok.decode(toks[min(over, len(toks) - 1):])
+            ids = {s: self._ids(q, s, query) for s in sides}
 
     def response_ids(self, text: str, truncated: bool = False) -> list[int]:
         """Ids of a response; a complete response ends with EOS (end of turn), a cut one does not."""

@@ -66,17 +66,21 @@ class _Layout:
         query = as_messages(rec["prompt"])
         c = self.r.response_ids(rec["chosen"], bool(rec.get("chosen_truncated")))
         r = self.r.response_ids(rec["rejected"], bool(rec.get("rejected_truncated")))
-        ctx = {s: self.r.context_ids(query, s) for s in sides}
         if self.limit:
             room = max(1, self.limit - max(len(c), len(r)))
-            cut = False
-            for s, ids in ctx.items():
-                if len(ids) > room:
-                    ctx[s], cut = ids[len(ids) - room:], True
+            before = self.r.truncated
+            # the query is cut, never the contrastive prefix; p+ and p- keep the same query
+            contrast = [s for s in sides if s != "bare"]
+            ctx = self.r.fit(query, contrast, room) if contrast else {}
+            if "bare" in sides:
+                ctx.update(self.r.fit(query, ["bare"], room))
+            cut = self.r.truncated > before
             if len(c) >= self.limit or len(r) >= self.limit:
                 c, r, cut = c[: self.limit - 1], r[: self.limit - 1], True
             self.truncated += int(cut)
             self.cut = cut
+        else:
+            ctx = {s: self.r.context_ids(query, s) for s in sides}
         return ctx, c, r
 
 
@@ -348,7 +352,9 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     pairs = read_pairs(data, cfg.limit)
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
-    writer = JsonlWriter(out)
+    writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
+        "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
+        "reference": cfg.reference, "precision": cfg.precision, "max_context": cfg.max_context})
     todo = [p for p in pairs if p["id"] not in writer.done]
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()

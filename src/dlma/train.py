@@ -53,6 +53,9 @@ STATE = "trainer_state.json"
 BUCKET_WINDOW = 16  # global batches sorted by length together
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to", "step_in_backward")
+# Steps whose loss or gradient is NaN/inf are skipped (the weights never see them); this many
+# in a row stop training with an error.
+MAX_NONFINITE_STEPS = 3
 
 
 @dataclass
@@ -240,22 +243,11 @@ def validate(cfg: TrainConfig) -> None:
         raise DlmaError(f"--lr-schedule must be cosine, linear or constant, got {cfg.lr_schedule!r}")
     if cfg.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise DlmaError(f"--mixed-precision must be auto, bf16, fp16 or no, got {cfg.mixed_precision!r}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
-        raise DlmaError("--batch-size, --grad-accum, --epochs and --max-steps must be at least 1")
-    if cfg.beta <= 0:
-        raise DlmaError(f"--beta must be positive, got {cfg.beta}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise DlmaError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.step_in_backward not in ("auto", "on", "off"):
         raise DlmaError(f"--step-in-backward must be auto, on or off, got {cfg.step_in_backward!r}")
     if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0):
         raise DlmaError("--step-in-backward on is exact only with --grad-accum 1 and --max-grad-norm 0 "
                         "(clipping needs the global norm of every gradient first)")
-    if cfg.rpo_alpha < 0:
-        raise DlmaError(f"--rpo-alpha must be >= 0, got {cfg.rpo_alpha}")
-    lo, hi = cfg.margin_clip
-    if lo > hi:
-        raise DlmaError(f"--margin-clip LO HI needs LO <= HI, got {lo} {hi}")
 
 
 def _resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int) -> dict:
@@ -344,8 +336,13 @@ class BackwardStepper:
         defaults = {k: v for k, v in inner.defaults.items() if k in accepted and k != "params"}
         self.single = {p: type(inner)([p], **defaults) for p in params}
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self.nonfinite = 0  # gradients dropped for holding NaN/inf since the caller last reset it
 
     def _hook(self, p: torch.nn.Parameter) -> None:
+        if not bool(torch.isfinite(p.grad).all()):
+            p.grad = None
+            self.nonfinite += 1
+            return
         opt = self.single[p]
         opt.state = self.inner.state  # re-linked every time: load_state_dict replaces the dict
         opt.param_groups[0]["lr"] = self.inner.param_groups[0]["lr"]
@@ -385,9 +382,9 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     validate(cfg)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM
+    from .models import load_tokenizer, load_weights, resolve_device
 
-    from .models import load_tokenizer, resolve_model_path
+    resolve_device(model_cfg.device)  # an unknown or missing device is a clean error before any work
     from .prompts import Renderer, load_preset
 
     out = Path(out_dir)
@@ -424,7 +421,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     examples = build_examples(pairs, renderer)
     pad_id = tok.pad_token_id
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_cfg.model), dtype=_weights_dtype(model_cfg))
+    model = load_weights(model_cfg.model, _weights_dtype(model_cfg))
     model.to(accelerator.device)
     model.config.use_cache = False
 
@@ -497,6 +494,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
 
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not (progress and main), dynamic_ncols=True)
     first_loss = last = None
+    bad_in_a_row = 0
     loop_tokens, loop_seconds = 0, 0.0
     plan_epoch, plan = -1, []
     while step < total:
@@ -511,17 +509,29 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         t0 = time.perf_counter()
         stats = torch.zeros(5, dtype=torch.float64)  # loss sum, margin sum, correct, pairs, tokens
         grad_norm = None
+        bad = False  # a NaN/inf loss or gradient in this step: skip the update
         for k in range(rank, micro_per_step, world):
             batch = [examples[i] for i in micros[k]]
             with accelerator.accumulate(model):
                 res, ntok = micro_batch_losses(model, batch, cfg, pad_id, accelerator.device)
+                total_loss = res.losses.sum()
+                finite = bool(torch.isfinite(total_loss))
+                bad |= not finite
                 # sum / (pairs in the global step), times the factors that DDP averaging and
-                # accelerate's division by grad_accum take out again
-                accelerator.backward(res.losses.sum() * (world * cfg.grad_accum / n_step))
-                if stepper is None:  # else every weight was already updated inside backward
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(params if cfg.lora_r else model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
+                # accelerate's division by grad_accum take out again. Updates inside backward
+                # (one process) must not see a non-finite loss at all.
+                if stepper is None or finite:
+                    accelerator.backward(total_loss * (world * cfg.grad_accum / n_step))
+                if stepper is not None:
+                    bad |= stepper.nonfinite > 0
+                    stepper.nonfinite = 0
+                else:  # else every weight was already updated inside backward
+                    if accelerator.sync_gradients:
+                        bad = _nonfinite_gradients(model, accelerator, bad)
+                        if not bad and cfg.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(params if cfg.lora_r else model.parameters(), cfg.max_grad_norm)
+                        if not bad:
+                            optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             margin = res.chosen_rewards - res.rejected_rewards
             stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
@@ -530,15 +540,22 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         seconds = time.perf_counter() - t0
         step += 1
         loss = float(stats[0] / stats[3])
-        first_loss = loss if first_loss is None else first_loss
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        if bad_in_a_row >= MAX_NONFINITE_STEPS:
+            raise DlmaError(f"training stopped at step {step}: {bad_in_a_row} steps in a row had a NaN or infinite loss "
+                            "or gradient (skipped; none reached the weights). Lower --lr, try --mixed-precision no, "
+                            "or check the pair file")
+        first_loss = loss if first_loss is None and not bad else first_loss
         loop_tokens += int(stats[4])
         loop_seconds += seconds
-        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "pairs": int(stats[3]),
+        row = {"step": step, "epoch": epoch, "loss": _finite(loss), "lr": lr, "pairs": int(stats[3]),
                "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / seconds}
         if cfg.loss != "sft":
-            row.update(reward_margin=float(stats[1] / stats[3]), reward_accuracy=float(stats[2] / stats[3]))
+            row.update(reward_margin=_finite(float(stats[1] / stats[3])), reward_accuracy=float(stats[2] / stats[3]))
         if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
+            row["grad_norm"] = _finite(float(grad_norm))
+        if bad:
+            row["skipped"] = True  # NaN/inf loss or gradient: the weights were not updated
         last = row
         if main and (step % cfg.log_steps == 0 or step == total):
             with open(metrics_path, "a", encoding="utf-8") as f:
@@ -562,8 +579,9 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         "steps": step, "epochs": round(step / per_epoch, 3), "global_batch": global_batch, "processes": world,
         "mixed_precision": accelerator.mixed_precision, "step_in_backward": stepper is not None,
         "share_context": cfg.share_context and cfg.loss != "sft", "weights_dtype": str(_weights_dtype(model_cfg)).replace("torch.", ""),
-        "first_loss": history[0]["loss"] if history else first_loss,
+        "first_loss": next((r["loss"] for r in history if not r.get("skipped")), None) if history else first_loss,
         "final_loss": last["loss"] if last else None,
+        "steps_skipped_nonfinite": sum(1 for r in history if r.get("skipped")),
         "reward_accuracy": last.get("reward_accuracy") if last else None,
         "reward_margin": last.get("reward_margin") if last else None,
         # this session's loop only (a resumed run counts the steps it ran)
@@ -578,6 +596,21 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
+
+
+def _finite(x: float) -> float | None:
+    """A metric for the JSON logs: NaN/inf become null (JSON has no NaN)."""
+    return x if math.isfinite(x) else None
+
+
+def _nonfinite_gradients(model, accelerator, bad: bool) -> bool:
+    """Whether this step must be skipped: a NaN/inf loss here, or a NaN/inf gradient on any process."""
+    if not bad:
+        bad = not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    if accelerator.num_processes > 1:  # every process must make the same choice (FSDP shards differ)
+        flag = torch.tensor([float(bad)], device=accelerator.device)
+        bad = bool(accelerator.reduce(flag, "sum").item() > 0)
+    return bad
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, key: dict, limit: int) -> None:

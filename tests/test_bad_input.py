@@ -1,0 +1,117 @@
+"""Bad input and options give one line `dlma CMD: error: ...` (exit 2), never a traceback.
+
+The commands run in-process through `dlma.cli.main`: an exception other than DlmaError would
+escape main and fail the test with its traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import pytest
+
+from dlma.cli import main
+from dlma.config import EvalConfig, GenerateConfig, ScoreConfig, TrainConfig
+from dlma.errors import DlmaError
+
+
+def _error(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith(f"dlma {argv[0]}: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def files(tmp_path):
+    good = json.dumps({"id": "a", "prompt": "Hello there", "chosen": "Hi", "rejected": "Go away"}) + "\n"
+    (tmp_path / "good.jsonl").write_text(good)
+    (tmp_path / "latin1.jsonl").write_bytes(good.encode() + json.dumps({"id": "b", "prompt": "x"}).encode()[:-2]
+                                            + "caf\xe9\"}\n".encode("latin-1"))
+    data = gzip.compress((good * 200).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    return tmp_path
+
+
+def test_unreadable_files(files, capsys):
+    out = str(files / "out.jsonl")
+    err = _error(capsys, ["generate", "--prompts", str(files / "latin1.jsonl"), "--out", out, "--no-progress"])
+    assert "latin1.jsonl:2: not UTF-8" in err
+    err = _error(capsys, ["score", "--data", str(files / "latin1.jsonl"), "--out", out, "--no-progress"])
+    assert "latin1.jsonl:2: not UTF-8" in err
+    err = _error(capsys, ["score", "--data", str(files / "cut.jsonl.gz"), "--out", out, "--no-progress"])
+    assert "cut.jsonl.gz" in err and "cut short or corrupt" in err
+    err = _error(capsys, ["generate", "--prompts", str(files / "cut.jsonl.gz"), "--out", out, "--no-progress"])
+    assert "cut short or corrupt" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_missing_cuda_is_one_line(files, capsys):
+    out = str(files / "out.jsonl")
+    for cmd in (["generate", "--prompts", str(files / "good.jsonl")], ["score", "--data", str(files / "good.jsonl")],
+                ["train", "--data", str(files / "good.jsonl"), "--loss", "sft"]):
+        err = _error(capsys, cmd + ["--device", "cuda", "--out", out, "--no-progress"])
+        assert "no CUDA GPU" in err
+    assert "unknown device" in _error(capsys, ["generate", "--prompts", str(files / "good.jsonl"), "--device", "gpu0",
+                                               "--out", out, "--no-progress"])
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["generate", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "--batch-size", "0"], "batch_size"),
+    (["generate", "--batch-size", "-4"], "batch_size"),
+    (["generate", "--num-pairs", "0"], "num_pairs"),
+    (["generate", "--top-p", "5"], "top_p"),
+    (["generate", "--top-p", "0"], "top_p"),
+    (["generate", "--temperature", "-1"], "temperature"),
+    (["generate", "--max-context", "-5"], "max_context"),
+    (["generate", "--limit", "0"], "limit"),
+    (["score", "--data", "x.jsonl", "--batch-size", "0"], "batch_size"),
+    (["score", "--data", "x.jsonl", "--batch-size", "-1"], "batch_size"),
+    (["score", "--data", "x.jsonl", "--max-context", "-5"], "max_context"),
+    (["train", "--data", "x.jsonl", "--lr=-1e-5"], "lr"),
+    (["train", "--data", "x.jsonl", "--batch-size", "0"], "batch_size"),
+    (["train", "--data", "x.jsonl", "--max-context", "0"], "max_context"),
+    (["evaluate", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["evaluate", "--top-p", "1.5"], "top_p"),
+    (["evaluate", "--batch-size", "0"], "batch_size"),
+    (["generate", "--dtype", "float8"], "dtype"),
+])
+def test_out_of_range_options(tmp_path, capsys, argv, field):
+    err = _error(capsys, argv + ["--out", str(tmp_path / "out"), "--no-progress"])
+    assert f"{field} (--{field.replace('_', '-')}) must be" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_checks_for_yaml_set_and_python(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("generate:\n  top_p: 5\n")
+    err = _error(capsys, ["run", "--config", str(f), "--run-dir", str(tmp_path / "r")])
+    assert "c.yaml.generate: top_p (--top-p) must be in (0, 1], got 5" in err
+    err = _error(capsys, ["run", "--set", "train.lr=-1", "--run-dir", str(tmp_path / "r")])
+    assert "lr (--lr) must be at least 0" in err
+    for cls, kw in ((GenerateConfig, {"num_pairs": 0}), (GenerateConfig, {"max_context": 64, "max_new_tokens": 64}),
+                    (ScoreConfig, {"batch_size": 0}), (TrainConfig, {"lr": -1.0}), (EvalConfig, {"temperature": -1.0})):
+        with pytest.raises(DlmaError, match="must be"):
+            cls(**kw)
+    assert GenerateConfig(limit=None).limit is None and TrainConfig(max_steps=None).max_steps is None
+
+
+@pytest.mark.parametrize("broken", ["tokenizer-only directory", "unknown id"])
+def test_a_model_that_cannot_be_loaded_is_the_same_one_line_in_every_command(files, capsys, tokenizer, broken):
+    if broken == "unknown id":
+        model = "no-such-org/no-such-model"
+    else:  # a directory whose tokenizer loads but whose weights are missing: train used to crash here
+        model = str(files / "tok-only")
+        tokenizer.save_pretrained(model)
+    good, out = str(files / "good.jsonl"), str(files / "out")
+    errs = [_error(capsys, ["generate", "--prompts", good, "--model", model, "--out", out + ".g", "--no-progress"]),
+            _error(capsys, ["score", "--data", good, "--model", model, "--out", out + ".s", "--no-progress"]),
+            _error(capsys, ["train", "--data", good, "--loss", "sft", "--model", model, "--out", out + ".t", "--no-progress",
+                            "--mixed-precision", "no"])]
+    for err in errs:  # the same message from models._cannot_load, whether the tokenizer or the weights failed first
+        assert re.fullmatch(rf"dlma \w+: error: cannot load model {re.escape(repr(model))} \((tokenizer|weights)\): .+ Use 'embedded', "
+                            r"a local directory, or a Hugging Face id that is cached \(offline: HF_HUB_OFFLINE=1\)", err), err

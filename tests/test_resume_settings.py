@@ -1,0 +1,45 @@
+"""A rerun into an existing output resumes it only with the settings that made it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dlma.config import GenerateConfig, ModelConfig, ScoreConfig
+from dlma.errors import DlmaError
+
+
+def test_generate_refuses_to_append_with_other_settings(tmp_path, embedded):
+    from dlma.generate import TransformersBackend, generate_pairs
+
+    model, tok = embedded
+    out = tmp_path / "pairs.jsonl"
+    run = lambda **kw: generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(**{"limit": 1, "max_new_tokens": 2, **kw}),  # noqa: E731
+                                      str(out), backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+    run()
+    before = out.read_text()
+    for kw, named in (({"temperature": 1.0}, "temperature: 0.7 there, 1.0 now"), ({"preset": "helpful"}, "preset"),
+                      ({"max_new_tokens": 3}, "max_new_tokens"), ({"num_pairs": 2}, "num_pairs")):
+        with pytest.raises(DlmaError, match=f"holds 1 records made with other settings.*{named}"):
+            run(**kw)
+        assert out.read_text() == before
+    assert run(limit=2, batch_size=2)["pairs_written"] == 1  # more prompts, same settings: resumed
+
+
+def test_score_refuses_to_append_with_other_settings(tmp_path, embedded):
+    from dlma.reward import score_file
+
+    model, tok = embedded
+    data, out = tmp_path / "pairs.jsonl", tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n"
+                            for i in ("a", "b")))
+    run = lambda cfg: score_file(ModelConfig(dtype="float32"), cfg, str(data), str(out), model=model, tokenizer=tok,  # noqa: E731
+                                 progress=False)
+    run(ScoreConfig(limit=1))
+    before = out.read_text()
+    for cfg in (ScoreConfig(judge="text"), ScoreConfig(preset="helpful"), ScoreConfig(reference=False)):
+        with pytest.raises(DlmaError, match="other settings"):
+            run(cfg)
+        assert out.read_text() == before
+    assert run(ScoreConfig(batch_size=2))["scored"] == 1  # the batch size does not change the records
