@@ -189,3 +189,25 @@ def test_generate_pairs_same_file_with_and_without_prefix_cache(tmp_path, embedd
             assert (k in a) == (k in b) and abs(a.get(k, 0) - b.get(k, 0)) < 1e-4
     assert summaries[True]["prefilled_tokens"] < summaries[False]["prefilled_tokens"] / 2
     assert summaries[True]["new_tokens"] == summaries[False]["new_tokens"] > 0
+
+
+def test_fast_top_p_equals_transformers_warpers():
+    """TemperatureTopP gives transformers' Temperature + TopP result bit for bit, ties and flat rows included."""
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from dlma.generate import TemperatureTopP
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(6, 4096, generator=g) * scale for scale in (0.05, 1.0, 3.0, 10.0, 40.0)]
+    tied = torch.randn(4, 4096, generator=g) * 5
+    tied[:, :8] = tied.max() + 1  # eight equal top logits
+    rows.append(tied)
+    x = torch.cat(rows)
+    ids = torch.zeros((x.shape[0], 1), dtype=torch.long)
+    for t, p in ((0.7, 0.9), (1.3, 0.5), (0.5, 0.99)):
+        fast = TemperatureTopP(t, p)
+        want = TopPLogitsWarper(p)(ids, TemperatureLogitsWarper(t)(ids, x.clone()))
+        got = torch.cat([fast(ids[i:i + 2], x[i:i + 2].clone()) for i in range(0, x.shape[0], 2)])
+        assert torch.equal(got, want)
+        assert fast.fallbacks < x.shape[0] // 2  # mostly the fast path
