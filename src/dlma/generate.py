@@ -161,7 +161,7 @@ class TransformersBackend:
         self.min_prefix = min_prefix
         self.prefixes = _PrefixKV(cache_size)
         self.stats = {"context_tokens": 0, "prefilled_tokens": 0, "prefix_tokens": 0, "new_tokens": 0}
-        self._weights_version: int | None = None
+        self._weights_version = None
         self._cache_arg: str | None = None
         self._usable: bool | None = None  # False for caches that can't be shared (sliding windows)
 
@@ -173,7 +173,11 @@ class TransformersBackend:
 
     # -- shared prefixes ---------------------------------------------------------------
     def _check_weights(self) -> None:
-        v = sum(p._version for p in self.model.parameters())
+        try:
+            first = next(self.model.parameters())  # .to() swaps tensors without bumping their version
+            v = (sum(p._version for p in self.model.parameters()), first.data_ptr(), first.dtype, first.device)
+        except RuntimeError:  # inference tensors have no version counter: keep nothing across calls
+            v = -1 if self._weights_version != -1 else -2
         if v != self._weights_version:
             self.prefixes.clear()
             self._weights_version = v
