@@ -271,7 +271,7 @@ class TransformersBackend:
         pad = self.tok.pad_token_id
         lengths = [len(c) for c in contexts]
         plan = [(None, 0)] * len(contexts)
-        if self.prefix_cache and self._usable is not False and len(contexts) > 1:
+        if self.prefix_cache and self._usable is not False:
             self._check_weights()
             plan = self._plan_prefixes(contexts, device)
         if self._cache_arg is None:
