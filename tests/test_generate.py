@@ -108,3 +108,106 @@ def test_each_prompt_source_can_have_its_own_preset(tmp_path, embedded):
     bad = GenerateConfig(prompts="hh-harmless,benign-train,safety-eval", preset="harmless,helpful", limit=1)
     with pytest.raises(DlmaError, match="2 presets for 3 prompt sources"):
         generate_pairs(ModelConfig(dtype="float32"), bad, str(tmp_path / "x.jsonl"), backend=backend, tokenizer=tok, progress=False)
+
+
+def _default_contexts(tok, n: int) -> list[list[int]]:
+    """Contexts of the default run (harmless + helpful presets), two pairs per prompt, like generate_pairs."""
+    from dlma.data import ReadStats, read_prompts
+
+    out = []
+    for source, preset in (("hh-harmless-first:train", "harmless"), ("benign-train", "helpful")):
+        r = Renderer(tok, load_preset(preset))
+        for p in read_prompts(source, n, ReadStats()):
+            out += [r.context_ids(p.prompt, side) for _ in range(2) for side in ("positive", "negative")]
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_shared_prefix_reuse_gives_the_same_tokens_and_logprobs(embedded, temperature):
+    """Greedy and seeded sampling: same tokens, log-probs within 1e-4, with the prefix cache on and off."""
+    import torch
+
+    from dlma.generate import SamplingParams, TransformersBackend
+
+    model, tok = embedded
+    ctx = _default_contexts(tok, 3)
+    ctx = ctx[:12] + ctx[-12:]  # both presets, with repeats, several demonstration sets
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_p=0.9, seed=0)
+    plain, cached = TransformersBackend(model, tok, 8, prefix_cache=False), TransformersBackend(model, tok, 8)
+    outs = {}
+    for name, backend in (("plain", plain), ("cached", cached), ("cached-again", cached)):
+        res = []
+        for s in range(0, len(ctx), 12):  # two calls: the second one finds its prefixes cached
+            torch.manual_seed(1234 + s)
+            res += backend.sample(ctx[s:s + 12], params)
+        outs[name] = res
+    assert cached.stats["prefilled_tokens"] < cached.stats["context_tokens"] / 2, cached.stats
+    assert plain.stats["prefilled_tokens"] >= plain.stats["context_tokens"]
+    for name in ("cached", "cached-again"):
+        assert [s.ids for s in outs[name]] == [s.ids for s in outs["plain"]]
+        assert [s.finished for s in outs[name]] == [s.finished for s in outs["plain"]]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(outs[name], outs["plain"])) < 1e-4
+
+
+def test_prefix_cache_follows_weight_updates(embedded):
+    """Changing the weights in place drops the cached prefixes (a stale prefix would change the answers)."""
+    import torch
+
+    from dlma.generate import SamplingParams, TransformersBackend
+
+    model, tok = embedded
+    ctx = _default_contexts(tok, 1)[:4]
+    backend = TransformersBackend(model, tok, 4)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    backend.sample(ctx, params)
+    assert backend.prefixes.items
+    w = model.get_input_embeddings().weight
+    with torch.no_grad():
+        w.mul_(1.0)  # same values, new version: the cache must not survive it
+    backend.sample(ctx[:1], params)
+    assert not backend.prefixes.items
+    backend.sample(ctx, params)
+    assert backend.prefixes.items
+
+
+def test_generate_pairs_same_file_with_and_without_prefix_cache(tmp_path, embedded):
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.generate import TransformersBackend, generate_pairs
+
+    model, tok = embedded
+    cfg = GenerateConfig(prompts="hh-harmless-first:train,benign-train", preset="harmless,helpful", limit=3,
+                         num_pairs=2, max_new_tokens=8, batch_size=8)
+    recs, summaries = {}, {}
+    for on in (False, True):
+        out = tmp_path / f"pairs-{on}.jsonl"
+        summaries[on] = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), backend=TransformersBackend(model, tok, 8, on),
+                                       tokenizer=tok, progress=False)
+        recs[on] = read_jsonl(out)
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in recs[True]] == [(r["id"], r["chosen"], r["rejected"]) for r in recs[False]]
+    for a, b in zip(recs[True], recs[False]):
+        for k in ("gen_lp_chosen", "gen_lp_rejected"):
+            assert (k in a) == (k in b) and abs(a.get(k, 0) - b.get(k, 0)) < 1e-4
+    assert summaries[True]["prefilled_tokens"] < summaries[False]["prefilled_tokens"] / 2
+    assert summaries[True]["new_tokens"] == summaries[False]["new_tokens"] > 0
+
+
+def test_fast_top_p_equals_transformers_warpers():
+    """TemperatureTopP gives transformers' Temperature + TopP result bit for bit, ties and flat rows included."""
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from dlma.generate import TemperatureTopP
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(6, 4096, generator=g) * scale for scale in (0.05, 1.0, 3.0, 10.0, 40.0)]
+    tied = torch.randn(4, 4096, generator=g) * 5
+    tied[:, :8] = tied.max() + 1  # eight equal top logits
+    rows.append(tied)
+    x = torch.cat(rows)
+    ids = torch.zeros((x.shape[0], 1), dtype=torch.long)
+    for t, p in ((0.7, 0.9), (1.3, 0.5), (0.5, 0.99)):
+        fast = TemperatureTopP(t, p)
+        want = TopPLogitsWarper(p)(ids, TemperatureLogitsWarper(t)(ids, x.clone()))
+        got = torch.cat([fast(ids[i:i + 2], x[i:i + 2].clone()) for i in range(0, x.shape[0], 2)])
+        assert torch.equal(got, want)
+        assert fast.fallbacks < x.shape[0] // 2  # mostly the fast path

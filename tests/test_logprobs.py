@@ -53,3 +53,38 @@ def test_plan_covers_every_tree_once():
     # one family: every batch of it shares the family's prefix, computed once
     plan = _plan(trees, batch_size=2, max_tokens=None, min_prefix=4)
     assert {L for b, L in plan if b[0] < 5} == {9}
+
+
+def test_prefix_keys_values_are_kept_across_calls(embedded):
+    """A later call finds the shared prefix cached (a shorter one served by slicing a longer one), same numbers."""
+    import torch
+
+    from dlma.logprobs import _shared_prefix_cache
+
+    model, tok = embedded
+    preset = load_preset("harmless")
+    r = Renderer(tok, preset)
+    resp = [r.response_ids("I can't help with that."), r.response_ids("Sure, here is how", truncated=True)]
+    qs = [f"How do I {verb} a {thing}?" for verb in ("pick", "hotwire") for thing in ("lock", "safe", "car", "truck", "door", "bike")]
+    msgs = [[{"role": "user", "content": q}] for q in qs]
+    demo = lambda m: preset.demonstrations.index(next(d for d in preset.demonstrations if d[:2] == preset.demos_for(m)))
+    by_set: dict[int, list] = {}
+    for m in msgs:
+        by_set.setdefault(demo(m), []).append(m)
+    group = max(by_set.values(), key=len)  # queries sharing one demonstration set
+    picks = [m for m in group if "pick" in m[0]["content"]][:2] + [m for m in group if "hotwire" in m[0]["content"]][:1]
+    assert len(picks) == 3
+    trees = [(r.context_ids(m, "positive"), resp) for m in picks]
+    cache = _shared_prefix_cache(model, None)
+    cache.items.clear()
+    first = score_trees(model, trees[:2], pad_id=tok.pad_token_id, batch_size=8, min_prefix=4)  # "... pick a" prefix
+    assert len(cache.items) == 1
+    again = score_trees(model, trees[:2], pad_id=tok.pad_token_id, batch_size=8, min_prefix=4)
+    mixed = score_trees(model, [trees[0], trees[2]], pad_id=tok.pad_token_id, batch_size=8, min_prefix=4)  # shorter prefix
+    assert len(cache.items) == 1 and again == first  # both served from the first call's entry
+    plain = score_trees(model, [trees[0], trees[2]], pad_id=tok.pad_token_id, batch_size=8, share_prefix=False)
+    for a, b in zip([x for t in mixed for x in t], [x for t in plain for x in t]):
+        assert a[1] == b[1] and abs(a[0] - b[0]) < 1e-3
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.0)
+    assert not _shared_prefix_cache(model, None).items  # weights changed in place: cache dropped

@@ -97,6 +97,10 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {"round-1/generate", "round-1/score", "round-1/train", "round-1/evaluate"} <= set(manifest["stages"])
     assert manifest["versions"]["torch"] and "wall_s" in manifest["stages"]["round-1/train"]
+    gen = manifest["stages"]["round-1/generate"]
+    assert gen["pairs"] == 10 and gen["pairs_per_s"] > 0 and gen["tokens"] > 0 and gen["tokens_per_s"] > 0
+    assert manifest["stages"]["round-1/score"]["pairs_per_s"] > 0 and manifest["stages"]["round-1/train"]["tokens_per_s"]
+    assert "round-1/generate" in done.stdout and "pairs/s" in done.stdout and "tokens/s" in done.stdout
 
     from transformers import AutoModelForCausalLM
 
@@ -106,6 +110,8 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stderr.count("skipping") == 4 and "starting" not in again.stderr
+    speed = subprocess.run(cmd + ["--set", "generate.prefix_cache=false"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert speed.returncode == 0 and speed.stderr.count("skipping") == 4, "a speed-only setting must not redo stages"
 
     changed = subprocess.run(cmd + ["--set", "train.beta=0.3"], env=ENV, capture_output=True, text=True, timeout=1200)
     assert changed.returncode == 0, changed.stderr[-3000:]

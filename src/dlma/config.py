@@ -73,6 +73,7 @@ class GenerateConfig:
     batch_size: int = opt(16, "sequences sampled together")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
+    prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
 
     def __post_init__(self) -> None:
         _check(self, num_pairs=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from .config import GenerateConfig, ModelConfig
@@ -46,37 +48,259 @@ class Backend(Protocol):
     def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]: ...
 
 
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token-id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class _PrefixKV:
+    """Keys/values (batch 1, model dtype) of recently used context prefixes, keyed by their token ids.
+
+    A prefix's KV does not depend on what follows it (causal attention), so an entry for
+    tokens t[:P] serves any context that starts with t[:m], m <= P: the first m columns.
+    """
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.items: "OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]" = OrderedDict()
+
+    def best(self, ctx: Sequence[int]) -> tuple[tuple[int, ...] | None, int]:
+        """The entry sharing the longest prefix with ctx, and that length."""
+        key, n = None, 0
+        for k in self.items:
+            m = _lcp(k, ctx)
+            if m > n:
+                key, n = k, m
+        return key, n
+
+    def get(self, key: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def put(self, key: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.items[key] = kv
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        self.items.clear()
+
+
+class TemperatureTopP:
+    """Temperature then top-p (nucleus) filtering, giving exactly transformers' result without its full sort.
+
+    transformers' TopPLogitsWarper sorts the whole vocabulary at every step (on a CPU
+    that was a fifth of sampling time). The kept set is decided here from the top-k
+    logits (k grown until they cover top_p); wherever a token's cumulative probability
+    lies within `margin` of the threshold, or tied logits straddle it, or k reaches the
+    vocabulary, the step falls back to transformers' own warper, so the filtered scores,
+    hence the sampled tokens and the random numbers drawn, are the same bit for bit.
+    """
+
+    def __init__(self, temperature: float, top_p: float, k: int = 64, margin: float = 1e-4):
+        from transformers.generation.logits_process import TopPLogitsWarper
+
+        self.temperature, self.top_p, self.k, self.margin = temperature, top_p, k, margin
+        self.exact = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
+        self.fallbacks = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = scores / self.temperature  # as TemperatureLogitsWarper
+        if self.exact is None:
+            return s
+        V = s.shape[-1]
+        k = min(self.k, V)
+        p = s.softmax(-1)
+        while True:
+            top, idx = s.topk(k, dim=-1)
+            probs = p.gather(-1, idx).double()
+            excl = probs.cumsum(-1) - probs  # probability mass above each candidate
+            if k == V or bool((excl[:, -1] >= self.top_p + self.margin).all()):
+                break
+            k = min(V, k * 8)
+        keep = excl < self.top_p  # transformers drops a token when the mass at or below it is <= 1 - top_p
+        last = keep.sum(-1, keepdim=True) - 1  # kept tokens are ranks 0..last (excl only grows)
+        nxt = (last + 1).clamp(max=k - 1)
+        near = ((excl - self.top_p).abs() <= self.margin).any(-1)  # too close to call: transformers decides
+        near |= (last + 1 >= k).view(-1)  # the top k don't cover top_p
+        near |= (top.gather(-1, last) == top.gather(-1, nxt)).view(-1) & (last + 1 < k).view(-1)  # a tie straddles it
+        if bool(near.any()):
+            self.fallbacks += 1
+            return self.exact(input_ids, s)
+        remove = torch.ones_like(s, dtype=torch.bool).scatter_(-1, idx, ~keep)
+        return s.masked_fill(remove, -float("inf"))
+
+
 class TransformersBackend:
-    """Batched sampling with `model.generate`, left-padded, length-bucketed."""
+    """Batched sampling with `model.generate`, left-padded, length-bucketed.
+
+    prefix_cache: contexts that share a long prefix (the system turn and the few-shot
+    demonstrations of a preset side) have that prefix's keys/values computed once, kept
+    across calls, and copied into each batch's cache, so only the rest of each context is
+    prefilled. Batches, padding, position ids and the sampling loop are those of the plain
+    path, so greedy and seeded sampling give the same tokens (up to kernel rounding of the
+    prefix's keys/values, which are computed in a batch of one). The cache is dropped when
+    the model's weights change in place (training).
+    """
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, prefix_cache: bool = True, *,
+                 min_prefix: int = 16, cache_size: int = 32):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.prefix_cache = prefix_cache
+        self.fast_top_p = True
+        self.min_prefix = min_prefix
+        self.prefixes = _PrefixKV(cache_size)
+        self.stats = {"context_tokens": 0, "prefilled_tokens": 0, "prefix_tokens": 0, "new_tokens": 0}
+        self._weights_version = None
+        self._cache_arg: str | None = None
+        self._usable: bool | None = None  # False for caches that can't be shared (sliding windows)
+
+    def _warper(self, params: SamplingParams):
+        """The exact fast temperature + top-p step, where it applies (else transformers' own warpers)."""
+        if not self.fast_top_p or params.temperature <= 0 or params.temperature == 1.0 or not 0 < params.top_p < 1:
+            return None
+        return TemperatureTopP(params.temperature, params.top_p)
+
+    # -- shared prefixes ---------------------------------------------------------------
+    def _check_weights(self) -> None:
+        try:
+            first = next(self.model.parameters())  # .to() swaps tensors without bumping their version
+            v = (sum(p._version for p in self.model.parameters()), first.data_ptr(), first.dtype, first.device)
+        except RuntimeError:  # inference tensors have no version counter: keep nothing across calls
+            v = -1 if self._weights_version != -1 else -2
+        if v != self._weights_version:
+            self.prefixes.clear()
+            self._weights_version = v
+
+    def _prefix_kv(self, key: tuple[int, ...], device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        base = getattr(self.model, "base_model", None) or self.model
+        kw = dict(input_ids=torch.tensor([list(key)], device=device), use_cache=True)
+        res = base(**kw)
+        cache = getattr(res, "past_key_values", None) or getattr(res, "cache", None)
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers) \
+                or any(getattr(layer, "keys", None) is None for layer in layers):
+            self._usable = False
+            return None
+        self._usable = True
+        kv = [(layer.keys, layer.values) for layer in layers]
+        self.prefixes.put(key, kv)
+        return kv
+
+    def _plan_prefixes(self, contexts: Sequence[Sequence[int]], device) -> list[tuple[tuple[int, ...] | None, int]]:
+        """(cache key, usable prefix length) per context; computes missing shared prefixes.
+
+        Contexts sharing at least min_prefix tokens and half the shorter one form a
+        family; a family (two or more rows, repeats included) whose common prefix the
+        cache does not already hold (to within min_prefix tokens) gets it computed once.
+        The usable length stops one token short of the context, so every row still
+        prefills the token whose logits give the first sampled token.
+        """
+        uniq = sorted({tuple(c) for c in contexts})
+        rows = {u: 0 for u in uniq}
+        for c in contexts:
+            rows[tuple(c)] += 1
+        cover = {u: self.prefixes.best(u) for u in uniq}
+        fams: list[list[tuple[int, ...]]] = []
+        for k, u in enumerate(uniq):
+            a = uniq[k - 1] if k else None
+            if a is not None and _lcp(a, u) >= max(self.min_prefix, min(len(a), len(u)) // 2):
+                fams[-1].append(u)
+            else:
+                fams.append([u])
+        for fam in fams:
+            if sum(rows[u] for u in fam) < 2:
+                continue
+            L = min(len(u) for u in fam) - 1
+            for u in fam[1:]:
+                L = min(L, _lcp(fam[0], u))
+            if L < self.min_prefix or L - min(min(cover[u][1], len(u) - 1) for u in fam) < self.min_prefix:
+                continue
+            key = fam[0][:L]
+            if self._prefix_kv(key, device) is None:
+                return [(None, 0)] * len(contexts)
+            for u in fam:
+                if cover[u][1] < L:
+                    cover[u] = (key, L)
+        plan = []
+        for c in contexts:
+            key, n = cover[tuple(c)]
+            n = min(n, len(c) - 1)
+            usable = key is not None and n >= self.min_prefix and key in self.prefixes.items
+            plan.append((key, n) if usable else (None, 0))
+        return plan
+
+    def _batch_cache(self, plan, idx, lengths, T: int):
+        """A DynamicCache holding each row's prefix keys/values in its left-padded columns, and its length C."""
+        from transformers import DynamicCache
+
+        C = min(T - lengths[i] + plan[i][1] for i in idx)
+        if C < self.min_prefix:
+            return None, 0
+        entries = [self.prefixes.get(plan[i][0]) if plan[i][0] is not None else None for i in idx]
+        first = next(e for e in entries if e is not None)
+        layers = []
+        for li, (k0, v0) in enumerate(first):
+            K = k0.new_zeros((len(idx), k0.shape[1], C, k0.shape[3]))
+            V = v0.new_zeros((len(idx), v0.shape[1], C, v0.shape[3]))
+            for j, (i, e) in enumerate(zip(idx, entries)):
+                off = T - lengths[i]
+                n = C - off
+                if n > 0:  # n <= plan[i][1], so e is an entry here
+                    K[j, :, off:C] = e[li][0][0, :, :n]
+                    V[j, :, off:C] = e[li][1][0, :, :n]
+            layers.append((K, V))
+        return DynamicCache(layers, config=self.model.config), C
 
     @torch.inference_mode()
     def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+        from transformers import LogitsProcessorList
+
         out: list[Sample | None] = [None] * len(contexts)
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
-        for idx in length_buckets([len(c) for c in contexts], self.batch_size):
-            T = max(len(contexts[i]) for i in idx)
+        lengths = [len(c) for c in contexts]
+        plan = [(None, 0)] * len(contexts)
+        if self.prefix_cache and self._usable is not False:
+            self._check_weights()
+            plan = self._plan_prefixes(contexts, device)
+        if self._cache_arg is None:
+            import inspect
+
+            fwd = inspect.signature(self.model.forward).parameters
+            self._cache_arg = "cache" if "cache" in fwd else "past_key_values"
+        for idx in length_buckets(lengths, self.batch_size):
+            T = max(lengths[i] for i in idx)
             ids = torch.full((len(idx), T), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)
             for j, i in enumerate(idx):  # left padding: generation appends on the right
                 ids[j, T - len(contexts[i]):] = torch.tensor(list(contexts[i]))
                 mask[j, T - len(contexts[i]):] = 1
+            cache, C = self._batch_cache(plan, idx, lengths, T) if any(plan[i][0] for i in idx) else (None, 0)
+            self.stats["context_tokens"] += sum(lengths[i] for i in idx)
+            self.stats["prefilled_tokens"] += len(idx) * (T - C)
+            self.stats["prefix_tokens"] += len(idx) * C
             greedy = params.temperature <= 0
+            warp = None if greedy else self._warper(params)
             gen = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p, top_k=None,
+                temperature=None if greedy else (1.0 if warp else params.temperature),
+                top_p=None if greedy else (1.0 if warp else params.top_p), top_k=None,
+                **({"logits_processor": LogitsProcessorList([warp])} if warp else {}),
                 pad_token_id=pad, eos_token_id=sorted(self.stop_ids),
                 output_logits=True, return_dict_in_generate=True,
+                **({self._cache_arg: cache} if cache is not None else {}),
             )
             new = gen.sequences[:, T:].cpu()
             # raw logits of each step, before temperature/top-p processing
@@ -90,6 +314,7 @@ class TransformersBackend:
                         finished = True
                         break
                     toks.append(tid)
+                self.stats["new_tokens"] += len(toks) + int(finished)
                 out[i] = Sample(toks, total, finished)
         return out  # type: ignore[return-value]
 
@@ -125,13 +350,14 @@ class VLLMBackend:
         return out
 
 
-def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None, tokenizer=None) -> Backend:
+def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None, tokenizer=None,
+                 prefix_cache: bool = True) -> Backend:
     from .models import load_model, load_tokenizer, resolve_model_path
 
     if name == "transformers":
         if model is None:
             model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
-        return TransformersBackend(model, tokenizer, batch_size)
+        return TransformersBackend(model, tokenizer, batch_size, prefix_cache=prefix_cache)
     if name == "vllm":
         tok = tokenizer or load_tokenizer(model_cfg.model)
         return VLLMBackend(resolve_model_path(model_cfg.model), tok, dtype=model_cfg.dtype)
@@ -178,16 +404,17 @@ def generate_pairs(
     ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
     todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
     summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
-               "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "output": str(out)}
+               "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "new_tokens": 0, "output": str(out)}
     if not todo:
         writer.close()
         return summary
     if backend is None:
-        backend = make_backend(cfg.backend, model_cfg, cfg.batch_size)
+        backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
     renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
     settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "max_new_tokens": cfg.max_new_tokens, "max_context": cfg.max_context, "seed": cfg.seed, "backend": backend.name}
+    stats0 = dict(getattr(backend, "stats", {}))
     chunk = max(1, cfg.batch_size // 2)
     bar = tqdm(total=len(todo) * cfg.num_pairs, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
@@ -211,6 +438,7 @@ def generate_pairs(
                     rec[key] = text
                     rec[f"{key}_truncated"] = not s.finished
                     summary["empty_responses"] += int(not text.strip())
+                    summary["new_tokens"] += len(s.ids) + int(s.finished)
                     # The raw log-prob is reusable only if re-tokenizing the text gives back
                     # exactly the sampled ids (plus EOS): scoring tokenizes the text.
                     if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([renderer.eos_id] if s.finished else [])):
@@ -225,5 +453,8 @@ def generate_pairs(
         bar.close()
         writer.close()
     summary["contexts_truncated"] = sum(r.truncated for r in renderers.values())
+    for k in ("context_tokens", "prefilled_tokens"):  # how much of the contexts the shared prefixes saved
+        if k in getattr(backend, "stats", {}):
+            summary[k] = backend.stats[k] - stats0.get(k, 0)
     summary["seconds"] = round(time.time() - t0, 2)
     return summary

@@ -13,6 +13,7 @@ dtype.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -222,18 +223,46 @@ def plan_tree_batches(
 
 
 class _PrefixCache:
-    """KV tensors of recently used shared prefixes (batch 1), keyed by their token ids."""
+    """KV tensors of recently used shared prefixes (batch 1), keyed by their token ids.
 
-    def __init__(self, size: int = 16):
+    An entry for tokens t[:P] also serves any t[:L], L < P: with causal attention a
+    prefix's keys/values do not depend on what follows, so they are its first L columns.
+    """
+
+    def __init__(self, size: int = 32):
         self.size, self.items = size, {}
 
     def get(self, key):
-        return self.items.get(key)
+        kv = self.items.get(key)
+        if kv is not None:
+            return kv
+        L = len(key)
+        for k, v in self.items.items():
+            if v is not False and len(k) > L and k[:L] == key:
+                return [(a[:, :, :L], b[:, :, :L]) for a, b in v]
+        return None
 
     def put(self, key, kv) -> None:
         if len(self.items) >= self.size:
             self.items.pop(next(iter(self.items)))
         self.items[key] = kv
+
+
+_SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _shared_prefix_cache(model: torch.nn.Module, body_dtype) -> _PrefixCache:
+    """The prefix cache of this model and body dtype, kept across calls until the weights change in place."""
+    try:
+        first = next(model.parameters())  # .to() swaps tensors without bumping their version
+        version = (sum(p._version for p in model.parameters()), first.data_ptr(), first.dtype, first.device)
+        slot = _SHARED.get(model)
+        if slot is None or slot[0] != version:
+            slot = (version, {})
+            _SHARED[model] = slot
+    except (RuntimeError, TypeError):  # inference tensors have no version counter; unhashable wrappers
+        return _PrefixCache()
+    return slot[1].setdefault(str(body_dtype), _PrefixCache())
 
 
 def _pack(lengths: Sequence[int]) -> list[list[int]]:
@@ -357,7 +386,7 @@ def score_trees(
     base = model.base_model
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cache = _PrefixCache()  # per call: a prefix's KV depends on body_dtype
+    cache = _shared_prefix_cache(model, body_dtype)  # across calls; a prefix's KV depends on body_dtype
     from transformers import DynamicCache
 
     # transformers 5.x renamed `past_key_values` to `cache` in some models' forward

@@ -199,6 +199,7 @@ class Pipeline:
 
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
+        entry.update(_throughput(stage.rsplit("/", 1)[-1], info.get("summary") or {}, info.get("wall_s")))
         self.manifest.setdefault("stages", {})[stage] = entry
         write_json(self.manifest_path, self.manifest)
 
@@ -238,7 +239,9 @@ class Pipeline:
         cfg = self.cfg
         mcfg = dataclasses.replace(cfg.model, model=policy)
         gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
-        gen_key = _key("generate", to_dict(gcfg), to_dict(cfg.model), upstream, _files(gcfg.prompts), _files(gcfg.preset))
+        speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
+        gen_key = _key("generate", {k: v for k, v in to_dict(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
+                       upstream, _files(gcfg.prompts), _files(gcfg.preset))
         self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
@@ -307,6 +310,38 @@ def train_config(cfg: RunConfig) -> TrainConfig:
     if spec["judge"] not in ("self-reward", "both"):
         tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False)
     return tcfg
+
+
+def _throughput(stage: str, summary: dict, wall_s: float | None) -> dict:
+    """Work counts and rates of a finished stage, from its summary and wall time (what `dlma run` prints)."""
+    pairs = {"generate": "pairs_written", "score": "scored", "train": "pairs_used"}.get(stage)
+    out: dict[str, Any] = {}
+    if pairs and summary.get(pairs) is not None:
+        out["pairs"] = summary[pairs]
+    if stage == "evaluate" and isinstance(summary.get("prompts"), dict):
+        out["answers"] = summary["prompts"].get("answers_generated")
+    if stage == "generate" and summary.get("new_tokens") is not None:
+        out["tokens"] = summary["new_tokens"]
+    if wall_s:
+        for k in ("pairs", "answers", "tokens"):
+            if out.get(k):
+                out[f"{k}_per_s"] = round(out[k] / wall_s, 2)
+    if stage == "train" and summary.get("tokens_per_s") is not None:
+        out["tokens_per_s"] = summary["tokens_per_s"]  # the training loop's own rate
+    return out
+
+
+def format_stages(manifest: dict) -> str:
+    """Each stage's wall time and throughput, as recorded in manifest.json."""
+    rows = [["stage", "wall time", "pairs/s", "tokens/s", "peak memory"]]
+    for name, e in manifest.get("stages", {}).items():
+        wall = "-" if e.get("wall_s") is None else f"{e['wall_s']:.0f} s" + (" (earlier run)" if e.get("skipped") else "")
+        rate = e.get("pairs_per_s") or e.get("answers_per_s")
+        rows.append([name, wall, "-" if rate is None else f"{rate:.2f}" + (" answers" if "pairs_per_s" not in e else ""),
+                     "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.0f}",
+                     "-" if e.get("peak_rss_mb") is None else f"{e['peak_rss_mb'] / 1024:.1f} GB"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _orient(src: Path, dst: Path, field: str) -> dict:

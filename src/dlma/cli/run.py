@@ -63,7 +63,7 @@ def resolve_config(args) -> RunConfig:
 
 
 def run(args) -> int:
-    from ..pipeline import Pipeline, compare, format_compare, format_table
+    from ..pipeline import Pipeline, compare, format_compare, format_stages, format_table
 
     cfg = resolve_config(args)
     if args.print_config:
@@ -78,7 +78,9 @@ def run(args) -> int:
         print(format_compare(runs))
         print(f"\nreport: {cfg.run_dir}/report/index.html")
         return 0
-    metrics = Pipeline(cfg, progress=progress).run()
+    pipe = Pipeline(cfg, progress=progress)
+    metrics = pipe.run()
+    print(format_stages(pipe.manifest) + "\n")
     print(format_table(metrics))
     print(f"\naligned model: {cfg.run_dir}/final-model")
     print(f"report: {cfg.run_dir}/round-{cfg.rounds}/evaluate/index.html")
