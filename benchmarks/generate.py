@@ -1,9 +1,8 @@
 """Contrastive generation: dlma's sampler against plain transformers `generate`, side by side.
 
-Both sides sample the same contexts: those `dlma run` builds by default (the
-`hh-harmless-first:train` openings under the `harmless` pair and `benign-train` under
-`helpful`, two pairs per prompt, p+ and p- contexts), chunk by chunk as `dlma generate`
-does, each chunk seeded the same way, in the same length-bucketed batches.
+Both sides sample the same contexts: those `dlma run` builds by default (`harmful-train`
+under the `harmless` pair and `benign-train` under `no-overrefusal`, one pair per prompt,
+p+ and p- contexts), chunk by chunk as `dlma generate` does, each chunk seeded the same way, in the same length-bucketed batches.
 
 Baseline: `model.generate` on the left-padded batch (every context prefilled in full).
 dlma: `TransformersBackend` (shared-prefix KV reuse: the system turn and demonstrations
@@ -130,10 +129,10 @@ def run_both(model, tok, work, params: SamplingParams, batch_size: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", default="hh-harmless-first:train,benign-train")
-    ap.add_argument("--preset", default="harmless,helpful")
+    ap.add_argument("--prompts", default="harmful-train,benign-train")
+    ap.add_argument("--preset", default="harmless,no-overrefusal")
     ap.add_argument("--limit", type=int, default=8, help="prompts per source")
-    ap.add_argument("--num-pairs", type=int, default=2)
+    ap.add_argument("--num-pairs", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)

@@ -319,7 +319,8 @@ def _throughput(stage: str, summary: dict, wall_s: float | None) -> dict:
     if pairs and summary.get(pairs) is not None:
         out["pairs"] = summary[pairs]
     if stage == "evaluate" and isinstance(summary.get("prompts"), dict):
-        out["answers"] = summary["prompts"].get("answers_generated")
+        made = summary["prompts"].get("answers_generated")  # {role: answers generated now}
+        out["answers"] = sum(made.values()) if isinstance(made, dict) else made
     if stage == "generate" and summary.get("new_tokens") is not None:
         out["tokens"] = summary["new_tokens"]
     if wall_s:
