@@ -170,11 +170,22 @@ def test_self_comparison_is_fifty_percent(prompt_file, tmp_path):
     pre = {"embedded": load_model("embedded", "auto", "cpu")}  # bf16 where the CPU has it: 4x faster
     greedy = evaluate_models(ModelConfig(device="cpu"),
                              EvalConfig(prompts=str(prompt_file), limit=6, max_new_tokens=MAX_NEW,
-                                        judge=["self-reward", "llm:embedded"]),
+                                        judge=["self-reward", "llm:embedded"], samples=2),
                              str(tmp_path / "greedy"), model="embedded", baseline="embedded", progress=False, preloaded=pre)
     assert greedy["prompts"]["identical_answers"] == 6
     for j in greedy["judges"].values():
         assert (j["tie"], j["adjusted_win_rate"]) == (6, 0.5)
+    # rates carry Wilson intervals; sampled answers (2 per prompt and model) give their own rates
+    for role in ("aligned", "baseline"):
+        r = greedy["refusal"][role]
+        assert r["n_unsafe"] == 3 and r["refusal_ci"][0] <= r["refusal_rate"] <= r["refusal_ci"][1]
+        s = greedy["sampled_refusal"][role]
+        assert s["n_unsafe"] == 3 and s["n_safe"] == 3 and 0 <= s["refusal_rate"] <= 1
+        assert s["refusal_ci"][0] <= s["refusal_rate"] <= s["refusal_ci"][1]
+        assert greedy["quality_safe"][role]["n"] == 3  # quality over the harmless prompts alone
+        for k in (1, 2):
+            assert len((tmp_path / "greedy" / f"answers-{role}-sample{k}.jsonl").read_text().splitlines()) == 6
+    assert greedy["sampled_refusal"]["samples"] == 2
 
     sampled = evaluate_models(ModelConfig(device="cpu"),
                               EvalConfig(prompts=str(prompt_file), limit=12, max_new_tokens=MAX_NEW, temperature=0.7,
