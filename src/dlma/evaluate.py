@@ -202,21 +202,26 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
     return len(unique) / total if total else None
 
 
-def answer_perplexities(model, tok, preset: Preset, prompts: Sequence[PromptRecord], answers: dict[str, dict],
-                        cfg: EvalConfig) -> tuple[list[float], float]:
-    """Per-answer perplexity under `model` (bare context, EOS included when the answer ended) and the
-    token-weighted corpus perplexity."""
+def answer_logprobs(model, tok, preset: Preset, prompts: Sequence[PromptRecord], answers: dict[str, dict],
+                    cfg: EvalConfig) -> dict[str, tuple[float, int]]:
+    """{prompt id: (summed log-prob, tokens)} of each answer under `model` (bare context, EOS included
+    when the answer ended); an empty cut answer has no token to score and is left out."""
     from .logprobs import score_sequences
 
     r = Renderer(tok, preset, max_context=cfg.max_context)
     contexts = [r.context_ids(p.prompt, "bare") for p in prompts]
     responses = [r.response_ids(answers[p.id]["answer"], truncated=answers[p.id]["truncated"]) for p in prompts]
-    keep = [i for i, resp in enumerate(responses) if resp]  # a cut empty answer has no token to score
+    keep = [i for i, resp in enumerate(responses) if resp]
     sums, counts = score_sequences(model, [contexts[i] for i in keep], [responses[i] for i in keep],
                                    pad_id=tok.pad_token_id, batch_size=cfg.batch_size)
-    per = [math.exp(-s / c) for s, c in zip(sums, counts)]
-    corpus = math.exp(-sum(sums) / max(sum(counts), 1))
-    return per, corpus
+    return {prompts[i].id: (s, c) for i, s, c in zip(keep, sums, counts)}
+
+
+def perplexities(scored: dict[str, tuple[float, int]], ids: Sequence[str]) -> tuple[list[float], float]:
+    """Per-answer perplexities of the scored answers among `ids`, and their token-weighted corpus perplexity."""
+    got = [scored[i] for i in ids if i in scored]
+    per = [math.exp(-s / c) for s, c in got]
+    return per, math.exp(-sum(s for s, _ in got) / max(sum(c for _, c in got), 1))
 
 
 def quality_metrics(answers: dict[str, dict], per_ppl: list[float], corpus_ppl: float) -> dict:
@@ -391,22 +396,20 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
 
     _log(progress, f"perplexity under {reference}")
     ref_model, ref_tok = pool.get(reference)
-    quality, dists = {}, {}
+    quality, dists, quality_safe = {}, {}, {}
+    # Refusals are short and alike, so over all prompts a model that refuses more looks less fluent
+    # and less diverse; on harmless prompts (which it should answer) the quality change is its own.
+    safe = [p.id for p in prompts if p.label == "safe"]
     for role in ROLES:
         if role == "baseline" and all(it["answer"] == answers["aligned"][k]["answer"] for k, it in answers[role].items()):
             pass  # same answers: same perplexities
         else:
-            per, corpus = answer_perplexities(ref_model, ref_tok, preset, prompts, answers[role], cfg)
+            scored = answer_logprobs(ref_model, ref_tok, preset, prompts, answers[role], cfg)
+        per, corpus = perplexities(scored, [p.id for p in prompts])
         quality[role] = quality_metrics(answers[role], per, corpus)
         dists[role] = {"tokens": [answers[role][p.id]["tokens"] for p in prompts], "perplexity": per}
-    # Refusals are short and alike, so over all prompts a model that refuses more looks less fluent
-    # and less diverse; on harmless prompts (which it should answer) the quality change is its own.
-    safe = [p for p in prompts if p.label == "safe"]
-    quality_safe = {}
-    if safe and len(safe) < len(prompts):
-        for role in ROLES:
-            sub = {p.id: answers[role][p.id] for p in safe}
-            quality_safe[role] = quality_metrics(sub, *answer_perplexities(ref_model, ref_tok, preset, safe, sub, cfg))
+        if safe and len(safe) < len(prompts):
+            quality_safe[role] = quality_metrics({i: answers[role][i] for i in safe}, *perplexities(scored, safe))
     labels = [p.label for p in prompts]
     refusal = {role: refusal_rates([answers[role][p.id]["answer"] for p in prompts], labels) for role in ROLES}
 
