@@ -2,7 +2,8 @@
 
 Both sides sample the same contexts: those `dlma run` builds by default (`harmful-train`
 under the `harmless` pair and `benign-train` under `no-overrefusal`, one pair per prompt,
-p+ and p- contexts), chunk by chunk as `dlma generate` does, each chunk seeded the same way, in the same length-bucketed batches.
+p+ and p- contexts), chunk by chunk as `dlma generate` does, each row sampled from its own seed
+(run seed, pair id, side) through dlma's RowSampler on both sides, in the same length-bucketed batches.
 
 Baseline: `model.generate` on the left-padded batch (every context prefilled in full).
 dlma: `TransformersBackend` (shared-prefix KV reuse: the system turn and demonstrations
@@ -31,8 +32,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from dlma.config import GenerateConfig  # noqa: E402
 from dlma.data import ReadStats, read_prompts  # noqa: E402
-from dlma.generate import SamplingParams, TransformersBackend, _chunk_seed  # noqa: E402
+from dlma.generate import RowSampler, SamplingParams, TransformersBackend, row_seed  # noqa: E402
 from dlma.logprobs import length_buckets  # noqa: E402
 from dlma.models import load_model  # noqa: E402
 from dlma.prompts import Renderer, load_preset  # noqa: E402
@@ -69,7 +71,7 @@ def cpu_kind() -> str:
 
 def chunks(tok, sources: list[str], presets: list[str], limit: int, num_pairs: int, batch_size: int, seed: int,
            max_context: int):
-    """(seed, contexts) per chunk, exactly as dlma generate forms them."""
+    """(row seeds, contexts) per chunk, exactly as dlma generate forms them."""
     prompts = []
     for source, preset in zip(sources, presets):
         r = Renderer(tok, load_preset(preset), max_context=max_context)
@@ -78,14 +80,25 @@ def chunks(tok, sources: list[str], presets: list[str], limit: int, num_pairs: i
     out = []
     for s in range(0, len(prompts), step):
         group = prompts[s:s + step]
-        ctx = [r.context_ids(p.prompt, side) for p, r in group for _ in range(num_pairs) for side in ("positive", "negative")]
-        out.append((_chunk_seed(seed, group[0][0].id), ctx))
+        rows = [(p, r, p.id if num_pairs == 1 else f"{p.id}:{k}", side)
+                for p, r in group for k in range(num_pairs) for side in ("positive", "negative")]
+        out.append(([row_seed(seed, pid, side) for _, _, pid, side in rows], [r.context_ids(p.prompt, side) for p, r, _, side in rows]))
     return out
 
 
 @torch.inference_mode()
-def plain_generate(model, tok, contexts, params: SamplingParams, batch_size: int) -> list[list[int]]:
-    """Plain `model.generate`, left-padded, in the same length-bucketed batches; tokens up to the stop token."""
+def plain_generate(model, tok, contexts, params: SamplingParams, batch_size: int, seeds) -> list[list[int]]:
+    """Plain `model.generate`, left-padded, in the same length-bucketed batches; tokens up to the stop token.
+
+    Sampled rows draw from their own seeds through the same RowSampler dlma uses (transformers'
+    plain temperature/top-p warpers inside it), so both sides sample the same way."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    class _Plain:  # transformers' own warpers, in their order
+        def __call__(self, input_ids, scores):
+            scores = TemperatureLogitsWarper(params.temperature)(input_ids, scores)
+            return TopPLogitsWarper(params.top_p)(input_ids, scores) if params.top_p < 1 else scores
+
     pad, out = tok.pad_token_id, [None] * len(contexts)
     eos = model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, list) else [eos])
@@ -97,9 +110,10 @@ def plain_generate(model, tok, contexts, params: SamplingParams, batch_size: int
             ids[j, T - len(contexts[i]):] = torch.tensor(contexts[i])
             mask[j, T - len(contexts[i]):] = 1
         greedy = params.temperature <= 0
+        proc = {} if greedy else {"logits_processor": LogitsProcessorList([RowSampler(_Plain(), [seeds[i] for i in idx])])}
         seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-                              temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
-                              top_k=None, pad_token_id=pad, eos_token_id=sorted(stops))
+                              temperature=None if greedy else 1.0, top_p=None if greedy else 1.0,
+                              top_k=None, pad_token_id=pad, eos_token_id=sorted(stops), **proc)
         for j, i in enumerate(idx):
             toks = []
             for t in seqs[j, T:].tolist():
@@ -115,14 +129,13 @@ def run_both(model, tok, work, params: SamplingParams, batch_size: int):
     backend = TransformersBackend(model, tok, batch_size)
     res = {"plain": [], "dlma": []}
     secs = {"plain": 0.0, "dlma": 0.0}
-    for seed, ctx in work:
+    for seeds, ctx in work:
         for side in ("plain", "dlma"):
-            torch.manual_seed(seed)
             t = time.perf_counter()
             if side == "plain":
-                res[side] += plain_generate(model, tok, ctx, params, batch_size)
+                res[side] += plain_generate(model, tok, ctx, params, batch_size, seeds)
             else:
-                res[side] += [s.ids for s in backend.sample(ctx, params)]
+                res[side] += [s.ids for s in backend.sample(ctx, params, seeds=seeds)]
             secs[side] += time.perf_counter() - t
     return res, secs, backend.stats
 
@@ -136,9 +149,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=GenerateConfig.batch_size)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU runs it fast), float32, bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto (what dlma picks: float32 on CPUs), float32, bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-greedy-check", action="store_true", help="skip the greedy equality pass")
     args = ap.parse_args()

@@ -167,7 +167,7 @@ def test_self_comparison_is_fifty_percent(prompt_file, tmp_path):
     answers come from different seed streams and the self-reward judge lands near 50%."""
     from dlma.models import load_model
 
-    pre = {"embedded": load_model("embedded", "auto", "cpu")}  # bf16 where the CPU has it: 4x faster
+    pre = {"embedded": load_model("embedded", "auto", "cpu")}  # loaded once, shared by both runs
     greedy = evaluate_models(ModelConfig(device="cpu"),
                              EvalConfig(prompts=str(prompt_file), limit=6, max_new_tokens=MAX_NEW,
                                         judge=["self-reward", "llm:embedded"], samples=2),

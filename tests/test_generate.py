@@ -63,6 +63,27 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert len(ids) == 8 and len(set(ids)) == 8
     assert json.loads(done.stderr[done.stderr.index("{"):])["already_done"] == before
+    # each row samples from a seed of its own id: the resumed file is the uninterrupted one
+    whole = tmp_path / "whole.jsonl"
+    assert _run(args[:-3] + ["--out", str(whole), "--no-progress"]).returncode == 0
+    a, b = read_jsonl(out), read_jsonl(whole)
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in a] == [(r["id"], r["chosen"], r["rejected"]) for r in b]
+
+
+def test_row_seeds_make_samples_independent_of_the_batch(embedded):
+    """A row's sampled tokens depend on its seed, not on which rows share its batch or in what order."""
+    from dlma.generate import SamplingParams, TransformersBackend, row_seed
+
+    model, tok = embedded
+    ctx = _default_contexts(tok, 2)[:6]
+    seeds = [row_seed(0, i) for i in range(6)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.9, seed=0)
+    together = TransformersBackend(model, tok, 6).sample(ctx, params, seeds=seeds)
+    apart = TransformersBackend(model, tok, 2).sample(ctx[::-1], params, seeds=seeds[::-1])[::-1]
+    assert [s.ids for s in together] == [s.ids for s in apart]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(together, apart)) < 1e-3
+    other = TransformersBackend(model, tok, 6).sample(ctx, params, seeds=[row_seed(1, i) for i in range(6)])
+    assert [s.ids for s in other] != [s.ids for s in together]  # the seed does decide
 
 
 def test_broken_json_is_a_one_line_error(tmp_path):

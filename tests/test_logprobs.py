@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dlma.logprobs import _pack, _plan, collate, plan_tree_batches, score_sequences, score_trees, sequence_logprobs
 from dlma.prompts import Renderer, load_preset
 
@@ -88,3 +90,63 @@ def test_prefix_keys_values_are_kept_across_calls(embedded):
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(1.0)
     assert not _shared_prefix_cache(model, None).items  # weights changed in place: cache dropped
+
+
+def test_head_gets_a_contiguous_input(embedded):
+    """logits_to_keep slices the hidden states; the head's pre-hook copies the slice so a bf16
+    CPU linear does not broadcast its weight per row. The values are those of the full logits."""
+    import torch
+
+    model, tok = embedded
+    head = model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog")] * 2)
+        with torch.inference_mode():
+            kept = model(input_ids=ids, logits_to_keep=3).logits
+            full = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    assert seen == [True, True]
+    assert torch.allclose(kept, full[:, -3:], atol=1e-4)
+
+
+def _tiny(kind: str):
+    import torch
+    from transformers import AutoModelForCausalLM, CohereConfig, GraniteConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = {"cohere": lambda: CohereConfig(logit_scale=0.25, **common),
+           "granite": lambda: GraniteConfig(logits_scaling=8.0, **common),
+           "llama": lambda: LlamaConfig(**common)}[kind]()
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["cohere", "granite", "llama", "unknown-transform"])
+def test_split_head_follows_each_architecture(kind):
+    """Scoring splits the output layer off the model; Cohere's logit_scale and Granite's
+    logits_scaling are applied, and a model whose forward transforms its logits some other way
+    is scored through its own forward. Either way: the model's own log-probs."""
+    import torch
+
+    from dlma.logprobs import _head
+
+    model = _tiny("llama" if kind == "unknown-transform" else kind)
+    if kind == "unknown-transform":
+        forward = model.forward
+
+        def scaled(*a, **kw):
+            out = forward(*a, **kw)
+            out.logits = out.logits * 3.0
+            return out
+        model.forward = scaled
+    trees = [([5, 6, 7, 8, 9, 10], [[11, 12, 13], [14, 15]]), ([5, 6, 7, 8, 20], [[21, 22]])]
+    flat_c = [c for c, rs in trees for _ in rs]
+    flat_r = [r for _, rs in trees for r in rs]
+    plain, _ = score_sequences(model, flat_c, flat_r, pad_id=0, batch_size=4)
+    split = [x[0] for t in score_trees(model, trees, pad_id=0, batch_size=4, min_prefix=2) for x in t]
+    assert split == pytest.approx(plain, abs=1e-3)
+    assert (_head(model) is None) == (kind == "unknown-transform")

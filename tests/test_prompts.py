@@ -111,3 +111,24 @@ def test_user_preset_yaml(tmp_path):
     bad.write_text("name: x\ndemonstrations:\n  - user: hi\n")
     with pytest.raises(DlmaError, match="bad.yaml"):
         load_preset(str(bad))
+
+
+def test_end_of_turn_follows_the_chat_template(tmp_path):
+    """A template that closes assistant turns with a token other than EOS (Gemma's <end_of_turn>,
+    Llama 3's <|eot_id|>): complete responses end with that token, and generation stops on it."""
+    from dlma.models import load_tokenizer
+    from dlma.prompts import Renderer, end_of_turn_id
+
+    tok = load_tokenizer("embedded")
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                         "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    tok.save_pretrained(tmp_path)
+    gemma_like = load_tokenizer(str(tmp_path))
+    eot = gemma_like.convert_tokens_to_ids("<end_of_turn>")
+    assert eot != gemma_like.eos_token_id and end_of_turn_id(gemma_like) == eot
+    r = Renderer(gemma_like, load_preset("harmless"))
+    assert r.response_ids("Sure.")[-1] == eot
+    assert r.response_ids("Sure, here is", truncated=True)[-1] != eot
+    assert end_of_turn_id(load_tokenizer("embedded")) == load_tokenizer("embedded").eos_token_id  # ChatML: <|im_end|>

@@ -96,6 +96,55 @@ def test_select_pairs_flips_and_filters():
         select_pairs([{"id": "z", "chosen": "x", "rejected": "y"}], TrainConfig(loss="dlma"))
 
 
+def test_select_pairs_normalises_per_preset_and_shuffles():
+    from dlma.train import select_pairs
+
+    pairs = [{"id": f"h{i}", "chosen": "x", "rejected": "y", "self_reward": r, "preset": "harmless"} for i, r in enumerate([10.0, 20.0, 30.0])]
+    pairs += [{"id": f"n{i}", "chosen": "x", "rejected": "y", "self_reward": r, "preset": "no-overrefusal"} for i, r in enumerate([1.0, 2.0, 3.0])]
+    kept, _ = select_pairs(pairs, TrainConfig(reward_norm="preset"))
+    overall = 6.5  # median |R| over all six pairs
+    assert [p["self_reward"] for p in kept] == pytest.approx([r * overall / 20 for r in (10, 20, 30)] + [r * overall / 2 for r in (1, 2, 3)])
+    assert kept[0]["self_reward_raw"] == 10.0
+    # after rescaling both presets share one scale, so one threshold cuts each at its own median
+    kept, counts = select_pairs(pairs, TrainConfig(reward_norm="preset", min_reward=overall))
+    assert [p["id"] for p in kept] == ["h1", "h2", "n1", "n2"] and counts["pairs_filtered"] == 2
+    shuffled, _ = select_pairs(pairs, TrainConfig(shuffle_reward=True, seed=3))
+    assert [p["id"] for p in shuffled] == [p["id"] for p in pairs]
+    assert sorted(p["self_reward"] for p in shuffled) == sorted(p["self_reward"] for p in pairs)
+    assert [p["self_reward"] for p in shuffled] != [p["self_reward"] for p in pairs]
+    assert select_pairs(pairs, TrainConfig(shuffle_reward=True, seed=3))[0] == shuffled  # seeded
+
+
+def test_reference_from_another_model_or_precision_is_not_trusted():
+    from dlma.config import ModelConfig
+    from dlma.train import _stale_reference
+
+    rec = {"id": "a", "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0, "ref_from": {"model": "embedded", "dtype": "float32"}}
+    assert _stale_reference([rec], ModelConfig(model="embedded", dtype="float32")) is None
+    assert "bfloat16" in _stale_reference([rec], ModelConfig(model="embedded", dtype="bfloat16"))
+    assert "'other'" in _stale_reference([rec], ModelConfig(model="other", dtype="float32"))
+    bf16 = dict(rec, ref_from={"model": "embedded", "dtype": "float32+bf16-body"})  # scored with --precision mixed
+    assert _stale_reference([rec, bf16], ModelConfig(model="embedded", dtype="float32"))
+    assert _stale_reference([{k: v for k, v in rec.items() if k != "ref_from"}], ModelConfig(model="other")) is None
+
+
+def test_plan_balances_presets():
+    """Every global batch holds each preset in proportion, whatever the lengths; one stratum keeps the old order."""
+    from dlma.train import epoch_plan
+
+    lengths = [100 + i for i in range(60)] + [10 + i for i in range(30)]  # the first preset's pairs are all longer
+    strata = ["harmless"] * 60 + ["no-overrefusal"] * 30
+    for seed in range(3):
+        plan = epoch_plan(lengths, 6, 2, 0, seed, strata)
+        assert sorted(i for step in plan for m in step for i in m) == list(range(90))
+        for step in plan:
+            members = [i for m in step for i in m]
+            assert sum(strata[i] == "harmless" for i in members) == 4
+        unbalanced = epoch_plan(lengths, 6, 2, 0, seed)
+        assert any(sum(i < 60 for m in step for i in m) in (0, 6) for step in unbalanced)
+        assert epoch_plan(lengths, 6, 2, 0, seed, ["x"] * 90) == unbalanced
+
+
 def test_plan_is_split_invariant():
     """The same pairs land in each global step however the batch is split."""
     from dlma.train import epoch_plan

@@ -27,7 +27,6 @@ import math
 import statistics
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,10 +117,11 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
     Returns {prompt id: answer record} and how many answers were generated now (not cached)."""
     from tqdm.auto import tqdm
 
-    from .generate import SamplingParams, TransformersBackend
+    from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
 
     settings = {"model": model_name, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement}
+                "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement,
+                **({"sampler": SAMPLER} if cfg.temperature > 0 else {})}
     have: dict[str, dict] = {}
     if path.exists():
         for lineno, rec in iter_jsonl(path):
@@ -138,8 +138,8 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
         with JsonlWriter(path) as writer:
             for start in range(0, len(todo), cfg.batch_size):
                 group = todo[start:start + cfg.batch_size]
-                torch.manual_seed(zlib.crc32(f"{cfg.seed}:{role}:{group[0].id}".encode()))
-                samples = backend.sample([renderer.context_ids(p.prompt, "bare") for p in group], params)
+                samples = backend.sample([renderer.context_ids(p.prompt, "bare") for p in group], params,
+                                         seeds=[row_seed(cfg.seed, role, p.id) for p in group])
                 for p, s in zip(group, samples):
                     rec = {"id": p.id, "prompt": p.prompt, "label": p.label, "source": p.extra.get("source"),
                            "answer": tok.decode(s.ids, skip_special_tokens=True), "truncated": not s.finished,

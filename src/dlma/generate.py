@@ -22,7 +22,7 @@ from .config import GenerateConfig, ModelConfig
 from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts
 from .errors import DlmaError
 from .logprobs import length_buckets
-from .prompts import Renderer, load_preset
+from .prompts import Renderer, end_of_turn_id, load_preset
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Sample:
     ids: list[int]        # sampled tokens, without the stop token
     logprob: float        # raw log-prob sum of the sampled tokens, stop token included when finished
     finished: bool        # ended with a stop token (else cut at max_new_tokens)
+    stop_id: int | None = None  # the stop token that ended it
 
 
 class Backend(Protocol):
@@ -45,7 +46,18 @@ class Backend(Protocol):
 
     name: str
 
-    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]: ...
+    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams,
+               seeds: Sequence[int] | None = None) -> list[Sample]: ...
+
+
+SAMPLER = "row-seeded"  # recorded with every file sampled this way: a file sampled otherwise is not resumed into
+
+
+def row_seed(*parts: object) -> int:
+    """A sampling seed from a row's own identity (run seed, pair id, side): the tokens a row
+    gets do not depend on which rows share its batch, so a resumed or re-batched run samples
+    what an uninterrupted one does."""
+    return zlib.crc32(":".join(map(str, parts)).encode())
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -136,6 +148,25 @@ class TemperatureTopP:
         return s.masked_fill(remove, -float("inf"))
 
 
+class RowSampler:
+    """Draws each row's next token with the row's own generator, after temperature/top-p.
+
+    transformers samples a batch from one global stream, so a row's tokens depend on the rows
+    beside it. This processor samples every row itself and leaves a single finite score,
+    which transformers' own draw then has to pick.
+    """
+
+    def __init__(self, warp: "TemperatureTopP", seeds: Sequence[int]):
+        self.warp = warp
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = self.warp(input_ids, scores).float().softmax(-1).cpu()
+        picks = torch.stack([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(self.gens)])
+        out = torch.full_like(scores, -float("inf"))
+        return out.scatter_(-1, picks.to(scores.device), 0.0)
+
+
 class TransformersBackend:
     """Batched sampling with `model.generate`, left-padded, length-bucketed.
 
@@ -155,7 +186,8 @@ class TransformersBackend:
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {end_of_turn_id(tokenizer)}
+        self.stop_ids.discard(None)
         self.prefix_cache = prefix_cache
         self.fast_top_p = True
         self.min_prefix = min_prefix
@@ -263,7 +295,10 @@ class TransformersBackend:
         return DynamicCache(layers, config=self.model.config), C
 
     @torch.inference_mode()
-    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams,
+               seeds: Sequence[int] | None = None) -> list[Sample]:
+        """Sample each context; with `seeds` (one per context) every row draws from its own
+        generator, else the batch draws from torch's global stream (seed it before calling)."""
         from transformers import LogitsProcessorList
 
         out: list[Sample | None] = [None] * len(contexts)
@@ -292,6 +327,8 @@ class TransformersBackend:
             self.stats["prefix_tokens"] += len(idx) * C
             greedy = params.temperature <= 0
             warp = None if greedy else self._warper(params)
+            if seeds is not None and not greedy:
+                warp = RowSampler(warp or TemperatureTopP(params.temperature, params.top_p), [seeds[i] for i in idx])
             gen = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=params.max_new_tokens, do_sample=not greedy,
@@ -307,15 +344,15 @@ class TransformersBackend:
             raw = torch.stack(gen.logits, dim=1).float()
             lps = torch.gather(raw.log_softmax(-1), -1, new[:, : raw.shape[1]].unsqueeze(-1).to(raw.device)).squeeze(-1).cpu()
             for j, i in enumerate(idx):
-                toks, total, finished = [], 0.0, False
+                toks, total, stop = [], 0.0, None
                 for t, tid in enumerate(new[j].tolist()):
                     total += float(lps[j, t])
                     if tid in self.stop_ids:
-                        finished = True
+                        stop = tid
                         break
                     toks.append(tid)
-                self.stats["new_tokens"] += len(toks) + int(finished)
-                out[i] = Sample(toks, total, finished)
+                self.stats["new_tokens"] += len(toks) + int(stop is not None)
+                out[i] = Sample(toks, total, stop is not None, stop)
         return out  # type: ignore[return-value]
 
 
@@ -330,23 +367,30 @@ class VLLMBackend:
         except ImportError:
             raise DlmaError("backend vllm needs vLLM: pip install vllm (GPU machines)") from None
         self.tok = tokenizer
+        self.stop_ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
         self.llm = LLM(model=model_path, dtype=dtype, logprobs_mode="raw_logprobs", **engine_kw)
 
-    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+    def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams,
+               seeds: Sequence[int] | None = None) -> list[Sample]:
         from vllm import SamplingParams as VSP
 
-        sp = VSP(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                 seed=params.seed, logprobs=0)
-        results = self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts], sp, use_tqdm=False)
+        def sp(seed: int) -> "VSP":
+            return VSP(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                       seed=seed, logprobs=0, stop_token_ids=sorted(self.stop_ids))
+
+        # vLLM seeds each request on its own: per-row seeds map straight onto it
+        sps = [sp(int(x)) for x in seeds] if seeds is not None else sp(params.seed)
+        results = self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts], sps, use_tqdm=False)
         out = []
         for r in results:
             o = r.outputs[0]
             lp = sum(next(iter(d.values())).logprob for d in (o.logprobs or []))
             finished = o.finish_reason == "stop"
             ids = list(o.token_ids)
-            if finished and ids and ids[-1] == self.tok.eos_token_id:
+            stop = ids[-1] if finished and ids else None
+            if stop is not None and stop in self.stop_ids:
                 ids = ids[:-1]
-            out.append(Sample(ids, lp, finished))
+            out.append(Sample(ids, lp, finished, stop))
         return out
 
 
@@ -362,10 +406,6 @@ def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None,
         tok = tokenizer or load_tokenizer(model_cfg.model)
         return VLLMBackend(resolve_model_path(model_cfg.model), tok, dtype=model_cfg.dtype)
     raise DlmaError(f"unknown backend {name!r}; available: transformers, vllm")
-
-
-def _chunk_seed(seed: int, first_id: str) -> int:
-    return zlib.crc32(f"{seed}:{first_id}".encode())
 
 
 def generate_pairs(
@@ -400,7 +440,8 @@ def generate_pairs(
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
-        "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend})
+        "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend,
+        "sampler": SAMPLER})
     ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
     todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
     summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
@@ -424,9 +465,8 @@ def generate_pairs(
             jobs: list[tuple[PromptRecord, str, str]] = [
                 (p, pid, side) for p in group for pid in ids_for(p) if pid not in writer.done for side in ("positive", "negative")]
             contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side in jobs]
-            torch.manual_seed(_chunk_seed(cfg.seed, group[0].id))
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-            samples = backend.sample(contexts, params)
+            samples = backend.sample(contexts, params, seeds=[row_seed(cfg.seed, pid, side) for _, pid, side in jobs])
             for k in range(0, len(jobs), 2):
                 p, pid, _ = jobs[k]
                 renderer = renderers[preset_of[p.id]]
@@ -441,7 +481,9 @@ def generate_pairs(
                     summary["new_tokens"] += len(s.ids) + int(s.finished)
                     # The raw log-prob is reusable only if re-tokenizing the text gives back
                     # exactly the sampled ids (plus EOS): scoring tokenizes the text.
-                    if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([renderer.eos_id] if s.finished else [])):
+                    # A stop token other than the end of turn scoring appends (e.g. <eos> for
+                    # <end_of_turn>) makes the raw log-prob another sequence's: not reused.
+                    if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([s.stop_id] if s.finished else [])):
                         rec[f"gen_lp_{key}"] = s.logprob
                 rec["preset"] = preset_of[p.id]
                 rec["generation"] = settings

@@ -336,14 +336,57 @@ def _block_mask(seg: torch.Tensor, L: int, dtype: torch.dtype, K: int) -> torch.
     return mask.unsqueeze(1)
 
 
-def _head(model: torch.nn.Module):
-    """(float32 weight, bias, softcap) of the output projection, or None when it can't be split off."""
+class _Projection:
+    """The output layer split off a causal LM, in float32, with the architecture's own logit
+    transform: Gemma 2/3 soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`."""
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Module):
+        cfg = model.config
+        self.weight = head.weight.float()
+        self.bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        logits = h.float() @ self.weight.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@torch.inference_mode()
+def _agrees_with_forward(model: torch.nn.Module, proj: _Projection) -> bool:
+    """The split-off head gives the model's own logits on a probe sequence (an architecture
+    with another output transform fails this and is scored through its own forward)."""
+    device = next(model.parameters()).device
+    vocab = int(proj.weight.shape[0])
+    ids = torch.arange(1, 9, device=device).clamp(max=vocab - 1).unsqueeze(0)
+    own = model(input_ids=ids, use_cache=False).logits[0].float()
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+    mine = proj(hidden)
+    return own.shape == mine.shape and bool(torch.allclose(own, mine, rtol=1e-2, atol=1e-2 * (1 + float(own.abs().max()))))
+
+
+def _head(model: torch.nn.Module) -> _Projection | None:
+    """The float32 output projection, or None when it can't be split off or doesn't reproduce
+    the model's logits (checked once per model)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
     if head is None or base is None or base is model or not hasattr(head, "weight"):
         return None
-    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-    return head.weight.float(), bias, getattr(model.config, "final_logit_softcapping", None)
+    proj = _Projection(model, head)
+    verdict = getattr(model, "_dlma_head_ok", None)
+    if verdict is None:
+        verdict = _agrees_with_forward(model, proj)
+        try:
+            model._dlma_head_ok = verdict
+        except (AttributeError, TypeError):
+            pass
+    return proj if verdict else None
 
 
 @torch.inference_mode()
@@ -382,7 +425,6 @@ def score_trees(
         if on_batch:
             on_batch(len(trees))
         return out
-    weight, bias, softcap = head
     base = model.base_model
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -425,12 +467,7 @@ def score_trees(
             tgt = torch.tensor([p[2] for p in picks], device=device)
             lps = []
             for s in range(0, len(picks), head_chunk):
-                h = hidden[rows[s:s + head_chunk], cols[s:s + head_chunk]].float()
-                logits = h @ weight.T
-                if bias is not None:
-                    logits = logits + bias
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
+                logits = head(hidden[rows[s:s + head_chunk], cols[s:s + head_chunk]])
                 lps.append(logits.gather(-1, tgt[s:s + head_chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
             lp = torch.cat(lps).double().cpu().tolist()
             acc: dict[tuple[int, int], list] = {}

@@ -301,14 +301,14 @@ class Pipeline:
 def train_config(cfg: RunConfig) -> TrainConfig:
     """The training settings of cfg.method: its loss, and the run's other settings.
 
-    min_reward and flip_negative act on the self-reward R, so they apply only to methods that
+    min_reward, flip_negative, reward_norm and shuffle_reward act on the self-reward R, so they apply only to methods that
     compute it; context distillation scores nothing and RLAIF's text judge orients its pairs.
     """
     spec = METHODS[cfg.method]
     single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
     tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
     if spec["judge"] not in ("self-reward", "both"):
-        tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False)
+        tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
     return tcfg
 
 

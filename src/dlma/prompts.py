@@ -130,6 +130,37 @@ def as_messages(prompt: str | Sequence[dict]) -> Messages:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
 
 
+_MARK = "\u2063dlma-end-of-turn-probe\u2063"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with, else the tokenizer's EOS.
+
+    A complete answer ends with it in scoring and training, and generation stops on it. It is
+    not always EOS: Gemma ends turns with <end_of_turn> (EOS <eos>), the first Llama 3
+    Instruct releases with <|eot_id|> (EOS <|end_of_text|>).
+    """
+    cached = getattr(tokenizer, "_dlma_end_of_turn", False)
+    if cached is not False:
+        return cached
+    found = tokenizer.eos_token_id
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}],
+                                                 tokenize=False)
+        except Exception:  # templates that reject this conversation keep EOS  # noqa: BLE001
+            text = ""
+        if isinstance(text, str) and _MARK in text:
+            special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+            tail = tokenizer(text.split(_MARK, 1)[1], add_special_tokens=False)["input_ids"]
+            found = next((t for t in tail if t in special), found)
+    try:
+        tokenizer._dlma_end_of_turn = found
+    except AttributeError:
+        pass
+    return found
+
+
 class Renderer:
     """Token ids of contexts (positive / negative / bare) and responses for one tokenizer.
 
@@ -143,7 +174,7 @@ class Renderer:
         self.preset = preset
         self.max_context = max_context
         self.plain = (preset is not None and preset.placement == "plain") or not getattr(tokenizer, "chat_template", None)
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id = end_of_turn_id(tokenizer) if not self.plain else tokenizer.eos_token_id
         self.truncated = 0  # contexts whose query was cut so far
 
     # -- text of a context -------------------------------------------------

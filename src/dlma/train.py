@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,16 +77,34 @@ class Example:
 
 
 # -- pairs -> examples ---------------------------------------------------------
+def _preset_normalised(pairs: list[dict]) -> list[dict]:
+    """R rescaled per preset to a common median |R| (--reward-norm preset)."""
+    by: dict[str, list[float]] = {}
+    for rec in pairs:
+        by.setdefault(str(rec.get("preset")), []).append(abs(float(rec["self_reward"])))
+    overall = statistics.median(v for vs in by.values() for v in vs) if pairs else 0.0
+    scale = {k: (overall / statistics.median(vs) if statistics.median(vs) > 0 else 1.0) for k, vs in by.items()}
+    return [dict(rec, self_reward=float(rec["self_reward"]) * scale[str(rec.get("preset"))],
+                 self_reward_raw=rec["self_reward"]) for rec in pairs]
+
+
 def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
-    """Flip pairs with R < 0 (if asked), then drop pairs with R < --min-reward."""
-    needs_r = cfg.loss == "dlma" or cfg.min_reward is not None or cfg.flip_negative
+    """Flip pairs with R < 0 (if asked), rescale R per preset (if asked), drop pairs with
+    R < --min-reward, and for the ablation permute R across the pairs kept."""
+    needs_r = (cfg.loss == "dlma" or cfg.min_reward is not None or cfg.flip_negative
+               or cfg.reward_norm != "none" or cfg.shuffle_reward)
+    if needs_r:
+        for rec in pairs:
+            if not isinstance(rec.get("self_reward"), (int, float)):
+                raise DlmaError(f"pair {rec.get('id')!r} has no numeric `self_reward`, which --loss {cfg.loss}"
+                                f"{' / --min-reward' if cfg.min_reward is not None else ''}"
+                                f"{' / --flip-negative' if cfg.flip_negative else ''}"
+                                f"{' / --reward-norm' if cfg.reward_norm != 'none' else ''}"
+                                f"{' / --shuffle-reward' if cfg.shuffle_reward else ''} needs; run `dlma score` first")
     out, flipped, filtered = [], 0, 0
+    seen = []
     for rec in pairs:
         r = rec.get("self_reward")
-        if needs_r and not isinstance(r, (int, float)):
-            raise DlmaError(f"pair {rec.get('id')!r} has no numeric `self_reward`, which --loss {cfg.loss}"
-                            f"{' / --min-reward' if cfg.min_reward is not None else ''}"
-                            f"{' / --flip-negative' if cfg.flip_negative else ''} needs; run `dlma score` first")
         if cfg.flip_negative and r < 0:
             rec = dict(rec, chosen=rec["rejected"], rejected=rec["chosen"], self_reward=-r,
                        chosen_truncated=rec.get("rejected_truncated", False),
@@ -93,10 +112,17 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
                        ref_lp_chosen=rec.get("ref_lp_rejected"), ref_lp_rejected=rec.get("ref_lp_chosen"), flipped=True)
             r = -r
             flipped += 1
-        if cfg.min_reward is not None and r < cfg.min_reward:
+        seen.append(rec)
+    if cfg.reward_norm == "preset":
+        seen = _preset_normalised(seen)
+    for rec in seen:
+        if cfg.min_reward is not None and rec["self_reward"] < cfg.min_reward:
             filtered += 1
             continue
         out.append(rec)
+    if cfg.shuffle_reward and out:
+        perm = torch.randperm(len(out), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        out = [dict(rec, self_reward=out[j]["self_reward"]) for rec, j in zip(out, perm)]
     return out, {"pairs_read": len(pairs), "pairs_flipped": flipped, "pairs_filtered": filtered, "pairs_used": len(out)}
 
 
@@ -117,18 +143,41 @@ def build_examples(pairs: list[dict], renderer) -> list[Example]:
 
 
 # -- the data order ------------------------------------------------------------
-def epoch_plan(lengths: Sequence[int], global_batch: int, micro_per_step: int, epoch: int, seed: int) -> list[list[list[int]]]:
+def _spread(chunk: list[int], lengths: Sequence[int], strata: Sequence[str]) -> list[int]:
+    """`chunk` longest first within each stratum, the strata dealt evenly through it.
+
+    The i-th of a stratum's c members sits at (i + 0.5) / c: consecutive slices then hold
+    each stratum in proportion, and members of similar length rank, so padding stays small.
+    """
+    by: dict[str, list[int]] = {}
+    for i in chunk:
+        by.setdefault(strata[i], []).append(i)
+    keyed = []
+    for s, members in by.items():
+        members.sort(key=lambda i: (-lengths[i], i))
+        keyed += [((k + 0.5) / len(members), s, i) for k, i in enumerate(members)]
+    return [i for _, _, i in sorted(keyed)]
+
+
+def epoch_plan(lengths: Sequence[int], global_batch: int, micro_per_step: int, epoch: int, seed: int,
+               strata: Sequence[str] | None = None) -> list[list[list[int]]]:
     """Optimizer steps of one epoch; each step is `micro_per_step` lists of example indices.
 
     Micro-batch k of a step runs on process k % world at accumulation index k // world.
     Groups with fewer pairs than micro-batches (only ever the epoch's last) are dropped.
+    With `strata` (each pair's preset), every global batch holds the strata in proportion:
+    sorting by length alone put 0 to 8 `harmless` pairs of 8 into a step, so steps pulled
+    towards refusing and towards answering in turn and the result hung on the data order.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     window = global_batch * BUCKET_WINDOW
     groups: list[list[int]] = []
     for s in range(0, len(perm), window):
-        chunk = sorted(perm[s: s + window], key=lambda i: (-lengths[i], i))
+        if strata is not None:
+            chunk = _spread(perm[s: s + window], lengths, strata)
+        else:
+            chunk = sorted(perm[s: s + window], key=lambda i: (-lengths[i], i))
         groups += [chunk[k: k + global_batch] for k in range(0, len(chunk), global_batch)]
     groups = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
     steps = []
@@ -269,7 +318,25 @@ def _mixed_precision(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
     from .models import bf16_supported, resolve_device
 
     dev = resolve_device(model_cfg.device)
-    return "bf16" if bf16_supported(dev) else "no"
+    # CPUs train in float32 for the reason resolve_dtype gives: the same numbers on every CPU.
+    return "bf16" if dev.type != "cpu" and bf16_supported(dev) else "no"
+
+
+def _stale_reference(pairs: list[dict], model_cfg: ModelConfig) -> str | None:
+    """Why the scored file's reference log-probs don't fit this training, or None.
+
+    A reference from another model or precision leaves the implicit reward off zero at step
+    0, a bias the loss then trains on; such files are recomputed from the initial weights.
+    Files without `ref_from` (older, or written by other tools) are trusted as before.
+    """
+    want = {"model": model_cfg.model, "dtype": str(_weights_dtype(model_cfg)).replace("torch.", "")}
+    for rec in pairs:
+        made = rec.get("ref_from")
+        if isinstance(made, dict) and "ref_lp_chosen" in rec:
+            diff = [f"{k} {made.get(k)!r}" for k in want if made.get(k) != want[k]]
+            if diff:
+                return f"with {', '.join(diff)}, not {', '.join(f'{k} {want[k]!r}' for k in want)}"
+    return None
 
 
 def _weights_dtype(model_cfg: ModelConfig) -> torch.dtype:
@@ -430,6 +497,10 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     ref_seconds = 0.0
     if cfg.loss != "sft":
         cache = out / REFERENCE
+        stale = _stale_reference(pairs, model_cfg)
+        if stale:
+            for e in examples:
+                e.ref_chosen = e.ref_rejected = None
         if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
             ref_path = "from the scored file"
         elif cache.is_file():
@@ -446,6 +517,8 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
             if main:
                 write_json(cache, {e.id: [e.ref_chosen, e.ref_rejected] for e in examples})
             ref_path = "computed once before the first step from the initial weights"
+        if stale:
+            ref_path += f" (the scored file's were made {stale})"
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -469,7 +542,8 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     global_batch = cfg.batch_size * world * cfg.grad_accum
     micro_per_step = world * cfg.grad_accum
     lengths = [e.length for e in examples]
-    per_epoch = len(epoch_plan(lengths, global_batch, micro_per_step, 0, cfg.seed))
+    strata = [str(rec.get("preset")) for rec in pairs] if cfg.balance_presets else None
+    per_epoch = len(epoch_plan(lengths, global_batch, micro_per_step, 0, cfg.seed, strata))
     if per_epoch == 0:
         raise DlmaError(f"{len(examples)} pairs are fewer than the {micro_per_step} micro-batches of one step")
     total = cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
@@ -500,7 +574,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     while step < total:
         epoch, index = divmod(step, per_epoch)
         if epoch != plan_epoch:
-            plan, plan_epoch = epoch_plan(lengths, global_batch, micro_per_step, epoch, cfg.seed), epoch
+            plan, plan_epoch = epoch_plan(lengths, global_batch, micro_per_step, epoch, cfg.seed, strata), epoch
         micros = plan[index]
         n_step = sum(len(m) for m in micros)
         lr = lr_at(step, total, cfg)
