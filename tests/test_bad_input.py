@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from bad_inputs import CASES, materialise
 from dlma.cli import main
 from dlma.config import EvalConfig, GenerateConfig, ScoreConfig, TrainConfig
 from dlma.errors import DlmaError
@@ -115,3 +116,10 @@ def test_a_model_that_cannot_be_loaded_is_the_same_one_line_in_every_command(fil
     for err in errs:  # the same message from models._cannot_load, whether the tokenizer or the weights failed first
         assert re.fullmatch(rf"dlma \w+: error: cannot load model {re.escape(repr(model))} \((tokenizer|weights)\): .+ Use 'embedded', "
                             r"a local directory, or a Hugging Face id that is cached \(offline: HF_HUB_OFFLINE=1\)", err), err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_catalogue(case, tmp_path, capsys):
+    """Every entry of the bad-input catalogue (docs/bad-input.md): one line, naming the problem."""
+    err = _error(capsys, materialise(case, tmp_path))
+    assert case.says in err, err

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import DlmaError
+from .errors import DlmaError, yaml_error
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -356,7 +356,7 @@ def load_yaml(cls: type, path: str, base: Any = None) -> Any:
     except UnicodeDecodeError:
         raise DlmaError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise DlmaError(f"{path}: invalid YAML: {exc}") from None
+        raise DlmaError(f"{path}: invalid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise DlmaError(f"{path}: expected a mapping at the top level")
     if base is not None:

@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 import yaml
 
-from .errors import DlmaError
+from .errors import DlmaError, yaml_error
 
 Side = Literal["positive", "negative", "bare"]
 SIDES: tuple[Side, ...] = ("positive", "negative", "bare")
@@ -117,7 +117,7 @@ def load_preset(name_or_path: str) -> Preset:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DlmaError(f"{source}: invalid YAML: {exc}") from None
+        raise DlmaError(f"{source}: invalid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise DlmaError(f"{source}: expected a mapping at the top level")
     return preset_from_dict(data, source)

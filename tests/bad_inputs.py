@@ -1,0 +1,98 @@
+"""The bad-input catalogue: every malformed input dlma handles, the command that meets it and
+what its one-line error must say. tests/test_bad_input.py runs each case; scripts/bad_input_table.py
+writes docs/bad-input.md from the errors the commands actually print."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+PAIR = {"id": "a", "prompt": "Hello there", "chosen": "Hi", "rejected": "Go away"}
+SCORED = dict(PAIR, self_reward=3.0, ref_lp_chosen=-4.0, ref_lp_rejected=-6.0)
+
+
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _lines(*recs) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs)
+
+
+@dataclass
+class Case:
+    kind: str                       # files, fields, types, encodings, options, configs, models
+    what: str                       # the bad input, in words
+    files: dict[str, Callable[[], bytes | str]]  # name -> content, written into a fresh directory
+    argv: Callable[[Path], list[str]]  # the command, given that directory
+    says: str                       # a part of the one-line error
+
+
+def _train(d: Path, data: str, *extra: str) -> list[str]:
+    return ["train", "--data", str(d / data), "--out", str(d / "model"), "--no-progress", "--mixed-precision", "no", *extra]
+
+
+def _gen(d: Path, prompts: str, *extra: str) -> list[str]:
+    return ["generate", "--prompts", str(d / prompts) if prompts else "", "--out", str(d / "pairs.jsonl"), "--no-progress", *extra]
+
+
+def _score(d: Path, data: str, *extra: str) -> list[str]:
+    return ["score", "--data", str(d / data), "--out", str(d / "scored.jsonl"), "--no-progress", *extra]
+
+
+CASES = [
+    Case("files", "prompt file that does not exist", {}, lambda d: _gen(d, "missing.jsonl"), "missing.jsonl"),
+    Case("files", "a line that is not JSON", {"p.jsonl": lambda: _lines({"id": "a", "prompt": "x"}, '{"id": "b", "prompt": ')},
+         lambda d: _gen(d, "p.jsonl"), "p.jsonl:2"),
+    Case("files", "a .gz file cut short", {"p.jsonl.gz": lambda: _cut(gzip.compress(_lines(*[dict(PAIR, id=str(i)) for i in range(400)]).encode()))},
+         lambda d: _score(d, "p.jsonl.gz"), "cut short or corrupt"),
+    Case("files", "a pair file with no pairs", {"empty.jsonl": lambda: ""}, lambda d: _score(d, "empty.jsonl"), "no pairs"),
+    Case("encodings", "a line that is not UTF-8", {"p.jsonl": lambda: _lines(PAIR).encode() + b'{"id": "b", "prompt": "caf\xe9"}\n'},
+         lambda d: _score(d, "p.jsonl"), "p.jsonl:2: not UTF-8"),
+    Case("fields", "a prompt record without a prompt", {"p.jsonl": lambda: _lines({"id": "a", "text": "x"})},
+         lambda d: _gen(d, "p.jsonl"), "p.jsonl:1"),
+    Case("fields", "a pair without `rejected`", {"p.jsonl": lambda: _lines({k: v for k, v in PAIR.items() if k != "rejected"})},
+         lambda d: _score(d, "p.jsonl"), "rejected"),
+    Case("fields", "two pairs with the same id", {"p.jsonl": lambda: _lines(PAIR, PAIR)},
+         lambda d: _score(d, "p.jsonl"), "duplicate"),
+    Case("fields", "two prompts with the same id", {"p.jsonl": lambda: _lines({"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"})},
+         lambda d: _gen(d, "p.jsonl"), "duplicate"),
+    Case("fields", "DLMA training on pairs that were never scored", {"p.jsonl": lambda: _lines(PAIR)},
+         lambda d: _train(d, "p.jsonl"), "self_reward"),
+    Case("types", "a prompt that is a number", {"p.jsonl": lambda: _lines({"id": "a", "prompt": 42})},
+         lambda d: _gen(d, "p.jsonl"), "p.jsonl:1"),
+    Case("types", "a self_reward of NaN", {"p.jsonl": lambda: _lines(dict(SCORED, self_reward=float("nan")))},
+         lambda d: _train(d, "p.jsonl"), "p.jsonl:1"),
+    Case("types", "a reference log-prob of Infinity", {"p.jsonl": lambda: _lines(dict(SCORED, ref_lp_chosen=float("inf")))},
+         lambda d: _train(d, "p.jsonl"), "p.jsonl:1"),
+    Case("options", "--top-p outside (0, 1]", {}, lambda d: _gen(d, "", "--top-p", "5"), "top_p (--top-p) must be in (0, 1]"),
+    Case("options", "--max-new-tokens 0", {}, lambda d: _gen(d, "", "--max-new-tokens", "0"), "max_new_tokens (--max-new-tokens) must be"),
+    Case("options", "a negative learning rate", {}, lambda d: _train(d, "x.jsonl", "--lr=-1e-5"), "lr (--lr) must be at least 0"),
+    Case("options", "an unknown dtype", {}, lambda d: _gen(d, "", "--dtype", "float8"), "dtype (--dtype) must be"),
+    Case("options", "an unknown preset", {"p.jsonl": lambda: _lines({"id": "a", "prompt": "x"})},
+         lambda d: _gen(d, "p.jsonl", "--preset", "no-such-preset"), "no-such-preset"),
+    Case("configs", "a YAML config that does not parse", {"c.yaml": lambda: "generate: [top_p: 1\n"},
+         lambda d: ["run", "--config", str(d / "c.yaml"), "--run-dir", str(d / "r")], "invalid YAML: expected ',' or ']'"),
+    Case("configs", "a preset file that is not valid YAML", {"p.jsonl": lambda: _lines({"id": "a", "prompt": "x"}), "mine.yaml": lambda: "name: [x\n"},
+         lambda d: _gen(d, "p.jsonl", "--preset", str(d / "mine.yaml")), "invalid YAML"),
+    Case("configs", "a config key that does not exist", {"c.yaml": lambda: "generate:\n  top_k: 5\n"},
+         lambda d: ["run", "--config", str(d / "c.yaml"), "--run-dir", str(d / "r")], "top_k"),
+    Case("configs", "a config value out of range", {"c.yaml": lambda: "generate:\n  top_p: 5\n"},
+         lambda d: ["run", "--config", str(d / "c.yaml"), "--run-dir", str(d / "r")], "c.yaml.generate: top_p (--top-p) must be in (0, 1], got 5"),
+    Case("configs", "--set without `=`", {}, lambda d: ["run", "--set", "train.lr", "--run-dir", str(d / "r")], "train.lr"),
+    Case("models", "a model id that is neither local nor cached", {"p.jsonl": lambda: _lines(PAIR)},
+         lambda d: _score(d, "p.jsonl", "--model", "no-such-org/no-such-model"), "cannot load model 'no-such-org/no-such-model'"),
+    Case("models", "--device cuda on a machine without CUDA", {"p.jsonl": lambda: _lines(PAIR)},
+         lambda d: _score(d, "p.jsonl", "--device", "cuda"), "cuda"),
+]
+
+
+def materialise(case: Case, d: Path) -> list[str]:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, make in case.files.items():
+        content = make()
+        (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return case.argv(d)
