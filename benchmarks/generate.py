@@ -111,8 +111,7 @@ def plain_generate(model, tok, contexts, params: SamplingParams, batch_size: int
             mask[j, T - len(contexts[i]):] = 1
         greedy = params.temperature <= 0
         proc = {} if greedy else {"logits_processor": LogitsProcessorList([RowSampler(_Plain(), [seeds[i] for i in idx])])}
-        seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-                              temperature=None if greedy else 1.0, top_p=None if greedy else 1.0,
+        seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=False,
                               top_k=None, pad_token_id=pad, eos_token_id=sorted(stops), **proc)
         for j, i in enumerate(idx):
             toks = []

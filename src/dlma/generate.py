@@ -110,7 +110,7 @@ class TemperatureTopP:
     that was a fifth of sampling time). The kept set is decided here from the top-k
     logits (k grown until they cover top_p); wherever a token's cumulative probability
     lies within `margin` of the threshold, or tied logits straddle it, or k reaches the
-    vocabulary, the step falls back to transformers' own warper, so the filtered scores,
+    vocabulary, that row falls back to transformers' own warper, so the filtered scores,
     hence the sampled tokens and the random numbers drawn, are the same bit for bit.
     """
 
@@ -141,11 +141,12 @@ class TemperatureTopP:
         near = ((excl - self.top_p).abs() <= self.margin).any(-1)  # too close to call: transformers decides
         near |= (last + 1 >= k).view(-1)  # the top k don't cover top_p
         near |= (top.gather(-1, last) == top.gather(-1, nxt)).view(-1) & (last + 1 < k).view(-1)  # a tie straddles it
-        if bool(near.any()):
-            self.fallbacks += 1
-            return self.exact(input_ids, s)
         remove = torch.ones_like(s, dtype=torch.bool).scatter_(-1, idx, ~keep)
-        return s.masked_fill(remove, -float("inf"))
+        out = s.masked_fill(remove, -float("inf"))
+        if bool(near.any()):  # the warper is row-wise: only the rows too close to call pay its full sort
+            self.fallbacks += 1
+            out[near] = self.exact(input_ids[near], s[near])
+        return out
 
 
 class RowSampler:
@@ -161,8 +162,12 @@ class RowSampler:
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = self.warp(input_ids, scores).float().softmax(-1).cpu()
-        picks = torch.stack([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(self.gens)])
+        # Inverse-CDF draw, all rows at once: one uniform per row from its generator. A token
+        # of probability 0 spans an empty interval of the CDF and is never picked.
+        # (torch.multinomial per row took 2.8 ms a call over a 49k vocabulary: a fifth of sampling.)
+        cdf = self.warp(input_ids, scores).double().softmax(-1).cpu().cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.gens]) * cdf[:, -1]
+        picks = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
         out = torch.full_like(scores, -float("inf"))
         return out.scatter_(-1, picks.to(scores.device), 0.0)
 
@@ -327,13 +332,16 @@ class TransformersBackend:
             self.stats["prefix_tokens"] += len(idx) * C
             greedy = params.temperature <= 0
             warp = None if greedy else self._warper(params)
-            if seeds is not None and not greedy:
+            rows = seeds is not None and not greedy
+            if rows:
                 warp = RowSampler(warp or TemperatureTopP(params.temperature, params.top_p), [seeds[i] for i in idx])
             gen = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else (1.0 if warp else params.temperature),
-                top_p=None if greedy else (1.0 if warp else params.top_p), top_k=None,
+                # RowSampler leaves one finite score per row: greedy decoding takes it, without
+                # transformers' own draw (a multinomial over the whole vocabulary, 50 ms a step)
+                max_new_tokens=params.max_new_tokens, do_sample=not (greedy or rows),
+                temperature=None if greedy or rows else (1.0 if warp else params.temperature),
+                top_p=None if greedy or rows else (1.0 if warp else params.top_p), top_k=None,
                 **({"logits_processor": LogitsProcessorList([warp])} if warp else {}),
                 pad_token_id=pad, eos_token_id=sorted(self.stop_ids),
                 output_logits=True, return_dict_in_generate=True,
