@@ -198,7 +198,7 @@ def test_train_defaults_are_the_run_defaults():
 
     shipped = shipped_defaults().train
     by_hand = config_from_args(TrainConfig, build_parser().parse_args(["train", "--data", "x", "--out", "y"]))
-    for name, value in (("lr", 5e-5), ("max_grad_norm", 0.0), ("rpo_alpha", 0.0)):
+    for name, value in (("lr", 7e-5), ("max_grad_norm", 0.0), ("rpo_alpha", 0.0)):
         assert getattr(TrainConfig(), name) == getattr(by_hand, name) == getattr(shipped, name) == value, name
     yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
     assert not {"lr", "max_grad_norm", "rpo_alpha"} & set(yaml_train)

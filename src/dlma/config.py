@@ -90,9 +90,9 @@ class TrainConfig:
     margin_weight: float = opt(0.2, "dlma: weight w of the self-reward shift")
     margin_clip: typing.Tuple[float, float] = opt((-40.0, 40.0), "dlma: clamp range LO HI of the self-reward")
     label_smoothing: float = opt(0.0, "probability that a pair's label is wrong (conservative DPO; dlma, dpo)")
-    # lr 5e-5, rpo_alpha 0 and no clipping: the setting chosen on the validation split for the default
-    # run (docs/tuning.md), the same for `dlma train` and `dlma run` so running the stages by hand
-    # gives the pipeline's result. The NLL term raised refusals but over-refusals faster.
+    # lr 7e-5, rpo_alpha 0 and no clipping: the setting chosen on the validation split for the default
+    # run (docs/tuning.md, run 18), the same for `dlma train` and `dlma run` so running the stages by
+    # hand gives the pipeline's result. The NLL term raised refusals but over-refusals faster.
     rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
@@ -100,7 +100,7 @@ class TrainConfig:
     shuffle_reward: bool = opt(False, "ablation: permute R across the kept pairs (seeded by --seed), so the loss sees R's distribution but not which pair earned it")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
-    lr: float = opt(5e-5, "peak learning rate (tuned for full fine-tuning of the 135M embedded model)")
+    lr: float = opt(7e-5, "peak learning rate (tuned for full fine-tuning of the 135M embedded model)")
     lr_schedule: str = opt("cosine", "decay after warm-up: cosine, linear, constant")
     warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = opt(0.0, "AdamW weight decay")

@@ -119,7 +119,8 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
 
     from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
 
-    settings = {"model": model_name, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")  # bf16 and float32 answer differently
+    settings = {"model": model_name, "dtype": dtype, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement,
                 **({"sampler": SAMPLER} if cfg.temperature > 0 else {})}
     have: dict[str, dict] = {}
