@@ -164,8 +164,8 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
             add("negative", [("lp_chosen_neg", c), ("lp_rejected_neg", r)])
         if reference:
             add("bare", [("ref_lp_chosen", c), ("ref_lp_rejected", r)])
-            # how the reference was made: training uses it only for the same model and precision
-            out["ref_from"] = {"model": model_name, "dtype": dtype if body is None else f"{dtype}+bf16-body"}
+            if model_name is not None:  # how the reference was made: training uses it only for the same model and precision
+                out["ref_from"] = {"model": model_name, "dtype": dtype if body is None else f"{dtype}+bf16-body"}
         out["chosen_tokens"], out["rejected_tokens"] = len(c), len(r)
         plan.append((out, where))
     stats["contexts_truncated"] += layout.truncated
