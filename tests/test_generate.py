@@ -232,3 +232,30 @@ def test_fast_top_p_equals_transformers_warpers():
         got = torch.cat([fast(ids[i:i + 2], x[i:i + 2].clone()) for i in range(0, x.shape[0], 2)])
         assert torch.equal(got, want)
         assert fast.fallbacks < x.shape[0] // 2  # mostly the fast path
+
+
+def test_best_of_k_keeps_the_pair_with_the_largest_r(tmp_path, embedded):
+    """--num-samples 2: sample 0 of each side is the K = 1 sample, so the kept pair's R (scored
+    afterwards exactly as `dlma score` does) is the largest of the 2 x 2 and never below K = 1's."""
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.data import read_pairs
+    from dlma.errors import DlmaError
+    from dlma.generate import TransformersBackend, generate_pairs
+    from dlma.reward import score_pairs
+
+    model, tok = embedded
+    backend = TransformersBackend(model, tok, 8)
+    files = {}
+    for k in (1, 2):
+        files[k] = tmp_path / f"k{k}.jsonl"
+        generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=3, max_new_tokens=12, num_samples=k, batch_size=8),
+                       str(files[k]), backend=backend, tokenizer=tok, progress=False)
+    one, two = (score_pairs(model, tok, "harmless", read_pairs(str(files[k])), reference=False) for k in (1, 2))
+    for a, b in zip(one, two):
+        c = b["candidates"]
+        assert len(c["chosen_log_ratio"]) == len(c["rejected_log_ratio"]) == 2
+        assert b["self_reward"] == pytest.approx(max(c["chosen_log_ratio"]) - min(c["rejected_log_ratio"]), abs=1e-3)
+        assert b["self_reward"] >= a["self_reward"] - 1e-3
+        assert "candidates" not in a
+    with pytest.raises(DlmaError, match="num_samples"):
+        GenerateConfig(num_samples=0)

@@ -115,3 +115,42 @@ def test_summarize_scores_ties_count_half():
     assert s["self_reward"]["fraction_positive"] == 0.5
     assert s["self_reward_per_token"]["mean"] == pytest.approx(sum((1.0, -1.0, 0.0, 2.0)) / 2 / 4)
     assert math.isfinite(s["self_reward"]["std"])
+
+
+def test_one_text_judge_for_rlaif_labels_and_the_reliability_table(embedded, tmp_path):
+    """The evaluation's text-judge accuracy is that of the judge that labels RLAIF's pairs:
+    the same prompts, the same scores, the same accuracy."""
+    from dlma.config import EvalConfig
+    from dlma.evaluate import ModelPool, reliability
+    from dlma.prompts import load_preset
+
+    model, tok = embedded
+    s = score_file(ModelConfig(dtype="float32"), ScoreConfig(judge="text", limit=6, reference=False, preset="harmless"),
+                   "hh-harmless", str(tmp_path / "hh.jsonl"), model=model, tokenizer=tok, progress=False)
+    rel = reliability(ModelPool(ModelConfig(dtype="float32"), {"embedded": embedded}), "embedded", load_preset("harmless"),
+                      EvalConfig(pairs="hh-harmless", pairs_limit=6, batch_size=4), progress=False)
+    assert rel["text_judge_accuracy"] == pytest.approx(s["text_judge"]["accuracy"])
+    assert rel["text_judge"]["judge_score"]["mean"] == pytest.approx(s["text_judge"]["judge_score"]["mean"], abs=1e-4)
+    assert rel["human_labelled"] == 6 and 0 <= rel["self_reward_accuracy"] <= 1
+
+
+def test_ensemble_is_the_mean_of_r_over_demonstration_sets(embedded, tiny_pairs):
+    import dataclasses
+
+    from dlma.prompts import load_preset
+    from dlma.reward import ensemble_members, score_ensemble
+
+    model, tok = embedded
+    pairs = read_pairs(str(tiny_pairs))[:3]
+    preset = load_preset("harmless")
+    members = ensemble_members(preset)
+    assert len(members) == len(preset.demonstrations) == 3
+    singles = [score_pairs(model, tok, m, pairs, reference=False, reuse_generation=False) for m in members]
+    ens = score_ensemble(model, tok, preset, pairs, reference=True)
+    for i, o in enumerate(ens):
+        rs = [run[i]["self_reward"] for run in singles]
+        assert o["self_reward_members"] == pytest.approx(rs, abs=1e-3)
+        assert o["self_reward"] == pytest.approx(sum(rs) / 3, abs=1e-3)
+        assert "ref_lp_chosen" in o and len(set(round(r, 3) for r in rs)) > 1  # the sets do disagree
+    with pytest.raises(DlmaError, match="demonstration set"):
+        ensemble_members(dataclasses.replace(preset, demonstrations=preset.demonstrations[:1]))

@@ -62,6 +62,7 @@ class GenerateConfig:
     prompts: str = opt("hh-harmless:train", "prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled `hh-harmless[:train|:test]`, `benign-train`, `safety-eval`, or cached HF datasets")
     preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
+    num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples")
     max_new_tokens: int = opt(64, "longest response, in tokens")
     # 0.7 / 0.9 measured on 48 held-out HH queries with the embedded model: pure sampling
     # (T=1) gives near word-salad and no contrast between p+ and p- answers; tempered
@@ -76,7 +77,7 @@ class GenerateConfig:
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
 
     def __post_init__(self) -> None:
-        _check(self, num_pairs=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
+        _check(self, num_pairs=(">=", 1), num_samples=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
                limit=(">=", 1), batch_size=(">=", 1), max_context=(">=", 1))
         if self.max_context <= self.max_new_tokens:
             raise DlmaError(f"max_context (--max-context) must be larger than max_new_tokens (--max-new-tokens), "
@@ -180,11 +181,31 @@ class ScoreConfig:
     reference: bool = opt(True, "also store ref_lp_chosen/ref_lp_rejected under the bare context (training needs them)")
     reuse_generation: bool = opt(True, "take lp(o+|p+) and lp(o-|p-) from generation's raw log-probs when model and preset match and both ran in float32")
     precision: str = opt("exact", "exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
+    ensemble: bool = opt(False, "average R over every demonstration set of the preset (one scoring pass per set) instead of the set each query's hash picks")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
 
     def __post_init__(self) -> None:
         _check(self, batch_size=(">=", 1), max_context=(">=", 2), limit=(">=", 1))
+
+
+@dataclass
+class CheckConfig:
+    prompts: typing.Optional[str] = opt(None, "prompts to sample on, comma-separated sources (default: the preset's check_prompts)")
+    limit: int = opt(32, "sample one pair for each of the first N prompts of each source")
+    max_new_tokens: int = opt(32, "longest response, in tokens")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.9, "nucleus sampling mass (1 = off)")
+    seed: int = opt(0, "sampling seed")
+    batch_size: int = opt(16, "sequences sampled together")
+    pairs: typing.Optional[str] = opt(None, "human-labelled pair file: also report R's accuracy on it (e.g. hh-harmless:train)")
+    pairs_limit: int = opt(100, "pairs of --pairs to score")
+    ensemble: bool = opt(False, "score R as the mean over the preset's demonstration sets (as `dlma score --ensemble`)")
+    num_samples: int = opt(1, "best-of-K pairs (as `dlma generate --num-samples`)")
+
+    def __post_init__(self) -> None:
+        _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
+               batch_size=(">=", 1), pairs_limit=(">=", 1), num_samples=(">=", 1))
 
 
 def section(factory: Any, help: str) -> Any:

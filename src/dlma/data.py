@@ -310,8 +310,9 @@ def check_finite(record: dict, keys: list[str], where: str) -> None:
 class JsonlWriter:
     """Append-only JSONL output that resumes: `done` holds the ids already written.
 
-    A trailing partial line (from a kill mid-write) is cut off on open, so the file always
-    holds whole records.
+    A trailing partial line (from a kill mid-write) is cut off on open, and a write that fails
+    (disk full, file-size limit) is undone before the error propagates, so the file always
+    holds whole records and a rerun resumes after the last one.
     """
 
     def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0, settings: dict | None = None):
@@ -325,7 +326,8 @@ class JsonlWriter:
             self._repair_and_load()
         if settings is not None:
             self._check_settings(settings)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
 
     def _check_settings(self, settings: dict) -> None:
         """Resume only what was made the same way: the settings that shape the records sit in
@@ -358,19 +360,30 @@ class JsonlWriter:
                                 "move it away or choose another --out") from None
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
+        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            try:  # shrinking a file works on a full disk too
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise
+        self._size = os.fstat(self._fd).st_size
         self.done.add(str(record[self.key]))
         self._since_sync += 1
         if self._fsync_every and self._since_sync >= self._fsync_every:
-            os.fsync(self._f.fileno())
+            os.fsync(self._fd)
             self._since_sync = 0
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> "JsonlWriter":
         return self
@@ -388,9 +401,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves neither half a file nor a stray temp file
+        raise

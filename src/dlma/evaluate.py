@@ -35,7 +35,7 @@ import torch
 from .config import EvalConfig, ModelConfig, to_dict
 from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts
 from .errors import DlmaError
-from .judges import (Item, LLMJudge, OpenAIJudge, RewardModelJudge, SelfRewardJudge, Verdict, judge_slug,
+from .judges import (Item, TextJudge, OpenAIJudge, RewardModelJudge, SelfRewardJudge, Verdict, judge_slug,
                      parse_judge_spec, summarize_verdicts)
 from .prompts import Preset, Renderer, load_preset
 from .refusal import is_refusal, refusal_rates
@@ -248,7 +248,7 @@ def build_judge(spec: str, pool: ModelPool, baseline: str, preset: Preset, cfg: 
         return SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=cfg.max_context)
     if kind == "llm":
         model, tok = pool.get(name)
-        return LLMJudge(model, tok, preset.judge_question, name=spec, batch_size=max(1, cfg.batch_size // 2),
+        return TextJudge(model, tok, preset.judge_question, name=spec, batch_size=max(1, cfg.batch_size // 2),
                         max_context=max(cfg.max_context, 2048))
     if kind in ("reward", "cost"):
         return RewardModelJudge(name, cost=kind == "cost", device=pool.cfg.device, dtype=pool.cfg.dtype)
@@ -311,21 +311,19 @@ def reliability(pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig,
     _log(progress, f"self-reward reliability on {len(pairs)} pair(s) of {cfg.pairs}")
     model, tok = pool.get(baseline)
     rs = SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=cfg.max_context).rewards(pairs)
-    items = [Item(str(p["id"]), p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
-    text = summarize_verdicts(LLMJudge(model, tok, preset.judge_question, name="text-judge",
-                                       batch_size=max(1, cfg.batch_size // 2)).judge(items))
+    # The text judge is the one that labels RLAIF's pairs (TextJudge.score_pairs), so this is
+    # the accuracy of the labels the rlaif baseline trains on.
+    judged = TextJudge(model, tok, preset.judge_question, name="text-judge",
+                       batch_size=max(1, cfg.batch_size // 2)).score_pairs(pairs)
     correct = sum(r > 0 for r in rs) + 0.5 * sum(r == 0 for r in rs)
     out = {"pairs": cfg.pairs, "n": len(pairs), "judge_model": baseline,
            "human_labelled": sum(bool(p.get("human_label")) for p in pairs),
            "self_reward_accuracy": correct / len(rs),
-           "text_judge_accuracy": text["adjusted_win_rate"], "text_judge": text,
            "self_reward_mean": statistics.fmean(rs)}
-    try:
-        from .reward import summarize_scores
+    from .reward import summarize_scores
 
-        out["score_summary"] = summarize_scores([{**p, "self_reward": r} for p, r in zip(pairs, rs)])
-    except (ImportError, KeyError, TypeError):
-        pass
+    out["text_judge"] = summarize_scores(judged)["text_judge"]
+    out["text_judge_accuracy"] = out["text_judge"].get("accuracy")
     out["self_reward_values"] = rs
     return out
 

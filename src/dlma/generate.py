@@ -416,6 +416,31 @@ def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None,
     raise DlmaError(f"unknown backend {name!r}; available: transformers, vllm")
 
 
+def _log_ratios(backend, contexts, samples, jobs, K: int, renderers, preset_of) -> list[float]:
+    """lp(o | p+) - lp(o | p-) of every sample (jobs: K positive then K negative per pair).
+
+    R of a pair is the chosen sample's log-ratio minus the rejected one's, so the best pair of
+    the K x K is the positive sample with the highest ratio against the negative one with the
+    lowest. Computed by the shared `score_trees`, the same numbers `dlma score` gives.
+    """
+    from .logprobs import score_trees
+
+    trees, resp = [], []
+    for k0 in range(0, len(jobs), 2 * K):
+        renderer = renderers[preset_of[jobs[k0][0].id]]
+        ids = [renderer.response_ids(backend.tok.decode(s.ids, skip_special_tokens=True), truncated=not s.finished)
+               for s in samples[k0:k0 + 2 * K]]
+        ids = [x or [renderer.eos_id] for x in ids]  # an empty answer still needs one scored token
+        trees += [(contexts[k0], ids), (contexts[k0 + K], ids)]
+        resp.append(len(ids))
+    res = score_trees(backend.model, trees, pad_id=backend.tok.pad_token_id, batch_size=max(1, backend.batch_size // 4))
+    out: list[float] = []
+    for n in range(len(resp)):
+        pos, neg = res[2 * n], res[2 * n + 1]
+        out += [pos[i][0] - neg[i][0] for i in range(resp[n])]
+    return out
+
+
 def generate_pairs(
     model_cfg: ModelConfig,
     cfg: GenerateConfig,
@@ -449,7 +474,7 @@ def generate_pairs(
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
         "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend,
-        "sampler": SAMPLER})
+        "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})})
     ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
     todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
     summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
@@ -462,37 +487,53 @@ def generate_pairs(
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
     renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
     settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_new_tokens": cfg.max_new_tokens, "max_context": cfg.max_context, "seed": cfg.seed, "backend": backend.name}
+                "max_new_tokens": cfg.max_new_tokens, "max_context": cfg.max_context, "seed": cfg.seed, "backend": backend.name,
+                **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})}
+    if cfg.num_samples > 1 and getattr(backend, "model", None) is None:
+        raise DlmaError(f"--num-samples {cfg.num_samples} picks pairs with the model's log-probs, which the "
+                        f"{backend.name} backend does not expose; use the transformers backend")
     stats0 = dict(getattr(backend, "stats", {}))
     chunk = max(1, cfg.batch_size // 2)
     bar = tqdm(total=len(todo) * cfg.num_pairs, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
     try:
-        for start in range(0, len(todo), chunk):
-            group = todo[start:start + chunk]
-            jobs: list[tuple[PromptRecord, str, str]] = [
-                (p, pid, side) for p in group for pid in ids_for(p) if pid not in writer.done for side in ("positive", "negative")]
-            contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side in jobs]
+        K = cfg.num_samples
+        for start in range(0, len(todo), max(1, chunk // K)):
+            group = todo[start:start + max(1, chunk // K)]
+            jobs: list[tuple[PromptRecord, str, str, int]] = [
+                (p, pid, side, k) for p in group for pid in ids_for(p) if pid not in writer.done
+                for side in ("positive", "negative") for k in range(K)]
+            if not jobs:
+                continue
+            contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side, _ in jobs]
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-            samples = backend.sample(contexts, params, seeds=[row_seed(cfg.seed, pid, side) for _, pid, side in jobs])
-            for k in range(0, len(jobs), 2):
-                p, pid, _ = jobs[k]
+            # sample k > 0 of a side draws from a seed of its own; sample 0 is the one K = 1 draws
+            samples = backend.sample(contexts, params, seeds=[row_seed(cfg.seed, pid, side, *([k] if k else []))
+                                                              for _, pid, side, k in jobs])
+            ratios = _log_ratios(backend, contexts, samples, jobs, K, renderers, preset_of) if K > 1 else None
+            for k0 in range(0, len(jobs), 2 * K):
+                p, pid, _, _ = jobs[k0]
                 renderer = renderers[preset_of[p.id]]
                 rec = {"id": pid, "prompt_id": p.id, "prompt": p.prompt}
                 if p.label is not None:
                     rec["label"] = p.label
-                for key, s in (("chosen", samples[k]), ("rejected", samples[k + 1])):
+                pick = {"chosen": 0, "rejected": 0}
+                if ratios is not None:  # best of K x K: the pair with the largest R
+                    pos, neg = ratios[k0:k0 + K], ratios[k0 + K:k0 + 2 * K]
+                    pick = {"chosen": max(range(K), key=pos.__getitem__), "rejected": min(range(K), key=neg.__getitem__)}
+                    rec["candidates"] = {"chosen_log_ratio": pos, "rejected_log_ratio": neg, "picked": pick}
+                for key, s in (("chosen", samples[k0 + pick["chosen"]]), ("rejected", samples[k0 + K + pick["rejected"]])):
                     text = tok.decode(s.ids, skip_special_tokens=True)
                     rec[key] = text
                     rec[f"{key}_truncated"] = not s.finished
                     summary["empty_responses"] += int(not text.strip())
-                    summary["new_tokens"] += len(s.ids) + int(s.finished)
                     # The raw log-prob is reusable only if re-tokenizing the text gives back
                     # exactly the sampled ids (plus EOS): scoring tokenizes the text.
                     # A stop token other than the end of turn scoring appends (e.g. <eos> for
                     # <end_of_turn>) makes the raw log-prob another sequence's: not reused.
                     if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([s.stop_id] if s.finished else [])):
                         rec[f"gen_lp_{key}"] = s.logprob
+                summary["new_tokens"] += sum(len(s.ids) + int(s.finished) for s in samples[k0:k0 + 2 * K])
                 rec["preset"] = preset_of[p.id]
                 rec["generation"] = settings
                 writer.write(rec)

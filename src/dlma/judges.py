@@ -5,7 +5,8 @@ Judge specs (`--judge`):
 - `self-reward`: the contrastive probability judge of the base model, R(q, aligned, baseline)
   of DLMA. Cheap and offline, but it is the very signal that trained a DLMA model, so a win
   here shows the training optimised its objective, not that answers got better.
-- `llm:MODEL`: any Hugging Face causal LM as a pairwise judge. The judging prompt
+- `llm:MODEL`: any Hugging Face causal LM as a pairwise judge (`TextJudge`, the same judge that
+  labels RLAIF's pairs in `dlma score --judge text`). The judging prompt
   (`judging_prompt`) shows the conversation, Response A, Response B and the preset's
   `judge_question` (harmlessness for `harmless`, helpfulness for `helpful`), and asks for
   one letter. The verdict is read from the judge's next-token probabilities of "A" and "B"
@@ -159,53 +160,92 @@ class PairwiseJudge:
         return [by_id.get(it.id) or Verdict(it.id, "tie", {"identical": True}) for it in items]
 
 
-@torch.inference_mode()
-def next_token_logprobs(model, contexts: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """Float32 log-softmax of the raw next-token logits after each context (right padding)."""
-    from .logprobs import length_buckets
+class TextJudge(PairwiseJudge):
+    """A causal LM asked "A or B?" by `judging_prompt`, read from its next-token probabilities.
 
-    device = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(contexts)
-    for idx in length_buckets([len(c) for c in contexts], batch_size):
-        T = max(len(contexts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(contexts[i])] = torch.tensor(list(contexts[i]))
-            mask[j, : len(contexts[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for j, i in enumerate(idx):
-            out[i] = logits[j, len(contexts[i]) - 1].float().log_softmax(-1).cpu()
-    return out  # type: ignore[return-value]
+    One judge for both uses, so the accuracy evaluation reports is that of the judge that
+    labelled RLAIF's pairs: `score_pairs` gives RLAIF's judge_score for training, `prefer`
+    the votes of the evaluation's position-swapped win rates. Each letter's probability sums
+    its single-token spellings ("A", " A"), computed by the shared `logprobs.score_trees`.
+    """
 
-
-class LLMJudge(PairwiseJudge):
-    """A Hugging Face causal LM read as a pairwise judge through its next-token probabilities."""
-
-    def __init__(self, model, tokenizer, question: str, *, name: str = "llm", batch_size: int = 4, max_context: int = 2048):
+    def __init__(self, model, tokenizer, question: str, *, name: str = "llm", batch_size: int = 4,
+                 max_context: int | None = 2048):
         self.model, self.tok, self.question = model, tokenizer, question
         self.name, self.batch_size = name, batch_size
         self.renderer = Renderer(tokenizer, None, max_context=max_context)
-        lead = "" if not self.renderer.plain else " "
-        self.letters = {c: self._letter_id(lead + c) for c in ("A", "B")}
+        self.letters = {c: self._spellings(c) for c in ("A", "B")}
         self.note = "probability of the letters A / B after the judging prompt; ties come from position-swap disagreement"
 
-    def _letter_id(self, text: str) -> int:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise DlmaError(f"judge tokenizer splits {text!r} into {len(ids)} tokens; cannot read a one-letter verdict")
-        return ids[0]
+    def _spellings(self, letter: str) -> list[int]:
+        ids = {tuple(self.tok(s, add_special_tokens=False)["input_ids"]) for s in (letter, " " + letter)}
+        single = sorted(i[0] for i in ids if len(i) == 1)
+        if not single:
+            raise DlmaError(f"judge tokenizer has no single token for {letter!r}; cannot read a one-letter verdict")
+        return single
+
+    def _context(self, prompt: Messages, a: str, b: str) -> list[int]:
+        text = judging_prompt(prompt, a, b, self.question, allow_tie=False)
+        return self.renderer.context_ids([{"role": "user", "content": text}], "bare")
+
+    def letter_probs(self, queries: Sequence[tuple[Messages, str, str]]) -> list[tuple[float, float]]:
+        """P(A), P(B) after the judging prompt of each (prompt, A, B)."""
+        from .logprobs import score_trees
+
+        a_ids, b_ids = self.letters["A"], self.letters["B"]
+        branches = [[i] for i in a_ids + b_ids]
+        res = score_trees(self.model, [(self._context(*q), branches) for q in queries], pad_id=self.tok.pad_token_id,
+                          batch_size=self.batch_size)
+        out = []
+        for r in res:
+            ps = [math.exp(lp) for lp, _ in r]
+            out.append((sum(ps[: len(a_ids)]), sum(ps[len(a_ids):])))
+        return out
 
     def prefer(self, queries):
-        contexts = [self.renderer.context_ids([{"role": "user", "content": judging_prompt(p, a, b, self.question, allow_tie=False)}], "bare")
-                    for p, a, b in queries]
-        lps = next_token_logprobs(self.model, contexts, self.tok.pad_token_id, self.batch_size)
         out = []
-        for lp in lps:
-            la, lb = float(lp[self.letters["A"]]), float(lp[self.letters["B"]])
-            vote = "A" if la > lb else "B" if lb > la else "tie"
-            out.append({"vote": vote, "lp_a": la, "lp_b": lb, "mass": math.exp(la) + math.exp(lb)})
+        for pa, pb in self.letter_probs(queries):
+            vote = "A" if pa > pb else "B" if pb > pa else "tie"
+            out.append({"vote": vote, "lp_a": _log(pa), "lp_b": _log(pb), "mass": pa + pb})
         return out
+
+    def score_pairs(self, pairs: Sequence[dict]) -> list[dict]:
+        """Copies of pair records with the verdict on chosen vs rejected, asked in both orders.
+
+        judge_score = mean over both orders of P(chosen's letter) / (P(A) + P(B)), minus 0.5:
+        > 0 prefers `chosen`; averaging the orders cancels a constant preference for a position.
+        judge_score_calibrated does the same after subtracting, in log-odds, the judge's
+        content-free prior (its A-vs-B log-odds with both replies "N/A"), per Zhao et al. 2021.
+        judge_mass is the mean probability landing on the answer tokens at all.
+        """
+        from .data import check_finite
+        from .prompts import as_messages
+
+        queries = []
+        for rec in pairs:
+            q = as_messages(rec["prompt"])
+            queries += [(q, rec["chosen"], rec["rejected"]), (q, rec["rejected"], rec["chosen"])]
+        probs = self.letter_probs(queries + [([{"role": "user", "content": "N/A"}], "N/A", "N/A")])
+        pa0, pb0 = probs[-1]
+        prior = _log(pa0) - _log(pb0)
+        sig = lambda x: 1.0 / (1.0 + math.exp(-x))
+        out = []
+        for n, rec in enumerate(pairs):
+            (pa1, pb1), (pa2, pb2) = probs[2 * n], probs[2 * n + 1]
+            lo1, lo2 = _log(pa1) - _log(pb1), _log(pa2) - _log(pb2)  # chosen shown as A, then as B
+            o = dict(rec)
+            o["judge_score"] = 0.5 * (sig(lo1) + sig(-lo2)) - 0.5
+            o["judge_score_calibrated"] = 0.5 * (sig(lo1 - prior) + sig(-(lo2 - prior))) - 0.5
+            o["judge_p_a"] = [pa1 / max(pa1 + pb1, 1e-30), pa2 / max(pa2 + pb2, 1e-30)]
+            o["judge_mass"] = 0.5 * (pa1 + pb1 + pa2 + pb2)
+            o["judge_prior_logodds"] = prior
+            check_finite(o, ["judge_score", "judge_score_calibrated", "judge_mass"], "judge")
+            out.append(o)
+        return out
+
+
+def _log(p: float) -> float:
+    return math.log(max(p, 1e-30))
 
 
 # A reply opening with the verdict ("B", "**Response A**", "Tie."), or naming it after "answer"/"verdict"

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 from .config import RunConfig, TrainConfig, to_dict
 from .data import read_jsonl, write_json
-from .errors import DlmaError
+from .errors import DlmaError, os_error_message
 
 # method -> (score judge or None to skip scoring, training loss, how pairs are oriented)
 METHODS: dict[str, dict[str, Any]] = {
@@ -158,8 +158,8 @@ class Pipeline:
         except FileNotFoundError as exc:
             raise DlmaError(f"stage {label}: missing file {exc.filename}") from None
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DlmaError(f"stage {label}: the disk is full ({exc.filename or sdir}); free space and rerun to resume") from None
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise DlmaError(f"stage {label}: {os_error_message(exc)}") from None
             raise
         marker = {"key": key, "summary": summary, "wall_s": round(time.time() - t0, 2), "peak_rss_mb": _peak_rss_mb(),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -23,6 +23,10 @@ Side = Literal["positive", "negative", "bare"]
 SIDES: tuple[Side, ...] = ("positive", "negative", "bare")
 PLACEMENTS = ("system", "user", "assistant", "plain")
 Messages = list[dict[str, str]]
+# What `detector:` in a preset may name: how to tell from its text whether an answer shows the
+# preset's attribute (`dlma prompts check`). refusal: the answer opens with a refusal (harmless
+# on harmful requests); answer: it does not (no-overrefusal); None: no detector (helpful).
+DETECTORS = (None, "refusal", "answer")
 
 
 @dataclass
@@ -53,10 +57,14 @@ class Preset:
     attribute: str = ""
     description: str = ""
     judge_question: str = ""
+    detector: str | None = None
+    check_prompts: str | None = None
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise DlmaError(f"preset {self.name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.detector not in DETECTORS:
+            raise DlmaError(f"preset {self.name!r}: detector must be one of {', '.join(map(str, DETECTORS))}, got {self.detector!r}")
         if not (self.positive_instruction or self.demonstrations):
             raise DlmaError(f"preset {self.name!r} has neither instructions nor demonstrations")
 
@@ -94,6 +102,8 @@ def preset_from_dict(data: dict, source: str) -> Preset:
             attribute=str(data.get("attribute", data.get("name", ""))),
             description=str(data.get("description", "")),
             judge_question=str(data.get("judge_question") or f"Which response is more {data.get('attribute', 'appropriate')}?"),
+            detector=data.get("detector"),
+            check_prompts=data.get("check_prompts"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise DlmaError(f"{source}: not a valid preset ({exc}); see dlma/presets/harmless.yaml for the format") from None

@@ -219,7 +219,7 @@ def reliability_rows(rel: dict) -> list[list[str]]:
     return [["pairs", f"{rel['pairs']} ({rel['n']} pairs, {rel.get('human_labelled', 0)} human-labelled)"],
             ["judge model", str(rel.get("judge_model"))],
             ["self-reward accuracy (R > 0 on the human-preferred answer)", _fmt(rel.get("self_reward_accuracy"), True)],
-            ["text-judge accuracy (the same model asked A or B, position-swapped)", _fmt(rel.get("text_judge_accuracy"), True)]]
+            ["text-judge accuracy (the same model asked A or B in both orders: the judge of RLAIF's labels)", _fmt(rel.get("text_judge_accuracy"), True)]]
 
 
 def _prompt_text(prompt: Any) -> str:

@@ -13,7 +13,7 @@ benchmarks/score.py measures this against the authors' four padded passes.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import statistics
 import time
 from typing import Sequence
@@ -187,91 +187,46 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
     return [o for o, _ in plan]
 
 
-# -- the RLAIF text judge --------------------------------------------------------------
-JUDGE_TEMPLATE = """Here is a conversation between a user and an assistant:
-
-{history}
-
-Two possible next replies of the assistant:
-
-(A) {a}
-
-(B) {b}
-
-{question} Answer with a single letter, A or B."""
+def ensemble_members(preset: Preset) -> list[Preset]:
+    """One preset per demonstration set: the members whose R an ensemble averages."""
+    if len(preset.demonstrations) < 2:
+        raise DlmaError(f"preset {preset.name!r} has {len(preset.demonstrations)} demonstration set(s); an ensemble "
+                        "averages R over several (give the preset more sets, or drop --ensemble)")
+    return [dataclasses.replace(preset, name=f"{preset.name}@{k}", demonstrations=[group])
+            for k, group in enumerate(preset.demonstrations)]
 
 
-def _history(query: list[dict]) -> str:
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in query)
+def score_ensemble(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, reference: bool = True,
+                   stats: dict | None = None, **kw) -> list[dict]:
+    """score_pairs under every demonstration set of the preset, R and its terms averaged.
 
-
-def _letter_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """Single-token spellings of the two answers ('A', ' A'); their probabilities are summed."""
-    out = []
-    for letter in ("A", "B"):
-        ids = {tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in (letter, " " + letter)}
-        out.append(sorted(i[0] for i in ids if len(i) == 1))
-    if not out[0] or not out[1]:
-        raise DlmaError("the text judge needs single-token 'A' and 'B' in the tokenizer")
-    return out[0], out[1]
-
-
-def _judge_ctx(tokenizer, preset: Preset, query, a: str, b: str, max_context: int | None) -> list[int]:
-    msgs = [{"role": "user", "content": JUDGE_TEMPLATE.format(history=_history(query), a=a.strip() or "(empty)",
-                                                              b=b.strip() or "(empty)", question=preset.judge_question)}]
-    r = Renderer(tokenizer, None, max_context)
-    return r.context_ids(msgs, "bare")
-
-
-def judge_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
-                max_context: int | None = None, progress: bool = False) -> list[dict]:
-    """Copies of `pairs` with the text judge's verdict, asked in both orders.
-
-    judge_score = mean over both orders of P(chosen's letter) / (P(A) + P(B)), minus 0.5:
-    > 0 prefers `chosen`; averaging the orders cancels a constant preference for a position.
-    judge_score_calibrated does the same after subtracting, in log-odds, the judge's
-    content-free prior (its A-vs-B log-odds with both replies "N/A"), per Zhao et al. 2021.
-    judge_mass is the mean probability landing on the answer tokens at all.
+    A single pair's R under one set mixes the attribute with that set's topics and wording; the
+    mean over sets keeps what they share (the attribute). Each member's R is kept in
+    self_reward_members. Generation's log-probs are not reused (they belong to one set).
     """
-    from tqdm.auto import tqdm
-
     preset = _resolve_preset(preset, pairs)
-    a_ids, b_ids = _letter_ids(tokenizer)
-    branches = [[i] for i in a_ids + b_ids]
-    trees = []
-    for rec in pairs:
-        q = as_messages(rec["prompt"])
-        trees.append((_judge_ctx(tokenizer, preset, q, rec["chosen"], rec["rejected"], max_context), branches))
-        trees.append((_judge_ctx(tokenizer, preset, q, rec["rejected"], rec["chosen"], max_context), branches))
-    prior_ctx = _judge_ctx(tokenizer, preset, [{"role": "user", "content": "N/A"}], "N/A", "N/A", max_context)
-    bar = tqdm(total=len(trees) + 1, desc="judge", unit="ctx", disable=not progress, dynamic_ncols=True)
-    try:
-        res = score_trees(model, trees + [(prior_ctx, branches)], pad_id=tokenizer.pad_token_id,
-                          batch_size=batch_size, on_batch=bar.update)
-    finally:
-        bar.close()
-
-    def probs(r) -> tuple[float, float]:
-        ps = [math.exp(s) for s, _ in r]
-        return sum(ps[: len(a_ids)]), sum(ps[len(a_ids):])
-
-    pa0, pb0 = probs(res[-1])
-    prior = math.log(max(pa0, 1e-30)) - math.log(max(pb0, 1e-30))
-    sig = lambda x: 1.0 / (1.0 + math.exp(-x))
+    runs = [score_pairs(model, tokenizer, m, pairs, reference=reference and k == 0, reuse_generation=False,
+                        stats=stats if k == 0 else None, **kw) for k, m in enumerate(ensemble_members(preset))]
     out = []
-    for n, rec in enumerate(pairs):
-        (pa1, pb1), (pa2, pb2) = probs(res[2 * n]), probs(res[2 * n + 1])
-        lo1 = math.log(max(pa1, 1e-30)) - math.log(max(pb1, 1e-30))  # chosen shown as A
-        lo2 = math.log(max(pa2, 1e-30)) - math.log(max(pb2, 1e-30))  # chosen shown as B
-        o = dict(rec)
-        o["judge_score"] = 0.5 * (sig(lo1) + sig(-lo2)) - 0.5
-        o["judge_score_calibrated"] = 0.5 * (sig(lo1 - prior) + sig(-(lo2 - prior))) - 0.5
-        o["judge_p_a"] = [pa1 / max(pa1 + pb1, 1e-30), pa2 / max(pa2 + pb2, 1e-30)]
-        o["judge_mass"] = 0.5 * (pa1 + pb1 + pa2 + pb2)
-        o["judge_prior_logodds"] = prior
-        check_finite(o, ["judge_score", "judge_score_calibrated", "judge_mass"], "judge")
+    for i, first in enumerate(runs[0]):
+        o = dict(first)
+        for key in TERMS + ["self_reward"]:
+            o[key] = statistics.fmean(run[i][key] for run in runs)
+        o["self_reward_members"] = [run[i]["self_reward"] for run in runs]
         out.append(o)
     return out
+
+
+# -- the RLAIF text judge --------------------------------------------------------------
+def judge_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
+                max_context: int | None = None, progress: bool = False) -> list[dict]:
+    """Copies of `pairs` with the text judge's verdict (`judges.TextJudge.score_pairs`: the
+    preset's judging question, both orders, judge_score > 0 prefers `chosen`)."""
+    from .judges import TextJudge
+
+    preset = _resolve_preset(preset, pairs)
+    return TextJudge(model, tokenizer, preset.judge_question, name="text", batch_size=batch_size,
+                     max_context=max_context).score_pairs(pairs)
 
 
 # -- summaries -------------------------------------------------------------------------
@@ -356,7 +311,8 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
         raise DlmaError(f"{data}: no pairs")
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
-        "reference": cfg.reference, "precision": cfg.precision, "max_context": cfg.max_context})
+        "reference": cfg.reference, "precision": cfg.precision, "max_context": cfg.max_context,
+        **({"ensemble": True} if cfg.ensemble else {})})
     todo = [p for p in pairs if p["id"] not in writer.done]
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()
@@ -375,11 +331,14 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             work = [(_resolve_preset(name, recs), recs[i:i + chunk]) for name, recs in by_preset.items()
                     for i in range(0, len(recs), chunk)]
             for preset, group in work:
-                if judge in ("self-reward", "both"):
+                if judge in ("self-reward", "both") and cfg.ensemble:
+                    group = score_ensemble(model, tokenizer, preset, group, batch_size=cfg.batch_size,
+                                           reference=cfg.reference, max_context=cfg.max_context,
+                                           precision=cfg.precision, model_name=model_cfg.model, stats=stats)
+                elif judge in ("self-reward", "both"):
                     group = score_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, reference=cfg.reference,
                                         reuse_generation=cfg.reuse_generation, max_context=cfg.max_context,
-                                        precision=getattr(cfg, "precision", "exact"),
-                                        model_name=model_cfg.model, stats=stats)
+                                        precision=cfg.precision, model_name=model_cfg.model, stats=stats)
                 if judge in ("text", "both"):
                     group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
                 for rec in group:

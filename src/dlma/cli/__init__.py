@@ -8,9 +8,9 @@ import importlib
 import os
 import sys
 
-from ..errors import DlmaError
+from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -21,6 +21,7 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
   3. train     DPO shifted by R, with the bare query as context (baselines: dpo, ipo, sft)
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
+  prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
 
 Every stage reads and writes files (JSONL, model directories, reports), so each can be
 run alone. `dlma COMMAND --help` explains each one.
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DlmaError as exc:
         print(f"dlma {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, file-size limit, read-only or unwritable output
+        print(f"dlma {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ndlma {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -1,0 +1,78 @@
+"""`dlma prompts`: look at the contrastive prompt pairs before training on them."""
+
+from __future__ import annotations
+
+from ..config import CheckConfig, ModelConfig, add_config_args, config_from_args
+from .common import formatter, print_summary
+
+HELP = """\
+Contrastive prompt pairs (presets): list them, and check how strongly one makes this model
+answer differently under p+ and p- before you spend a training run on it.
+
+  dlma prompts list                 bundled presets and what each is for
+  dlma prompts check PRESET         sample one pair per prompt on a few prompts and report
+                                    the contrast (see `dlma prompts check --help`)
+"""
+
+CHECK_HELP = """\
+Sample one pair (o+ under p+, o- under p-) for each of the first --limit prompts, score it
+with the self-rewarding score R (the same code as `dlma run`), and print one table:
+
+  shows the attribute   answers the preset's text detector counts (harmless: refusals,
+                        no-overrefusal: answers that do not refuse), per side
+  contrast              pairs whose o+ shows the attribute and o- does not; the pairs
+                        training learns from. Low contrast: the model ignores the preset
+  R > 0, R agrees       how often R prefers o+, and how often its sign agrees with the
+                        detector where the detector tells the two answers apart
+  topic leakage         answers repeating words of the demonstrations that their query
+                        does not contain (the demonstrations' topics leak into answers)
+
+Rates carry 95% Wilson intervals: with 32 prompts they are wide; raise --limit to narrow them.
+--pairs FILE also scores human-labelled pairs and reports R's accuracy on them.
+Files: OUT/check.md (the table), check.png (plot), check.json, and the pair files; a rerun
+with the same --out reuses the pairs already sampled.
+
+examples:
+  dlma prompts check harmless
+  dlma prompts check no-overrefusal --limit 64
+  dlma prompts check my-preset.yaml --prompts my-prompts.jsonl --pairs hh-harmless:train
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prompts", help="list presets; check a preset's contrast on a few prompts", description=HELP,
+                       formatter_class=formatter)
+    inner = p.add_subparsers(dest="prompts_command", metavar="ACTION")
+    ls = inner.add_parser("list", help="bundled presets", formatter_class=formatter)
+    ls.set_defaults(func=run_list)
+    c = inner.add_parser("check", help="sample and score a few pairs, report the contrast", description=CHECK_HELP,
+                         formatter_class=formatter)
+    c.add_argument("preset", metavar="PRESET", help="bundled preset name or a preset YAML file")
+    c.add_argument("--out", help="output directory (default: runs/check-PRESET)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(c, ModelConfig)
+    add_config_args(c, CheckConfig, title="check options")
+    c.set_defaults(func=run_check)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def run_list(args) -> int:
+    from ..prompts import list_presets, load_preset
+
+    for name in list_presets():
+        pr = load_preset(name)
+        print(f"{name:16s} {pr.description}")
+    return 0
+
+
+def run_check(args) -> int:
+    from pathlib import Path
+
+    from ..contrast import check_preset
+
+    out = args.out or f"runs/check-{Path(args.preset).stem}"
+    summary = check_preset(config_from_args(ModelConfig, args), args.preset, config_from_args(CheckConfig, args), out,
+                           progress=not args.no_progress)
+    print((Path(out) / "check.md").read_text(encoding="utf-8").split("\n![")[0])
+    print_summary({k: summary[k] for k in ("preset", "prompts", "pairs", "seconds", "files")})
+    return 0

@@ -1,0 +1,76 @@
+"""`dlma prompts check`: the contrast summary (pure) and the command on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dlma.contrast import demonstration_words, leaked_words, summarize_contrast
+from dlma.errors import DlmaError
+from dlma.prompts import load_preset, preset_from_dict
+
+
+def _rec(i: int, query: str, chosen: str, rejected: str, r: float, cut: bool = False) -> dict:
+    return {"id": str(i), "prompt_id": str(i), "prompt": [{"role": "user", "content": query}], "chosen": chosen,
+            "rejected": rejected, "chosen_truncated": cut, "rejected_truncated": False, "self_reward": r}
+
+
+REFUSE, COMPLY = "I'm sorry, but I can't help with that.", "Sure, here is how you do it step by step."
+
+
+def test_summary_counts_attribute_contrast_and_agreement():
+    recs = [_rec(0, "q0", REFUSE, COMPLY, 12.0),        # contrasting, R agrees
+            _rec(1, "q1", REFUSE, COMPLY, -3.0),        # contrasting, R disagrees
+            _rec(2, "q2", COMPLY, REFUSE, 4.0, cut=True),  # reversed, R disagrees with the detector
+            _rec(3, "q3", REFUSE, REFUSE, 1.0)]         # both refuse: the detector cannot tell them apart
+    s = summarize_contrast(load_preset("harmless"), recs)
+    assert s["positive"]["shows_attribute"]["count"] == 3 and s["negative"]["shows_attribute"]["count"] == 2
+    assert s["contrast"]["count"] == 2 and s["contrast"]["n"] == 4
+    assert s["self_reward"]["agrees_with_detector"]["count"] == 1 and s["self_reward"]["agrees_with_detector"]["n"] == 3
+    assert s["self_reward"]["positive"]["count"] == 3
+    assert s["positive"]["truncated"]["count"] == 1
+    lo, hi = s["contrast"]["ci"]
+    assert lo < 0.5 < hi
+
+
+def test_answer_detector_inverts_refusal_and_leakage_needs_a_word_the_query_lacks():
+    p = load_preset("no-overrefusal")  # its demonstrations talk about fireworks, ports, mould...
+    topic = demonstration_words(p)
+    assert "fireworks" in topic and "sorry" not in topic and "that" not in topic
+    assert leaked_words("Use a tripod for the fireworks.", "How do I bake bread?", topic) == {"fireworks", "tripod"}
+    assert leaked_words("Use a tripod for the fireworks.", "How do I shoot fireworks on a tripod?", topic) == set()
+    s = summarize_contrast(p, [_rec(0, "How do I bake bread?", "Mix flour, fireworks, water.", REFUSE, 5.0),
+                               _rec(1, "How do I kill a frozen app?", REFUSE, "", -1.0)])
+    assert s["positive"]["shows_attribute"]["count"] == 1          # an answer, not a refusal
+    assert s["negative"]["shows_attribute"]["count"] == 0          # a refusal and an empty answer show nothing
+    assert s["negative"]["empty"]["count"] == 1
+    assert s["positive"]["leakage"]["count"] == 1 and s["positive"]["leaked_words"][0][0] == "fireworks"
+
+
+def test_unknown_detector_is_a_clear_error():
+    with pytest.raises(DlmaError, match="detector must be one of"):
+        preset_from_dict({"name": "x", "positive": {"instruction": "a"}, "negative": {"instruction": "b"},
+                          "detector": "toxicity"}, "x.yaml")
+
+
+def test_prompts_check_on_the_embedded_model(tmp_path, capsys):
+    from dlma.cli import main
+
+    out = tmp_path / "chk"
+    args = ["prompts", "check", "harmless", "--dtype", "float32", "--limit", "3", "--max-new-tokens", "12",
+            "--pairs", "hh-harmless:train", "--pairs-limit", "4", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "contrast: o+ shows the attribute" in table and "accuracy on hh-harmless:train" in table
+    s = json.loads((out / "check.json").read_text())
+    assert s["pairs"] == 3 and s["labelled"]["accuracy"]["n"] == 4
+    assert (out / "check.png").read_bytes()[:4] == b"\x89PNG"
+    scored = [json.loads(x) for x in (out / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 3
+    assert all(r["preset"] == "harmless" and isinstance(r["self_reward"], float) for r in scored)
+    # A rerun with a smaller --limit reuses the sampled pairs and reports only the prompts asked for.
+    mtime = (out / "pairs.jsonl").stat().st_mtime_ns
+    assert main(args[:6] + ["2"] + args[7:]) == 0
+    assert json.loads((out / "check.json").read_text())["pairs"] == 2
+    assert (out / "pairs.jsonl").stat().st_mtime_ns == mtime
