@@ -58,3 +58,12 @@ def test_an_unwritable_output_is_one_line():
                          timeout=600)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("dlma generate: error: cannot write (/sys/dlma-out)")
+
+
+def test_kill_anywhere_script_small():
+    """The kill-anywhere suite (benchmarks/kill_anywhere.py) at its smallest: two random kills of scoring."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_anywhere.py"
+    res = subprocess.run([sys.executable, str(script), "--trials", "2", "--stages", "score", "--seed", "1"], env=ENV,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "failures=0 trials=2", res.stdout

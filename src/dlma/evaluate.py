@@ -101,7 +101,7 @@ class ModelPool:
         if name not in self.models:
             from .models import load_model
 
-            self.models[name] = load_model(name, self.cfg.dtype, self.cfg.device)
+            self.models[name] = load_model(name, self.cfg.dtype, self.cfg.device, attn=self.cfg.attn_implementation)
         return self.models[name]
 
     def release(self, name: str) -> None:

@@ -408,7 +408,7 @@ def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None,
 
     if name == "transformers":
         if model is None:
-            model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
+            model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
         return TransformersBackend(model, tokenizer, batch_size, prefix_cache=prefix_cache)
     if name == "vllm":
         tok = tokenizer or load_tokenizer(model_cfg.model)

@@ -181,13 +181,13 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_weights(name: str, dtype: torch.dtype):
+def load_weights(name: str, dtype: torch.dtype, attn: str = "auto"):
     """AutoModelForCausalLM of `name` on the CPU; every command loads weights through here."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({} if attn == "auto" else {"attn_implementation": attn}))
     except LOAD_ERRORS as exc:
         raise _cannot_load(name, "weights", exc) from None
     contiguous_head_input(model)
@@ -212,10 +212,10 @@ def contiguous_head_input(model) -> None:
         head._dlma_contiguous = True
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto", *, train: bool = False):
+def load_model(name: str, dtype: str = "auto", device: str = "auto", *, train: bool = False, attn: str = "auto"):
     """Load (model, tokenizer) ready for inference (eval mode, no grad) or training."""
     dev = resolve_device(device)
-    model = load_weights(name, resolve_dtype(dtype, dev))
+    model = load_weights(name, resolve_dtype(dtype, dev), attn)
     model.to(dev)
     model.train(train)
     if not train:

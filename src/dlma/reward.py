@@ -319,7 +319,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     try:
         if todo:
             if model is None:
-                model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device)
+                model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
             bar = tqdm(total=len(todo), desc=f"score ({judge})", unit="pair", disable=not progress, dynamic_ncols=True)
             chunk = max(cfg.batch_size * 4, 16)
             done = 0

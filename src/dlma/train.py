@@ -240,7 +240,10 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
     allowed = torch.ones(T, T, dtype=torch.bool).tril() & ((sj == 0) | (sj == si)) & (sj >= 0)
     allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves: no all-masked row
     mask = allowed.unsqueeze(1).to(device)
-    if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager":
+    # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
+    # mask to the scores, so a boolean mask must become an additive one there too.
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     keep = T - first
     kwargs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False)
@@ -488,7 +491,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     examples = build_examples(pairs, renderer)
     pad_id = tok.pad_token_id
 
-    model = load_weights(model_cfg.model, _weights_dtype(model_cfg))
+    model = load_weights(model_cfg.model, _weights_dtype(model_cfg), model_cfg.attn_implementation)
     model.to(accelerator.device)
     model.config.use_cache = False
 
