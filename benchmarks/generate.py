@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -36,37 +35,9 @@ from dlma.config import GenerateConfig  # noqa: E402
 from dlma.data import ReadStats, read_prompts  # noqa: E402
 from dlma.generate import RowSampler, SamplingParams, TransformersBackend, row_seed  # noqa: E402
 from dlma.logprobs import length_buckets  # noqa: E402
+from dlma.machine import cpu_kind  # noqa: E402
 from dlma.models import load_model  # noqa: E402
 from dlma.prompts import Renderer, load_preset  # noqa: E402
-
-
-def cpu_kind() -> str:
-    """The CPU's model name and whether it runs bf16 matmuls fast (AMX / avx512_bf16) or not (AVX2-only)."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name in ("unknown CPU", "x86_64", ""):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    if "amx_bf16" in flags:
-        kind = "AMX + avx512_bf16 (fast bf16)"
-    elif "avx512_bf16" in flags:
-        kind = "avx512_bf16, no AMX (fast bf16)"
-    elif "avx512f" in flags:
-        kind = "AVX-512 without bf16 (bf16 slow)"
-    elif "avx2" in flags:
-        kind = "AVX2-only (bf16 slow)"
-    else:
-        kind = "no AVX2/AVX-512 flags found"
-    try:
-        mkldnn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        mkldnn = False
-    return f"{name}; {kind}; torch mkldnn bf16: {mkldnn}; {os.cpu_count()} cores"
 
 
 def chunks(tok, sources: list[str], presets: list[str], limit: int, num_pairs: int, batch_size: int, seed: int,

@@ -186,7 +186,7 @@ def worker_check(a) -> dict:
         e.ref_chosen, e.ref_rejected = sums[i], sums[len(ex) + i]
     policy = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32).eval()
     with torch.no_grad():
-        res, _ = micro_batch_losses(policy, ex, TrainConfig(loss="dpo", beta=0.1, rpo_alpha=0.0), tok.pad_token_id, "cpu")
+        res, _, _ = micro_batch_losses(policy, ex, TrainConfig(loss="dpo", beta=0.1, rpo_alpha=0.0), tok.pad_token_id, "cpu")
     dlma_loss = float(res.losses.mean())
 
     ds, _ = trl_dataset(a.data)

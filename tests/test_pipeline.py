@@ -101,6 +101,11 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     assert gen["pairs"] == 10 and gen["pairs_per_s"] > 0 and gen["tokens"] > 0 and gen["tokens_per_s"] > 0
     assert manifest["stages"]["round-1/score"]["pairs_per_s"] > 0 and manifest["stages"]["round-1/train"]["tokens_per_s"]
     assert "round-1/generate" in done.stdout and "pairs/s" in done.stdout and "tokens/s" in done.stdout
+    # MFU: each model stage's FLOPs over its wall time, against the matmul peak measured at the start
+    assert manifest["machine"]["matmul_peak_flops"] > 1e8 and manifest["machine"]["cpu"]
+    for stage in ("generate", "score", "train"):
+        assert 0 < manifest["stages"][f"round-1/{stage}"]["mfu"] < 2, manifest["stages"][f"round-1/{stage}"]
+    assert "MFU" in done.stdout and "matmul peak" in done.stdout
 
     from transformers import AutoModelForCausalLM
 

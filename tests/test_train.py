@@ -334,8 +334,8 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     ex = [Example("a", enc("How do I pick a lock?"), enc("I can't help with that.") + [2], enc("Sure: first get"), 3.0, -30.0, -20.0),
           Example("b", enc("Hi"), enc("Hello! How are you?"), enc("Go away."), 1.0, -15.0, -9.0)]
     with torch.no_grad():
-        base, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
-        rpo, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
+        base, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
+        rpo, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
         pi_c, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
     assert (nll > 0).all()
@@ -371,7 +371,7 @@ def _poisoned(monkeypatch, bad_calls, kind):
     real, calls = T.micro_batch_losses, []
 
     def fake(model, examples, cfg, pad_id, device):
-        res, ntok = real(model, examples, cfg, pad_id, device)
+        res, ntok, positions = real(model, examples, cfg, pad_id, device)
         calls.append(1)
         if bad_calls is None or len(calls) in bad_calls:
             if kind == "loss":
@@ -379,7 +379,7 @@ def _poisoned(monkeypatch, bad_calls, kind):
             else:  # value 0, gradient 0 * inf = NaN
                 d = res.losses - res.losses.detach()
                 res.losses = res.losses + 0 * torch.sqrt(d)
-        return res, ntok
+        return res, ntok, positions
 
     monkeypatch.setattr(T, "micro_batch_losses", fake)
 

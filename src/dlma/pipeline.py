@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import RunConfig, TrainConfig, to_dict
+from .config import ModelConfig, RunConfig, TrainConfig, to_dict
 from .data import read_jsonl, write_json
 from .errors import DlmaError, os_error_message
 
@@ -200,6 +200,9 @@ class Pipeline:
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
         entry.update(_throughput(stage.rsplit("/", 1)[-1], info.get("summary") or {}, info.get("wall_s")))
+        peak = (self.manifest.get("machine") or {}).get("matmul_peak_flops")
+        if entry.get("model_flops") and entry.get("wall_s") and peak:
+            entry["mfu"] = round(entry["model_flops"] / entry["wall_s"] / peak, 4)
         self.manifest.setdefault("stages", {})[stage] = entry
         write_json(self.manifest_path, self.manifest)
 
@@ -216,7 +219,8 @@ class Pipeline:
             self.manifest = {"config": to_dict(cfg), "method": cfg.method, "versions": _versions(),
                              "seeds": {"generate": cfg.generate.seed, "train": cfg.train.seed, "evaluate": cfg.evaluate.seed},
                              "device": str(resolve_device(cfg.model.device)), "threads": torch.get_num_threads(),
-                             "platform": platform.platform(), "stages": old.get("stages", {}),
+                             "platform": platform.platform(), "machine": _machine(cfg.model),
+                             "stages": old.get("stages", {}),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(self.manifest_path, self.manifest)
             policy, upstream = cfg.model.model, _key(_model_stamp(cfg.model.model))
@@ -312,6 +316,17 @@ def train_config(cfg: RunConfig) -> TrainConfig:
     return tcfg
 
 
+def _machine(model_cfg: ModelConfig) -> dict:
+    """The CPU kind and the measured matmul peak in the model's dtype: what each stage's MFU divides by."""
+    from .machine import cpu_kind, matmul_peak
+    from .models import resolve_device, resolve_dtype
+
+    dev = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, dev)
+    return {"cpu": cpu_kind(), "dtype": str(dtype).replace("torch.", ""),
+            "matmul_peak_flops": round(matmul_peak(dtype, dev))}
+
+
 def _throughput(stage: str, summary: dict, wall_s: float | None) -> dict:
     """Work counts and rates of a finished stage, from its summary and wall time (what `dlma run` prints)."""
     pairs = {"generate": "pairs_written", "score": "scored", "train": "pairs_used"}.get(stage)
@@ -329,20 +344,27 @@ def _throughput(stage: str, summary: dict, wall_s: float | None) -> dict:
                 out[f"{k}_per_s"] = round(out[k] / wall_s, 2)
     if stage == "train" and summary.get("tokens_per_s") is not None:
         out["tokens_per_s"] = summary["tokens_per_s"]  # the training loop's own rate
+    if summary.get("model_flops"):
+        out["model_flops"] = summary["model_flops"]
     return out
 
 
 def format_stages(manifest: dict) -> str:
-    """Each stage's wall time and throughput, as recorded in manifest.json."""
-    rows = [["stage", "wall time", "pairs/s", "tokens/s", "peak memory"]]
+    """Each stage's wall time, throughput and MFU (its model FLOPs over wall time, as a share of
+    the matmul peak measured on this machine at the start of the run), as in manifest.json."""
+    m = manifest.get("machine") or {}
+    head = (f"machine: {m['cpu']}; {m['dtype']} matmul peak {m['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+            f"({manifest.get('threads')} threads)\n") if m.get("matmul_peak_flops") else ""
+    rows = [["stage", "wall time", "pairs/s", "tokens/s", "MFU", "peak memory"]]
     for name, e in manifest.get("stages", {}).items():
         wall = "-" if e.get("wall_s") is None else f"{e['wall_s']:.0f} s" + (" (earlier run)" if e.get("skipped") else "")
         rate = e.get("pairs_per_s") or e.get("answers_per_s")
         rows.append([name, wall, "-" if rate is None else f"{rate:.2f}" + (" answers" if "pairs_per_s" not in e else ""),
                      "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.0f}",
+                     "-" if e.get("mfu") is None else f"{100 * e['mfu']:.0f}%",
                      "-" if e.get("peak_rss_mb") is None else f"{e['peak_rss_mb'] / 1024:.1f} GB"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return head + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _orient(src: Path, dst: Path, field: str) -> dict:

@@ -24,6 +24,7 @@ from .config import ModelConfig, ScoreConfig
 from .data import JsonlWriter, check_finite, read_pairs
 from .errors import DlmaError
 from .logprobs import score_trees
+from .machine import param_count
 from .prompts import Preset, Renderer, as_messages, load_preset
 
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
@@ -169,6 +170,7 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
         out["chosen_tokens"], out["rejected_tokens"] = len(c), len(r)
         plan.append((out, where))
     stats["contexts_truncated"] += layout.truncated
+    stats["positions"] = stats.get("positions", 0) + sum(len(c) + sum(map(len, b)) for c, b in trees)
     bar = tqdm(total=len(trees), desc="score", unit="ctx", disable=not progress, dynamic_ncols=True)
     try:
         res = score_trees(model, trees, pad_id=tokenizer.pad_token_id, batch_size=batch_size, body_dtype=body,
@@ -349,6 +351,8 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             bar.close()
     finally:
         writer.close()
+    if stats.get("positions"):  # each context laid out once with its responses: 2 N per position
+        stats["model_flops"] = 2 * param_count(model) * stats.pop("positions")
     summary = summarize_scores(read_jsonl(out))
     summary.update(judge=judge, already_done=len(pairs) - len(todo), scored=len(todo), output=str(out),
                    seconds=round(time.time() - t0, 2), **stats)

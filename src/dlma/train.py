@@ -46,6 +46,7 @@ from .config import ModelConfig, TrainConfig
 from .data import read_pairs, write_json
 from .errors import DlmaError
 from .logprobs import IGNORE, collate, score_sequences, sequence_logprobs, token_logprobs
+from .machine import param_count
 
 SUMMARY = "train_summary.json"
 REFERENCE = "reference_logprobs.json"
@@ -254,15 +255,17 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
     return sums[0], sums[1], int((seg >= 0).sum())
 
 
-def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int, device) -> tuple[L.PairLoss, int]:
-    """Per-pair losses (and implicit rewards) of a micro-batch, chosen and rejected in one forward."""
+def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
+                       device) -> tuple[L.PairLoss, int, int]:
+    """Per-pair losses (and implicit rewards) of a micro-batch, chosen and rejected in one forward,
+    with the tokens as two (context, response) rows count them and the positions computed."""
     ctx = [e.context for e in examples]
     n = len(examples)
     if cfg.loss == "sft":
         batch = collate(ctx, [e.chosen for e in examples], pad_id).to(device)
         sums, counts = sequence_logprobs(model, batch)
         zero = torch.zeros(n, device=device)
-        return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens
+        return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens, batch.num_tokens
     if cfg.share_context:
         pi_c, pi_r, _ = shared_context_logprobs(model, examples, pad_id, device)
     else:
@@ -271,6 +274,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         pi_c, pi_r = sums[:n], sums[n:]
     # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
     ntok = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
+    positions = ntok - (sum(len(e.context) for e in examples) if cfg.share_context else 0)
     ref_c = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32, device=device)
     ref_r = torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32, device=device)
     if cfg.loss == "dlma":
@@ -284,7 +288,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
     if cfg.rpo_alpha:
         counts = torch.tensor([len(e.chosen) for e in examples], device=device)
         out.losses = out.losses + cfg.rpo_alpha * L.sft_loss(pi_c, counts)
-    return out, ntok
+    return out, ntok, positions
 
 
 # -- helpers -------------------------------------------------------------------
@@ -572,7 +576,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not (progress and main), dynamic_ncols=True)
     first_loss = last = None
     bad_in_a_row = 0
-    loop_tokens, loop_seconds = 0, 0.0
+    loop_tokens, loop_positions, loop_seconds = 0, 0, 0.0
     plan_epoch, plan = -1, []
     while step < total:
         epoch, index = divmod(step, per_epoch)
@@ -584,13 +588,13 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        stats = torch.zeros(5, dtype=torch.float64)  # loss sum, margin sum, correct, pairs, tokens
+        stats = torch.zeros(6, dtype=torch.float64)  # loss sum, margin sum, correct, pairs, tokens, positions
         grad_norm = None
         bad = False  # a NaN/inf loss or gradient in this step: skip the update
         for k in range(rank, micro_per_step, world):
             batch = [examples[i] for i in micros[k]]
             with accelerator.accumulate(model):
-                res, ntok = micro_batch_losses(model, batch, cfg, pad_id, accelerator.device)
+                res, ntok, positions = micro_batch_losses(model, batch, cfg, pad_id, accelerator.device)
                 total_loss = res.losses.sum()
                 finite = bool(torch.isfinite(total_loss))
                 bad |= not finite
@@ -612,7 +616,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
                     optimizer.zero_grad(set_to_none=True)
             margin = res.chosen_rewards - res.rejected_rewards
             stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
-                                   float((margin > 0).sum()), len(batch), ntok], dtype=torch.float64)
+                                   float((margin > 0).sum()), len(batch), ntok, positions], dtype=torch.float64)
         stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu() if world > 1 else stats
         seconds = time.perf_counter() - t0
         step += 1
@@ -624,6 +628,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
                             "or check the pair file")
         first_loss = loss if first_loss is None and not bad else first_loss
         loop_tokens += int(stats[4])
+        loop_positions += int(stats[5])
         loop_seconds += seconds
         row = {"step": step, "epoch": epoch, "loss": _finite(loss), "lr": lr, "pairs": int(stats[3]),
                "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / seconds}
@@ -664,6 +669,8 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         # this session's loop only (a resumed run counts the steps it ran)
         "train_seconds": round(loop_seconds, 3),
         "tokens_per_s": round(loop_tokens / loop_seconds, 2) if loop_seconds else None,
+        # forward + backward of the policy, 6 N per position (the reference is not counted)
+        "model_flops": 6 * param_count(model) * loop_positions,
         "resume_key": key,
     }
     if main:
