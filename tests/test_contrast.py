@@ -74,3 +74,37 @@ def test_prompts_check_on_the_embedded_model(tmp_path, capsys):
     assert main(args[:6] + ["2"] + args[7:]) == 0
     assert json.loads((out / "check.json").read_text())["pairs"] == 2
     assert (out / "pairs.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_preset_round_trips_through_yaml_and_candidates_vary_one_thing(tmp_path):
+    import yaml
+
+    from dlma.search import candidates, preset_to_dict
+
+    p = load_preset("harmless")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(preset_to_dict(p)))
+    assert load_preset(str(path)) == p
+    names = [n for n, _ in candidates(p)]
+    assert names == ["as-is", "set-1-only", "set-2-only", "set-3-only", "one-demonstration", "instructions-only",
+                     "demonstrations-only"]
+    d = dict(candidates(p))
+    assert d["set-2-only"]["demonstrations"] == [preset_to_dict(p)["demonstrations"][1]]
+    assert "demonstrations" not in d["instructions-only"] and "positive" not in d["demonstrations-only"]
+
+
+def test_prompts_search_chooses_on_one_sample_and_reports_on_another(tmp_path, capsys):
+    from dlma.cli import main
+
+    out = tmp_path / "search"
+    assert main(["prompts", "search", "no-overrefusal", "--dtype", "float32", "--limit", "2", "--max-new-tokens", "8",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "Report sample" in capsys.readouterr().out
+    s = json.loads((out / "search.json").read_text())
+    best = max(r["rate"] for r in s["selection"])
+    assert next(r for r in s["selection"] if r["candidate"] == s["chosen"])["rate"] == best
+    assert [r["candidate"] for r in s["report"]][0] == "as-is" and s["report"][-1]["candidate"] == s["chosen"]
+    ids = {k: {json.loads(x)["id"] for x in (out / f"prompts-{k}.jsonl").read_text().splitlines()} for k in ("select", "report")}
+    assert len(ids["select"]) == len(ids["report"]) == 2 and not ids["select"] & ids["report"]
+    chosen = load_preset(str(out / "best.yaml"))
+    assert chosen.name == "no-overrefusal-searched" and chosen.detector == "answer"

@@ -177,7 +177,8 @@ def plot_contrast(summary: dict, rewards: list[float], contrasting: list[bool] |
     return _png(fig)
 
 
-def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out: str, *, progress: bool = True) -> dict:
+def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out: str, *, progress: bool = True,
+                 model=None, tokenizer=None) -> dict:
     """Sample, score and summarise one pair per prompt under `preset_name`; write the check to `out`.
 
     Files in out: pairs.jsonl and scored.jsonl (resumable, as in `dlma run`), check.json,
@@ -195,7 +196,9 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, tok = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
+    if model is None:
+        model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
+    tok = tokenizer
     gen = GenerateConfig(prompts=prompts, preset=preset_name, num_pairs=1, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, limit=cfg.limit,
                          batch_size=cfg.batch_size, num_samples=cfg.num_samples)

@@ -12,6 +12,26 @@ answer differently under p+ and p- before you spend a training run on it.
   dlma prompts list                 bundled presets and what each is for
   dlma prompts check PRESET         sample one pair per prompt on a few prompts and report
                                     the contrast (see `dlma prompts check --help`)
+  dlma prompts search PRESET        try variants of the preset, choose on some prompts, report
+                                    on others, write the best as a preset YAML
+"""
+
+SEARCH_HELP = """\
+Try variants of a preset (as it is; each demonstration set alone; one demonstration instead of
+two; instructions only; demonstrations only), check each on the first --limit prompts (the
+selection sample) like `dlma prompts check`, and check the best and the preset as it is again
+on the next --limit prompts (the report sample). Choosing on one sample and reporting on
+another keeps the winner's figure honest: the best of several candidates on one sample looks
+better than it is. The metric is the contrast rate (o+ shows the attribute and o- does not, by
+the preset's detector); for a preset without a detector, R's accuracy on --pairs (human-labelled
+pairs, split in halves the same way).
+
+Files: OUT/search.md (both tables), OUT/search.json, OUT/best.yaml (use it with --preset),
+OUT/candidates/*.yaml, and each check's files under OUT/select/ and OUT/report/.
+
+examples:
+  dlma prompts search harmless --limit 32
+  dlma prompts search helpful --pairs hh-harmless:train --pairs-limit 100
 """
 
 CHECK_HELP = """\
@@ -53,6 +73,14 @@ def register(sub) -> None:
     add_config_args(c, ModelConfig)
     add_config_args(c, CheckConfig, title="check options")
     c.set_defaults(func=run_check)
+    s = inner.add_parser("search", help="choose the preset variant with the strongest contrast, report it on other prompts",
+                         description=SEARCH_HELP, formatter_class=formatter)
+    s.add_argument("preset", metavar="PRESET", help="bundled preset name or a preset YAML file")
+    s.add_argument("--out", help="output directory (default: runs/search-PRESET)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(s, ModelConfig)
+    add_config_args(s, CheckConfig, title="check options (applied to every candidate)")
+    s.set_defaults(func=run_search)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -75,4 +103,17 @@ def run_check(args) -> int:
                            progress=not args.no_progress)
     print((Path(out) / "check.md").read_text(encoding="utf-8").split("\n![")[0])
     print_summary({k: summary[k] for k in ("preset", "prompts", "pairs", "seconds", "files")})
+    return 0
+
+
+def run_search(args) -> int:
+    from pathlib import Path
+
+    from ..search import search_preset
+
+    out = args.out or f"runs/search-{Path(args.preset).stem}"
+    summary = search_preset(config_from_args(ModelConfig, args), args.preset, config_from_args(CheckConfig, args), out,
+                            progress=not args.no_progress)
+    print((Path(out) / "search.md").read_text(encoding="utf-8"))
+    print_summary({k: summary[k] for k in ("preset", "prompts", "per_sample", "chosen", "best_yaml")})
     return 0
