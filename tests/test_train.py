@@ -340,6 +340,12 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
     assert (nll > 0).all()
     assert torch.allclose(rpo.losses, base.losses + 0.5 * nll, atol=1e-4), (rpo.losses, base.losses, nll)
+    # --rpo-presets: the NLL term on the listed presets' pairs only
+    ex[0].preset, ex[1].preset = "harmless", "no-overrefusal"
+    with torch.no_grad():
+        some, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5, rpo_presets=["no-overrefusal"]),
+                                        tok.pad_token_id, "cpu")
+    assert torch.allclose(some.losses, base.losses + 0.5 * nll * torch.tensor([0.0, 1.0]), atol=1e-4)
     assert torch.equal(rpo.chosen_rewards, base.chosen_rewards)  # logged implicit rewards stay DPO's
 
 

@@ -71,6 +71,7 @@ class Example:
     self_reward: float | None
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    preset: str | None = None
 
     @property
     def length(self) -> int:  # padded length of this pair's row in a batch
@@ -139,6 +140,7 @@ def build_examples(pairs: list[dict], renderer) -> list[Example]:
             self_reward=rec.get("self_reward"),
             ref_chosen=float(ref_c) if isinstance(ref_c, (int, float)) else None,
             ref_rejected=float(ref_r) if isinstance(ref_r, (int, float)) else None,
+            preset=rec.get("preset"),
         ))
     return out
 
@@ -287,7 +289,8 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
     if cfg.rpo_alpha:
         counts = torch.tensor([len(e.chosen) for e in examples], device=device)
-        out.losses = out.losses + cfg.rpo_alpha * L.sft_loss(pi_c, counts)
+        on = torch.tensor([not cfg.rpo_presets or e.preset in cfg.rpo_presets for e in examples], device=device)
+        out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi_c, counts)
     return out, ntok, positions
 
 
