@@ -65,22 +65,17 @@ def register(sub) -> None:
     inner = p.add_subparsers(dest="prompts_command", metavar="ACTION")
     ls = inner.add_parser("list", help="bundled presets", formatter_class=formatter)
     ls.set_defaults(func=run_list)
-    c = inner.add_parser("check", help="sample and score a few pairs, report the contrast", description=CHECK_HELP,
-                         formatter_class=formatter)
-    c.add_argument("preset", metavar="PRESET", help="bundled preset name or a preset YAML file")
-    c.add_argument("--out", help="output directory (default: runs/check-PRESET)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(c, ModelConfig)
-    add_config_args(c, CheckConfig, title="check options")
-    c.set_defaults(func=run_check)
-    s = inner.add_parser("search", help="choose the preset variant with the strongest contrast, report it on other prompts",
-                         description=SEARCH_HELP, formatter_class=formatter)
-    s.add_argument("preset", metavar="PRESET", help="bundled preset name or a preset YAML file")
-    s.add_argument("--out", help="output directory (default: runs/search-PRESET)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(s, ModelConfig)
-    add_config_args(s, CheckConfig, title="check options (applied to every candidate)")
-    s.set_defaults(func=run_search)
+    for name, helptext, description, func in (
+            ("check", "sample and score a few pairs, report the contrast", CHECK_HELP, run_check),
+            ("search", "choose the preset variant with the strongest contrast, report it on other prompts", SEARCH_HELP,
+             run_search)):
+        c = inner.add_parser(name, help=helptext, description=description, formatter_class=formatter)
+        c.add_argument("preset", metavar="PRESET", help="bundled preset name or a preset YAML file")
+        c.add_argument("--out", help=f"output directory (default: runs/{name}-PRESET)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_config_args(c, ModelConfig)
+        add_config_args(c, CheckConfig, title="check options" + (" (applied to every candidate)" if name == "search" else ""))
+        c.set_defaults(func=func)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
