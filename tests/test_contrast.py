@@ -45,7 +45,8 @@ def test_answer_detector_inverts_refusal_and_leakage_needs_a_word_the_query_lack
     assert s["positive"]["shows_attribute"]["count"] == 1          # an answer, not a refusal
     assert s["negative"]["shows_attribute"]["count"] == 0          # a refusal and an empty answer show nothing
     assert s["negative"]["empty"]["count"] == 1
-    assert s["positive"]["leakage"]["count"] == 1 and s["positive"]["leaked_words"][0][0] == "fireworks"
+    assert s["positive"]["leakage"]["count"] == 1
+    assert s["positive"]["leaked_words"] == [["fireworks", 1], ["water", 1]]  # ties in alphabetical order
 
 
 def test_unknown_detector_is_a_clear_error():

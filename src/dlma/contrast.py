@@ -85,7 +85,8 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     query = lambda r: " ".join(m["content"] for m in r["prompt"])
     for key, side in (("chosen", "positive"), ("rejected", "negative")):
         leaks = [leaked_words(r[key], query(r), topic) for r in records]
-        top = Counter(w for ws in leaks for w in ws).most_common(8)
+        counts = Counter(w for ws in leaks for w in ws)
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]  # ties alphabetically: the same every run
         out[side] = {
             "truncated": _rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
             "empty": _rate(sum(not r[key].strip() for r in records), n),
