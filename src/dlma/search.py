@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .config import CheckConfig, ModelConfig
-from .contrast import check_preset
+from .contrast import _pct, check_preset
 from .data import read_pairs, read_prompts, write_json
 from .errors import DlmaError
 from .prompts import Preset, load_preset
@@ -128,11 +128,6 @@ def search_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, ou
     write_json(out_dir / "search.json", summary)
     (out_dir / "search.md").write_text(render_search(summary), encoding="utf-8")
     return summary
-
-
-def _pct(r: dict) -> str:
-    lo, hi = r["ci"]
-    return f"{100 * r['rate']:.1f}% [{100 * lo:.0f}-{100 * hi:.0f}] ({r['count']}/{r['n']})"
 
 
 def render_search(summary: dict) -> str:
