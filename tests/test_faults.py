@@ -40,9 +40,8 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_resumes(tmp_path, embedde
     # Rerun with room: it resumes, and the file equals one made without interruption.
     assert subprocess.run(DLMA + GEN + ["--out", str(full)], env=ENV, capture_output=True, timeout=600).returncode == 0
     assert subprocess.run(DLMA + GEN + ["--out", str(clean)], env=ENV, capture_output=True, timeout=600).returncode == 0
-    a, b = ([json.loads(x) for x in f.read_text().splitlines()] for f in (full, clean))
-    # the same pairs; log-probs agree up to the rounding of other batch shapes
-    assert [(r["id"], r["chosen"], r["rejected"]) for r in a] == [(r["id"], r["chosen"], r["rejected"]) for r in b]
+    # byte for byte: the partly written batch was generated again whole, so log-probs round the same way
+    assert full.read_bytes() == clean.read_bytes()
 
 
 def test_an_unwritable_output_is_one_line():

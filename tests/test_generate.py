@@ -256,6 +256,8 @@ def test_best_of_k_keeps_the_pair_with_the_largest_r(tmp_path, embedded):
         assert len(c["chosen_log_ratio"]) == len(c["rejected_log_ratio"]) == 2
         assert b["self_reward"] == pytest.approx(max(c["chosen_log_ratio"]) - min(c["rejected_log_ratio"]), abs=1e-3)
         assert b["self_reward"] >= a["self_reward"] - 1e-3
+        assert len(c["texts"]) == len(c["truncated"]) == 4  # all 2K kept for --loss listwise
+        assert c["texts"][c["picked"]["chosen"]] == b["chosen"] and c["texts"][2 + c["picked"]["rejected"]] == b["rejected"]
         assert "candidates" not in a
     with pytest.raises(DlmaError, match="num_samples"):
         GenerateConfig(num_samples=0)

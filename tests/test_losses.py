@@ -73,3 +73,31 @@ def test_sft_gradient_raises_chosen():
     pi_c = torch.tensor([-10.0], requires_grad=True)
     L.sft_loss(pi_c, torch.tensor([4])).sum().backward()
     assert pi_c.grad.item() == pytest.approx(-0.25)
+
+
+def test_listwise_hand_computed_and_two_responses_are_the_pair_losses():
+    # three responses, best first; implicit rewards z = beta * (pi - ref) with w = 0
+    pi, ref = torch.tensor([[-10.0, -11.0, -12.0]]), torch.tensor([[-11.0, -11.0, -11.0]])
+    z = [0.1, 0.0, -0.1]
+    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
+    want = ((lse(z) - z[0]) + (lse(z[1:]) - z[1])) / 2
+    got = L.listwise_loss(pi, ref, torch.tensor([[5.0, 0.0, -5.0]]), margin_weight=0.0).losses
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # N = 2: Plackett-Luce is Bradley-Terry, i.e. DPO (w = 0) and the dlma loss (w, clamp)
+    g = torch.Generator().manual_seed(0)
+    pi, ref = torch.randn(6, 2, generator=g) * 5, torch.randn(6, 2, generator=g) * 5
+    s = torch.randn(6, 2, generator=g) * 40
+    pl = L.listwise_loss(pi, ref, s).losses
+    dl = L.dlma_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], s[:, 0] - s[:, 1]).losses
+    dp = L.dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1]).losses
+    assert torch.allclose(pl, dl, atol=1e-5)
+    assert torch.allclose(L.listwise_loss(pi, ref, s, margin_weight=0.0).losses, dp, atol=1e-5)
+
+
+def test_listwise_gradient_raises_the_ranked_order():
+    """A descent step raises every response against every one ranked below it."""
+    pi = torch.tensor([[-10.0, -10.0, -10.0, -10.0]], requires_grad=True)
+    ref = torch.full((1, 4), -10.0)
+    L.listwise_loss(pi, ref, torch.tensor([[3.0, 1.0, -1.0, -3.0]])).losses.sum().backward()
+    assert pi.grad[0, 0] < 0 and pi.grad[0, -1] > 0
+    assert torch.all(pi.grad[0, :-1] < pi.grad[0, 1:])  # the higher the rank, the stronger the push up

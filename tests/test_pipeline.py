@@ -169,7 +169,8 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     from dlma.pipeline import METHODS
 
     run_dir = tmp_path / "cmp"
-    methods = list(METHODS)  # every method runs with the shipped config
+    # every method that runs with the shipped config (listwise needs best-of-K generation)
+    methods = [m for m, spec in METHODS.items() if spec["loss"] != "listwise"]
     res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", ",".join(methods), "--no-progress", *TINY,
                                  "--set", "train.max_steps=2", "--set", "seeds=[0,1]",
                                  "--set", "method_train={rlcd: {lr: 3.0e-6}}"], env=ENV, capture_output=True, text=True, timeout=2400)
@@ -190,6 +191,19 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     assert "balanced (difference)" in res.stdout and "(sd " in res.stdout
     html = (run_dir / "report" / "index.html").read_text()
     assert all(m in html for m in methods)
+
+
+def test_listwise_method_needs_best_of_k_generation(tmp_path):
+    import dataclasses
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.pipeline import Pipeline
+
+    cfg = dataclasses.replace(shipped_defaults(), method="dlma-listwise")
+    with pytest.raises(DlmaError, match="generate.num_samples"):
+        Pipeline(cfg, tmp_path / "run", progress=False)
+    cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, num_samples=2))
+    assert Pipeline(cfg, tmp_path / "run", progress=False).cfg.method == "dlma-listwise"
 
 
 def test_train_defaults_are_the_run_defaults():

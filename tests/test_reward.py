@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -154,3 +155,23 @@ def test_ensemble_is_the_mean_of_r_over_demonstration_sets(embedded, tiny_pairs)
         assert "ref_lp_chosen" in o and len(set(round(r, 3) for r in rs)) > 1  # the sets do disagree
     with pytest.raises(DlmaError, match="demonstration set"):
         ensemble_members(dataclasses.replace(preset, demonstrations=preset.demonstrations[:1]))
+
+
+def test_resumed_scoring_is_byte_identical(embedded, tiny_pairs, tmp_path):
+    """A kill mid-chunk: the rerun recomputes that chunk whole, so the file equals an uninterrupted one."""
+    model, tok = embedded
+    base = read_pairs(str(tiny_pairs))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({**base[i % len(base)], "id": f"p{i}"}) + "\n" for i in range(20)))
+    cfg = ScoreConfig(batch_size=2, reference=True, reuse_generation=False)  # chunks of 16 pairs
+    run = lambda out: score_file(ModelConfig(dtype="float32"), cfg, str(data), str(out), model=model, tokenizer=tok,
+                                 progress=False)
+    whole = tmp_path / "whole.jsonl"
+    run(whole)
+    lines = whole.read_bytes().splitlines(keepends=True)
+    for kept in (5, 17):  # inside the first chunk, inside the second
+        cut = tmp_path / f"cut{kept}.jsonl"
+        cut.write_bytes(b"".join(lines[:kept]) + lines[kept][:20])  # the record in flight, half-written
+        shutil.copy(f"{whole}.settings.json", f"{cut}.settings.json")
+        assert run(cut)["scored"] == 20 - kept
+        assert cut.read_bytes() == whole.read_bytes()

@@ -8,6 +8,7 @@ a short instruction-only contrastive preset: rows stay ~45 tokens, so steps are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -296,6 +297,55 @@ def test_shared_context_row_matches_two_rows():
     assert ntok == sum(len(e.context) + len(e.chosen) + len(e.rejected) for e in ex)
     for a, p in zip(g1, model.parameters()):
         assert (a - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8
+
+
+def test_branches_of_one_row_match_separate_rows():
+    """Four responses sharing one context (listwise training) give each response's own log-prob."""
+    import torch
+
+    from dlma.logprobs import collate, sequence_logprobs
+    from dlma.models import load_model
+    from dlma.train import branch_logprobs
+
+    model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
+    model.config.use_cache = False
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx = [enc("Tell me how to pick a lock, please."), enc("Hi")]
+    resp = [[enc(t) for t in ("I can't help with that.", "Sure: first", "No.", "Locks have pins.")],
+            [enc(t) for t in ("Hello! How are you?", "Go away.", "Hi there", "What?")]]
+    sums, ntok = branch_logprobs(model, ctx, resp, tok.pad_token_id, "cpu")
+    rows, _ = sequence_logprobs(model, collate([c for c, r in zip(ctx, resp) for _ in r], [x for r in resp for x in r],
+                                                tok.pad_token_id))
+    assert sums.shape == (2, 4) and torch.allclose(sums.flatten(), rows, atol=1e-3), (sums, rows)
+    assert ntok == sum(len(c) + sum(map(len, r)) for c, r in zip(ctx, resp))
+
+
+def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
+    from dlma.config import GenerateConfig
+    from dlma.errors import DlmaError
+    from dlma.generate import TransformersBackend, generate_pairs
+    from dlma.train import train_model
+
+    model, tok = embedded
+    data = tmp_path / "k2.jsonl"
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=4, max_new_tokens=10, num_samples=2, batch_size=8),
+                   str(data), backend=TransformersBackend(model, tok, 8), tokenizer=tok, progress=False)
+    cfg = TrainConfig(loss="listwise", max_steps=2, batch_size=2, lr=1e-4, mixed_precision="no", save_steps=1,
+                      warmup_ratio=0.0)
+    s = train_model(ModelConfig(dtype="float32", device="cpu"), cfg, str(data), str(tmp_path / "m"), progress=False)
+    assert s["steps"] == 2 and math.isfinite(s["final_loss"])
+    ref = json.loads((tmp_path / "m" / "reference_logprobs.json").read_text())
+    assert len(ref) == 4 and all(len(v) == 4 for v in ref.values())  # a reference for each of the 2K responses
+    # before the first update the policy is the reference: the top and bottom responses' implicit
+    # rewards are 0, so the references belong to the responses as ranked
+    rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["reward_margin"]) < 1e-4 and rows[0]["loss"] > 0
+    # a pair file without candidates is refused with the reason
+    plain = tmp_path / "k1.jsonl"
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, max_new_tokens=6, batch_size=8), str(plain),
+                   backend=TransformersBackend(model, tok, 8), tokenizer=tok, progress=False)
+    with pytest.raises(DlmaError, match="num-samples"):
+        train_model(ModelConfig(dtype="float32", device="cpu"), cfg, str(plain), str(tmp_path / "m1"), progress=False)
 
 
 def test_step_in_backward_is_exact_and_only_auto_where_exact(scored, tmp_path):

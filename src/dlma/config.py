@@ -63,7 +63,7 @@ class GenerateConfig:
     prompts: str = opt("hh-harmless:train", "prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled `hh-harmless[:train|:test]`, `benign-train`, `safety-eval`, or cached HF datasets")
     preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
-    num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples")
+    num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples; all 2K are kept in the record for --loss listwise")
     max_new_tokens: int = opt(64, "longest response, in tokens")
     # 0.7 / 0.9 measured on 48 held-out HH queries with the embedded model: pure sampling
     # (T=1) gives near word-salad and no contrast between p+ and p- answers; tempered
@@ -87,7 +87,7 @@ class GenerateConfig:
 
 @dataclass
 class TrainConfig:
-    loss: str = opt("dlma", "objective: dlma (DPO shifted by the self-reward), dpo (RLCD baseline; on human labels the upper reference), ipo, sft (context distillation on the chosen response)")
+    loss: str = opt("dlma", "objective: dlma (DPO shifted by the self-reward), dpo (RLCD baseline; on human labels the upper reference), ipo, sft (context distillation on the chosen response), listwise (Plackett-Luce over all 2K responses of a --num-samples K pair file, ranked by their self-reward log-ratio; shifted by w as dlma)")
     beta: float = opt(0.1, "strength of the KL tie to the reference (dlma, dpo, ipo)")
     margin_weight: float = opt(0.2, "dlma: weight w of the self-reward shift")
     margin_clip: typing.Tuple[float, float] = opt((-40.0, 40.0), "dlma: clamp range LO HI of the self-reward")
@@ -220,7 +220,7 @@ class RunConfig:
     """Everything `dlma run` does; the sections are the stage commands' options."""
 
     run_dir: str = opt("runs/default", "where stages, the final model and the report go")
-    method: str = opt("dlma", "dlma, rlcd (DPO on the pairs, no score), context-distillation (SFT on o+), rlaif (text-judge labels + DPO)")
+    method: str = opt("dlma", "dlma, rlcd (DPO on the pairs, no score), context-distillation (SFT on o+), rlaif (text-judge labels + DPO), dlma-listwise (Plackett-Luce over all 2K best-of-K responses; needs generate.num_samples >= 2)")
     rounds: int = opt(1, "generate -> score -> train repeats, the latest policy generating and serving as reference")
     model: ModelConfig = section(ModelConfig, "the starting model")
     generate: GenerateConfig = section(GenerateConfig, "contrastive generation")

@@ -17,10 +17,12 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from .errors import DataError, DlmaError
 from .prompts import Messages, as_messages
+
+T = TypeVar("T")
 
 BUNDLED_HH = "hh-harmless"
 BUNDLED_SAFETY = "safety-eval"
@@ -392,19 +394,37 @@ class JsonlWriter:
         self.close()
 
 
+def resume_chunks(items: Sequence[T], size: int, missing: Callable[[T], bool]) -> Iterator[list[T]]:
+    """Chunks of `items` fixed by position (not by what is left), for those holding a missing item.
+
+    A resumed stage recomputes a partly written chunk whole and writes only its missing
+    records, so every record is computed in the very batch an uninterrupted run computes it
+    in: batched float sums round the same way and the output is identical byte for byte.
+    """
+    size = max(1, size)
+    for i in range(0, len(items), size):
+        chunk = list(items[i:i + size])
+        if any(missing(x) for x in chunk):
+            yield chunk
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename): a kill never leaves half a file."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace a file's text atomically (temp file + rename): a kill leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import EvalConfig, ModelConfig, to_dict
-from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts
+from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts, resume_chunks
 from .errors import DlmaError
 from .judges import (Item, TextJudge, OpenAIJudge, RewardModelJudge, SelfRewardJudge, Verdict, judge_slug,
                      parse_judge_spec, summarize_verdicts)
@@ -137,17 +137,19 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
         bar = tqdm(total=len(todo), desc=f"answers ({role})", unit="prompt", disable=not progress, dynamic_ncols=True)
         with JsonlWriter(path) as writer:
-            for start in range(0, len(todo), cfg.batch_size):
-                group = todo[start:start + cfg.batch_size]
+            for group in resume_chunks(prompts, cfg.batch_size, lambda p: p.id not in have):
+                fresh = sum(p.id not in have for p in group)
                 samples = backend.sample([renderer.context_ids(p.prompt, "bare") for p in group], params,
                                          seeds=[row_seed(cfg.seed, role, p.id) for p in group])
                 for p, s in zip(group, samples):
+                    if p.id in have:  # computed again only so that the rest shares an uninterrupted run's batch
+                        continue
                     rec = {"id": p.id, "prompt": p.prompt, "label": p.label, "source": p.extra.get("source"),
                            "answer": tok.decode(s.ids, skip_special_tokens=True), "truncated": not s.finished,
                            "tokens": len(s.ids), "generation": settings}
                     writer.write(rec)
                     have[p.id] = rec
-                bar.update(len(group))
+                bar.update(fresh)
         bar.close()
     return {p.id: have[p.id] for p in prompts}, len(todo)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import GenerateConfig, ModelConfig
-from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts
+from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts, resume_chunks
 from .errors import DlmaError
 from .machine import param_count
 from .logprobs import length_buckets
@@ -417,7 +417,7 @@ def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None,
     raise DlmaError(f"unknown backend {name!r}; available: transformers, vllm")
 
 
-def _log_ratios(backend, contexts, samples, jobs, K: int, renderers, preset_of) -> list[float]:
+def _log_ratios(backend, contexts, samples, texts, jobs, K: int, renderers, preset_of) -> list[float]:
     """lp(o | p+) - lp(o | p-) of every sample (jobs: K positive then K negative per pair).
 
     R of a pair is the chosen sample's log-ratio minus the rejected one's, so the best pair of
@@ -429,8 +429,7 @@ def _log_ratios(backend, contexts, samples, jobs, K: int, renderers, preset_of) 
     trees, resp = [], []
     for k0 in range(0, len(jobs), 2 * K):
         renderer = renderers[preset_of[jobs[k0][0].id]]
-        ids = [renderer.response_ids(backend.tok.decode(s.ids, skip_special_tokens=True), truncated=not s.finished)
-               for s in samples[k0:k0 + 2 * K]]
+        ids = [renderer.response_ids(t, truncated=not s.finished) for s, t in zip(samples[k0:k0 + 2 * K], texts[k0:k0 + 2 * K])]
         ids = [x or [renderer.eos_id] for x in ids]  # an empty answer still needs one scored token
         trees += [(contexts[k0], ids), (contexts[k0 + K], ids)]
         resp.append(len(ids))
@@ -499,21 +498,20 @@ def generate_pairs(
     t0 = time.time()
     try:
         K = cfg.num_samples
-        for start in range(0, len(todo), max(1, chunk // K)):
-            group = todo[start:start + max(1, chunk // K)]
+        for group in resume_chunks(prompts, chunk // K, lambda p: any(i not in writer.done for i in ids_for(p))):
             jobs: list[tuple[PromptRecord, str, str, int]] = [
-                (p, pid, side, k) for p in group for pid in ids_for(p) if pid not in writer.done
-                for side in ("positive", "negative") for k in range(K)]
-            if not jobs:
-                continue
+                (p, pid, side, k) for p in group for pid in ids_for(p) for side in ("positive", "negative") for k in range(K)]
             contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side, _ in jobs]
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
             # sample k > 0 of a side draws from a seed of its own; sample 0 is the one K = 1 draws
             samples = backend.sample(contexts, params, seeds=[row_seed(cfg.seed, pid, side, *([k] if k else []))
                                                               for _, pid, side, k in jobs])
-            ratios = _log_ratios(backend, contexts, samples, jobs, K, renderers, preset_of) if K > 1 else None
+            texts = [tok.decode(x.ids, skip_special_tokens=True) for x in samples]
+            ratios = _log_ratios(backend, contexts, samples, texts, jobs, K, renderers, preset_of) if K > 1 else None
             for k0 in range(0, len(jobs), 2 * K):
                 p, pid, _, _ = jobs[k0]
+                if pid in writer.done:  # computed again only so that the rest shares an uninterrupted run's batch
+                    continue
                 renderer = renderers[preset_of[p.id]]
                 rec = {"id": pid, "prompt_id": p.id, "prompt": p.prompt}
                 if p.label is not None:
@@ -522,9 +520,12 @@ def generate_pairs(
                 if ratios is not None:  # best of K x K: the pair with the largest R
                     pos, neg = ratios[k0:k0 + K], ratios[k0 + K:k0 + 2 * K]
                     pick = {"chosen": max(range(K), key=pos.__getitem__), "rejected": min(range(K), key=neg.__getitem__)}
-                    rec["candidates"] = {"chosen_log_ratio": pos, "rejected_log_ratio": neg, "picked": pick}
-                for key, s in (("chosen", samples[k0 + pick["chosen"]]), ("rejected", samples[k0 + K + pick["rejected"]])):
-                    text = tok.decode(s.ids, skip_special_tokens=True)
+                    # all 2K (K under p+, then K under p-) stay in the record for --loss listwise
+                    rec["candidates"] = {"chosen_log_ratio": pos, "rejected_log_ratio": neg, "picked": pick,
+                                         "texts": texts[k0:k0 + 2 * K],
+                                         "truncated": [not x.finished for x in samples[k0:k0 + 2 * K]]}
+                for key, at in (("chosen", k0 + pick["chosen"]), ("rejected", k0 + K + pick["rejected"])):
+                    s, text = samples[at], texts[at]
                     rec[key] = text
                     rec[f"{key}_truncated"] = not s.finished
                     summary["empty_responses"] += int(not text.strip())

@@ -11,6 +11,10 @@ knows the global batch size across processes and accumulation steps.
     dlma: -log sigmoid(beta * (h - w * clamp(R, lo, hi)))        (Liu et al., 2024)
     ipo:  (h - 1 / (2 * beta))^2                                 (Azar et al., 2023)
     sft:  -lp_pi(o+) / |o+|                                      (context distillation)
+    listwise: Plackett-Luce over N responses ranked by their self-reward log-ratio
+          s = lp(o | p+) - lp(o | p-) (Rafailov et al., 2023, App. A.3; Liu et al., 2024b, LiPO),
+          each logit z_i = beta * (lp_pi(o_i) - lp_ref(o_i) - w * clamp(s_i - mean s, lo/2, hi/2)):
+          mean over k < N of [logsumexp(z_k..z_N) - z_k]. For N = 2 it is the dlma loss.
 
 Label smoothing eps (conservative DPO, Mitchell 2023) assumes a label is flipped with
 probability eps: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z).
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dlma", "dpo", "ipo", "sft")
+LOSSES = ("dlma", "dpo", "ipo", "sft", "listwise")
 
 
 @dataclass
@@ -77,3 +81,24 @@ def ipo_loss(pi_c, pi_r, ref_c, ref_r, *, beta: float = 0.1) -> PairLoss:
 def sft_loss(pi_c: torch.Tensor, counts_c: torch.Tensor) -> torch.Tensor:
     """Per-pair mean negative log-likelihood of the chosen response (context distillation)."""
     return -pi_c / counts_c.clamp(min=1).to(pi_c.dtype)
+
+
+def listwise_loss(pi: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, *, beta: float = 0.1,
+                  margin_weight: float = 0.2, margin_clip: tuple[float, float] = (-40.0, 40.0)) -> PairLoss:
+    """Plackett-Luce loss of a ranked list per row (pi, ref, scores: (B, N), best first).
+
+    The probability of the whole ranking, not of one pair: every response of a prompt's
+    best-of-K sample teaches something, where a pair keeps two of 2K. The self-reward
+    enters twice, as in the dlma loss: it orders the list and, through the shift, asks a
+    wider gap between responses it tells further apart. Averaged over the N - 1 choices so
+    a list weighs like one pair and a learning rate chosen for pairs keeps its meaning.
+    chosen/rejected rewards are those of the first and last response.
+    """
+    lo, hi = margin_clip
+    s = scores.to(pi.dtype)
+    shift = margin_weight * (s - s.mean(-1, keepdim=True)).clamp(lo / 2, hi / 2)
+    z = beta * (pi - ref - shift)
+    # logsumexp over each suffix z_k..z_N: a reversed cumulative logsumexp
+    tail = torch.logcumsumexp(z.flip(-1), -1).flip(-1)
+    losses = (tail - z)[:, :-1].mean(-1)
+    return PairLoss(losses, *_rewards(beta, pi[:, 0], pi[:, -1], ref[:, 0], ref[:, -1]))

@@ -36,6 +36,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "rlcd": {"judge": "self-reward", "loss": "dpo", "orient": None},
     "context-distillation": {"judge": None, "loss": "sft", "orient": None},
     "rlaif": {"judge": "text", "loss": "dpo", "orient": "judge_score"},
+    # all 2K responses of best-of-K generation, ranked by their self-reward (generate.num_samples >= 2)
+    "dlma-listwise": {"judge": "self-reward", "loss": "listwise", "orient": None},
 }
 
 
@@ -118,6 +120,9 @@ class Pipeline:
             raise DlmaError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
         if cfg.rounds < 1:
             raise DlmaError("rounds must be at least 1")
+        if METHODS[cfg.method]["loss"] == "listwise" and cfg.generate.num_samples < 2:
+            raise DlmaError(f"method {cfg.method} ranks the K responses of each side: set generate.num_samples "
+                            f"to 2 or more (it is {cfg.generate.num_samples})")
         self.cfg = cfg
         self.dir = Path(run_dir or cfg.run_dir)
         self.progress = progress

@@ -302,7 +302,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     """
     from tqdm.auto import tqdm
 
-    from .data import read_jsonl, write_json
+    from .data import read_jsonl, resume_chunks, write_json
     from .models import load_model
 
     judge = JUDGE_ALIASES.get(cfg.judge, cfg.judge)
@@ -328,10 +328,10 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             # Without --preset, each pair is scored under the preset that generated it
             # (a run may mix sources, e.g. harmful prompts under `harmless`, benign ones under `helpful`).
             by_preset: dict[str | None, list[dict]] = {}
-            for rec in todo:
+            for rec in pairs:
                 by_preset.setdefault(cfg.preset or rec.get("preset"), []).append(rec)
-            work = [(_resolve_preset(name, recs), recs[i:i + chunk]) for name, recs in by_preset.items()
-                    for i in range(0, len(recs), chunk)]
+            work = [(_resolve_preset(name, recs), group) for name, recs in by_preset.items()
+                    for group in resume_chunks(recs, chunk, lambda r: r["id"] not in writer.done)]
             for preset, group in work:
                 if judge in ("self-reward", "both") and cfg.ensemble:
                     group = score_ensemble(model, tokenizer, preset, group, batch_size=cfg.batch_size,
@@ -343,10 +343,11 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
                                         precision=cfg.precision, model_name=model_cfg.model, stats=stats)
                 if judge in ("text", "both"):
                     group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
-                for rec in group:
+                new = [rec for rec in group if rec["id"] not in writer.done]
+                for rec in new:
                     writer.write(rec)
-                done += len(group)
-                bar.update(len(group))
+                done += len(new)
+                bar.update(len(new))
                 bar.set_postfix(pairs_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
             bar.close()
     finally:

@@ -35,7 +35,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +43,7 @@ import torch
 
 from . import losses as L
 from .config import ModelConfig, TrainConfig
-from .data import read_pairs, write_json
+from .data import read_pairs, write_json, write_text
 from .errors import DlmaError
 from .logprobs import IGNORE, collate, score_sequences, sequence_logprobs, token_logprobs
 from .machine import param_count
@@ -72,6 +72,11 @@ class Example:
     ref_chosen: float | None = None
     ref_rejected: float | None = None
     preset: str | None = None
+    # listwise: the responses ranked between chosen (best) and rejected (worst), their
+    # reference log-probs, and the self-reward log-ratio of every response, best first
+    middle: list[list[int]] = field(default_factory=list)
+    ref_middle: list[float] | None = None
+    scores: list[float] | None = None
 
     @property
     def length(self) -> int:  # padded length of this pair's row in a batch
@@ -128,9 +133,26 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
     return out, {"pairs_read": len(pairs), "pairs_flipped": flipped, "pairs_filtered": filtered, "pairs_used": len(out)}
 
 
-def build_examples(pairs: list[dict], renderer) -> list[Example]:
+def _ranked(rec: dict, renderer) -> dict:
+    """A best-of-K record's 2K responses ranked by their self-reward log-ratio, best first."""
+    c = rec.get("candidates") or {}
+    texts, cut = c.get("texts"), c.get("truncated")
+    ratios = list(c.get("chosen_log_ratio") or []) + list(c.get("rejected_log_ratio") or [])
+    if not texts or len(texts) != len(ratios) or len(texts) < 2:
+        raise DlmaError(f"pair {rec.get('id')!r} has no ranked candidates, which --loss listwise needs; "
+                        "generate with --num-samples K (K >= 2)")
+    order = sorted(range(len(texts)), key=lambda i: (-ratios[i], i))
+    ids = [renderer.response_ids(texts[i], truncated=bool(cut[i])) for i in order]
+    return {"chosen": ids[0], "rejected": ids[-1], "middle": ids[1:-1], "scores": [float(ratios[i]) for i in order]}
+
+
+def build_examples(pairs: list[dict], renderer, listwise: bool = False) -> list[Example]:
     out = []
     for rec in pairs:
+        if listwise:  # the reference of every ranked response is computed by the trainer
+            out.append(Example(id=str(rec["id"]), context=renderer.context_ids(rec["prompt"], "bare"),
+                               self_reward=rec.get("self_reward"), preset=rec.get("preset"), **_ranked(rec, renderer)))
+            continue
         ref_c, ref_r = rec.get("ref_lp_chosen"), rec.get("ref_lp_rejected")
         out.append(Example(
             id=str(rec["id"]),
@@ -210,34 +232,45 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # -- the loss of a micro-batch ---------------------------------------------------
 def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Differentiable (chosen sums, rejected sums, tokens) with each pair in ONE row: context, chosen, rejected.
+    """Differentiable (chosen sums, rejected sums, tokens) with each pair in ONE row: context, chosen, rejected."""
+    sums, n = branch_logprobs(model, [e.context for e in examples], [[e.chosen, e.rejected] for e in examples],
+                              pad_id, device)
+    return sums[:, 0], sums[:, 1], n
 
-    The context is computed once for both responses; a block attention mask keeps the
-    rejected branch from seeing the chosen one and its position ids restart where the
-    context ends, so each sum equals the two-row `sequence_logprobs` result up to kernel
-    rounding. Goes through the model's own forward (DDP/FSDP wrappers keep working);
-    float32 log-softmax over the response positions only, as in `logprobs`.
+
+def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
+                    device) -> tuple[torch.Tensor, int]:
+    """Differentiable summed log-probs (B, N) of N responses per row that share their context.
+
+    One row per example: the context once, then each response. A block attention mask keeps
+    every response from seeing the others and its position ids restart where the context
+    ends, so each sum equals the (context, response) row of `sequence_logprobs` up to kernel
+    rounding. Goes through the model's own forward (DDP/FSDP wrappers keep working); float32
+    log-softmax over the response positions only, as in `logprobs`. Also returns the tokens.
     """
-    B = len(examples)
-    T = max(len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
+    B, N = len(contexts), max(len(b) for b in branches)
+    T = max(len(c) + sum(map(len, b)) for c, b in zip(contexts, branches))
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 context, 1 chosen, 2 rejected
-    tgt = torch.full((2, B, T), IGNORE, dtype=torch.long)  # targets of chosen / rejected at predicting positions
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 context, k + 1 response k
+    tgt = torch.full((N, B, T), IGNORE, dtype=torch.long)  # targets of each response at its predicting positions
     first = T
-    for b, e in enumerate(examples):
-        n, c, r = len(e.context), list(e.chosen), list(e.rejected)
+    for b, (ctx, resp) in enumerate(zip(contexts, branches)):
+        n = len(ctx)
         if not n:
             raise ValueError("a context must hold at least one token")
-        ids[b, :n + len(c) + len(r)] = torch.tensor(list(e.context) + c + r, dtype=torch.long)
-        pos[b, :n + len(c)] = torch.arange(n + len(c))
-        pos[b, n + len(c):n + len(c) + len(r)] = torch.arange(n, n + len(r))
-        seg[b, :n], seg[b, n:n + len(c)], seg[b, n + len(c):n + len(c) + len(r)] = 0, 1, 2
-        if c:
-            tgt[0, b, n - 1:n + len(c) - 1] = torch.tensor(c)
-        if r:  # the first rejected token is predicted by the last context token
-            tgt[1, b, n - 1] = r[0]
-            tgt[1, b, n + len(c):n + len(c) + len(r) - 1] = torch.tensor(r[1:], dtype=torch.long)
+        ids[b, :n] = torch.tensor(list(ctx), dtype=torch.long)
+        seg[b, :n], pos[b, :n] = 0, torch.arange(n)
+        at = n
+        for k, r in enumerate(resp):
+            r = list(r)
+            if not r:
+                continue
+            ids[b, at:at + len(r)] = torch.tensor(r, dtype=torch.long)
+            seg[b, at:at + len(r)], pos[b, at:at + len(r)] = k + 1, torch.arange(n, n + len(r))
+            tgt[k, b, n - 1] = r[0]  # the first token is predicted by the last context token
+            tgt[k, b, at:at + len(r) - 1] = torch.tensor(r[1:], dtype=torch.long)
+            at += len(r)
         first = min(first, n - 1)
     si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
     allowed = torch.ones(T, T, dtype=torch.bool).tril() & ((sj == 0) | (sj == si)) & (sj >= 0)
@@ -252,9 +285,8 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
     kwargs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False)
     logits = model(**kwargs, logits_to_keep=keep).logits
     tgt = tgt[:, :, -logits.shape[1]:].to(device)
-    lp = torch.stack([token_logprobs(logits, tgt[0]), token_logprobs(logits, tgt[1])])
-    sums = lp.sum(-1)
-    return sums[0], sums[1], int((seg >= 0).sum())
+    sums = torch.stack([token_logprobs(logits, tgt[k]).sum(-1) for k in range(N)], dim=1)
+    return sums, int((seg >= 0).sum())
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
@@ -268,6 +300,8 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         sums, counts = sequence_logprobs(model, batch)
         zero = torch.zeros(n, device=device)
         return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens, batch.num_tokens
+    if cfg.loss == "listwise":
+        return _listwise_losses(model, examples, cfg, pad_id, device)
     if cfg.share_context:
         pi_c, pi_r, _ = shared_context_logprobs(model, examples, pad_id, device)
     else:
@@ -291,6 +325,31 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         counts = torch.tensor([len(e.chosen) for e in examples], device=device)
         on = torch.tensor([not cfg.rpo_presets or e.preset in cfg.rpo_presets for e in examples], device=device)
         out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi_c, counts)
+    return out, ntok, positions
+
+
+def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
+                     device) -> tuple[L.PairLoss, int, int]:
+    ranked = [[e.chosen, *e.middle, e.rejected] for e in examples]
+    if len({len(r) for r in ranked}) > 1:
+        raise DlmaError("--loss listwise needs the same number of candidates in every record; "
+                        "generate the pair file with one --num-samples")
+    if cfg.share_context:
+        pi, _ = branch_logprobs(model, [e.context for e in examples], ranked, pad_id, device)
+    else:
+        N = len(ranked[0])
+        batch = collate([e.context for e in examples for _ in range(N)], [r for rs in ranked for r in rs], pad_id).to(device)
+        pi = sequence_logprobs(model, batch)[0].view(len(examples), N)
+    ref = torch.tensor([[e.ref_chosen, *e.ref_middle, e.ref_rejected] for e in examples], dtype=torch.float32, device=device)
+    scores = torch.tensor([e.scores for e in examples], dtype=torch.float32, device=device)
+    out = L.listwise_loss(pi, ref, scores, beta=cfg.beta, margin_weight=cfg.margin_weight,
+                          margin_clip=tuple(cfg.margin_clip))
+    ntok = sum(len(e.context) * len(r) + sum(map(len, r)) for e, r in zip(examples, ranked))
+    positions = sum(len(e.context) + sum(map(len, r)) for e, r in zip(examples, ranked)) if cfg.share_context else ntok
+    if cfg.rpo_alpha:
+        counts = torch.tensor([len(e.chosen) for e in examples], device=device)
+        on = torch.tensor([not cfg.rpo_presets or e.preset in cfg.rpo_presets for e in examples], device=device)
+        out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi[:, 0], counts)
     return out, ntok, positions
 
 
@@ -432,21 +491,30 @@ class BackwardStepper:
 
 
 def reference_logprobs(model, examples: list[Example], pad_id: int, accelerator, batch_size: int) -> None:
-    """Fill ref_chosen/ref_rejected from the current (initial) weights, sharded over processes."""
+    """Fill the reference log-probs of every example's responses from the current (initial) weights, sharded over processes."""
     from accelerate.utils import gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(examples), world))
-    ctx = [examples[i].context for i in mine]
+    ranked = [[examples[i].chosen, *examples[i].middle, examples[i].rejected] for i in mine]
     was_training = model.training
     model.eval()
     with accelerator.autocast():
-        sums, _ = score_sequences(model, ctx + ctx, [examples[i].chosen for i in mine] + [examples[i].rejected for i in mine],
-                                  pad_id=pad_id, batch_size=batch_size)
+        sums, _ = score_sequences(model, [examples[i].context for i, r in zip(mine, ranked) for _ in r],
+                                  [x for r in ranked for x in r], pad_id=pad_id, batch_size=batch_size)
     model.train(was_training)
-    local = [(i, sums[j], sums[len(mine) + j]) for j, i in enumerate(mine)]
-    for i, c, r in (gather_object(local) if world > 1 else local):
-        examples[i].ref_chosen, examples[i].ref_rejected = c, r
+    local, at = [], 0
+    for i, r in zip(mine, ranked):
+        local.append((i, sums[at:at + len(r)]))
+        at += len(r)
+    for i, lps in (gather_object(local) if world > 1 else local):
+        set_reference(examples[i], lps)
+
+
+def set_reference(e: Example, lps: Sequence[float]) -> None:
+    """Reference log-probs of [chosen, *middle, rejected], as `reference_logprobs` computes and the cache keeps them."""
+    e.ref_chosen, e.ref_rejected = lps[0], lps[-1]
+    e.ref_middle = list(lps[1:-1]) if e.middle else None
 
 
 # -- the public entry point ------------------------------------------------------
@@ -495,7 +563,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    examples = build_examples(pairs, renderer)
+    examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise")
     pad_id = tok.pad_token_id
 
     model = load_weights(model_cfg.model, _weights_dtype(model_cfg), model_cfg.attn_implementation)
@@ -516,7 +584,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         elif cache.is_file():
             saved = json.loads(cache.read_text())
             for e in examples:
-                e.ref_chosen, e.ref_rejected = saved[e.id]
+                set_reference(e, saved[e.id])
             ref_path = "computed once before the first step from the initial weights"
         else:
             if ckpt is not None:
@@ -525,7 +593,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
             reference_logprobs(model, examples, pad_id, accelerator, cfg.batch_size * 2)
             ref_seconds = time.perf_counter() - t0
             if main:
-                write_json(cache, {e.id: [e.ref_chosen, e.ref_rejected] for e in examples})
+                write_json(cache, {e.id: [e.ref_chosen, *(e.ref_middle or []), e.ref_rejected] for e in examples})
             ref_path = "computed once before the first step from the initial weights"
         if stale:
             ref_path += f" (the scored file's were made {stale})"
@@ -565,11 +633,12 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     metrics_path = out / METRICS
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        # Drop log lines past the checkpoint we resume from: the log reads as one run.
+        # Drop log lines past the checkpoint we resume from (and a line a kill cut short): the
+        # log reads as one run. Replaced atomically, so a kill here keeps the old log whole.
         kept = []
         if step and metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_step(ln) <= step]
+        write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     trackers = bool(accelerator.log_with) if hasattr(accelerator, "log_with") else False
     if trackers:
         accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(cfg).items()})
@@ -683,6 +752,14 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _finite(x: float) -> float | None:

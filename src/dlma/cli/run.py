@@ -38,7 +38,7 @@ def register(sub) -> None:
                    help="override one setting; repeatable")
     p.add_argument("--run-dir", help="run directory (config: run_dir)")
     p.add_argument("--model", help="starting model (config: model.model)")
-    p.add_argument("--method", help="dlma, rlcd, context-distillation or rlaif (config: method)")
+    p.add_argument("--method", help="dlma, rlcd, context-distillation, rlaif or dlma-listwise (config: method)")
     p.add_argument("--rounds", type=int, help="iterations of generate -> score -> train (config: rounds)")
     p.add_argument("--compare", metavar="M1,M2,...", help="run several methods into RUN_DIR/<method>/ with one combined report")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
