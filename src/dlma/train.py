@@ -321,10 +321,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         out = L.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
     else:
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
-    if cfg.rpo_alpha:
-        counts = torch.tensor([len(e.chosen) for e in examples], device=device)
-        on = torch.tensor([not cfg.rpo_presets or e.preset in cfg.rpo_presets for e in examples], device=device)
-        out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi_c, counts)
+    _add_nll(out, pi_c, examples, cfg, device)
     return out, ntok, positions
 
 
@@ -346,11 +343,16 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
                           margin_clip=tuple(cfg.margin_clip))
     ntok = sum(len(e.context) * len(r) + sum(map(len, r)) for e, r in zip(examples, ranked))
     positions = sum(len(e.context) + sum(map(len, r)) for e, r in zip(examples, ranked)) if cfg.share_context else ntok
+    _add_nll(out, pi[:, 0], examples, cfg, device)
+    return out, ntok, positions
+
+
+def _add_nll(out: L.PairLoss, pi_c: torch.Tensor, examples: Sequence[Example], cfg: TrainConfig, device) -> None:
+    """RPO: add rpo_alpha x the chosen response's per-token NLL, on the --rpo-presets pairs only (all if empty)."""
     if cfg.rpo_alpha:
         counts = torch.tensor([len(e.chosen) for e in examples], device=device)
         on = torch.tensor([not cfg.rpo_presets or e.preset in cfg.rpo_presets for e in examples], device=device)
-        out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi[:, 0], counts)
-    return out, ntok, positions
+        out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi_c, counts)
 
 
 # -- helpers -------------------------------------------------------------------
