@@ -251,6 +251,13 @@ def test_best_of_k_keeps_the_pair_with_the_largest_r(tmp_path, embedded):
         generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=3, max_new_tokens=12, num_samples=k, batch_size=8),
                        str(files[k]), backend=backend, tokenizer=tok, progress=False)
     one, two = (score_pairs(model, tok, "harmless", read_pairs(str(files[k])), reference=False) for k in (1, 2))
+    stats: dict = {}
+    again = score_pairs(model, tok, "harmless", read_pairs(str(files[2])), reference=False, reuse_generation=False, stats=stats)
+    assert stats["reused_generation_logprobs"] == 0
+    for b, fresh in zip(two, again):  # the four terms generation computed for every sample, reused by scoring
+        assert b["candidates"]["lp_pos"][b["candidates"]["picked"]["chosen"]] == b["lp_chosen_pos"]
+        for key in ("lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg", "self_reward"):
+            assert b[key] == pytest.approx(fresh[key], abs=1e-3)
     for a, b in zip(one, two):
         c = b["candidates"]
         assert len(c["chosen_log_ratio"]) == len(c["rejected_log_ratio"]) == 2

@@ -69,7 +69,10 @@ def _lines(path: Path) -> int:
 @pytest.mark.slow
 def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", *TINY]
+    # the kept training step is chosen on validation prompts (probes at steps 3 and 6, resumed from a checkpoint)
+    select = ["--set", "train.select_prompts=safety-val", "--set", "train.select_limit=4", "--set", "train.select_every=3",
+              "--set", "train.select_max_new_tokens=6"]
+    cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", *TINY, *select]
     r1 = run_dir / "round-1"
 
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,6 +109,10 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     for stage in ("generate", "score", "train"):
         assert 0 < manifest["stages"][f"round-1/{stage}"]["mfu"] < 2, manifest["stages"][f"round-1/{stage}"]
     assert "MFU" in done.stdout and "matmul peak" in done.stdout
+    kept = json.loads((run_dir / "final-model" / "selection.json").read_text())
+    assert [p["step"] for p in kept["probes"]] == [3, 6] and kept["kept_step"] in (3, 6)
+    assert f"training step {kept['kept_step']} of 6" in done.stdout
+    assert "Training step kept" in (r1 / "evaluate" / "report.md").read_text()
 
     from transformers import AutoModelForCausalLM
 

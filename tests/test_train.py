@@ -472,3 +472,84 @@ def test_nonfinite_steps_in_a_row_stop_training(scored, tmp_path, monkeypatch):
                     TrainConfig(loss="dpo", max_steps=5, batch_size=2, lr=1e-4, limit=6, mixed_precision="no", save_steps=0),
                     str(scored[0]), str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "train_summary.json").exists()
+
+
+def test_probe_steps_and_the_kept_step_rule():
+    from dlma.selection import Probe, best, probe_steps
+
+    assert probe_steps(73, 8, 0.5) == [41, 49, 57, 65, 73]
+    assert probe_steps(4, 1, 0.5) == [2, 3, 4] and probe_steps(3, 8, 0.5) == [3]
+    p = lambda step, r, o: Probe(step, r, o, 10, 10, 0.0)
+    hist = [p(41, 0.40, 0.05), p(49, 0.60, 0.08), p(57, 0.80, 0.20), p(65, 0.70, 0.10)]
+    assert best(hist, 0.10).step == 65  # 0.60 balanced beats 0.52; 57 is over the cap
+    assert best(hist, 0.25).step == 57
+    assert best([p(41, 0.9, 0.3), p(49, 0.9, 0.2)], 0.1).step == 49  # none within: the least over-refusal
+
+
+def test_selection_probes_without_changing_the_run_and_keeps_the_chosen_weights(scored, tmp_path):
+    """Probing generates with the training weights: the loss trajectory must not change, and
+    the saved model must be the kept step's (its own probe gives the kept probe's rates)."""
+    from dlma.errors import DlmaError
+    from dlma.models import load_model
+    from dlma.prompts import Renderer
+    from dlma.selection import HISTORY, WEIGHTS, Selector
+    from dlma.train import train_model
+
+    import torch
+
+    base = dict(loss="dpo", max_steps=4, batch_size=2, lr=3e-4, limit=8, mixed_precision="no", save_steps=0, seed=2)
+    plain = train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(**base), str(scored[0]),
+                        str(tmp_path / "plain"), progress=False)
+    sel = TrainConfig(select_prompts="safety-val", select_limit=12, select_every=1, select_from=0.5,
+                      select_max_new_tokens=12, **base)
+    s = train_model(ModelConfig(dtype="float32", device="cpu"), sel, str(scored[0]), str(tmp_path / "sel"), progress=False)
+    assert [m["loss"] for m in _metrics(tmp_path / "sel")] == [m["loss"] for m in _metrics(tmp_path / "plain")]
+    probes = s["selection"]["probes"]
+    assert [p["step"] for p in probes] == [2, 3, 4] and all(p["n_unsafe"] == p["n_safe"] == 6 for p in probes)
+    kept = next(p for p in probes if p["step"] == s["selection"]["kept_step"])
+    assert not (tmp_path / "sel" / WEIGHTS).exists() and (tmp_path / "sel" / HISTORY).is_file()
+    model, tok = load_model(str(tmp_path / "sel"), dtype="float32", device="cpu")
+    (tmp_path / "probe").mkdir()
+    again = Selector(sel, tok, Renderer(tok, None), tmp_path / "probe", 4).probe(4, model)
+    assert (again.refusal, again.over_refusal) == (kept["refusal"], kept["over_refusal"])
+    final, _ = load_model(str(tmp_path / "plain"), dtype="float32", device="cpu")
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))
+    assert same == (kept["step"] == plain["steps"])
+    with pytest.raises(DlmaError, match="labelled unsafe and safe"):
+        train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(select_prompts="hh-harmless:test", **base),
+                    str(scored[0]), str(tmp_path / "unlabelled"), progress=False)
+
+
+def test_selection_restores_the_kept_steps_weights(embedded, tmp_path):
+    import copy
+
+    import torch
+
+    from dlma.errors import DlmaError
+    from dlma.prompts import Renderer
+    from dlma.selection import WEIGHTS, Probe, Selector
+
+    model, tok = embedded
+    cfg = TrainConfig(select_prompts="safety-val", select_limit=4)
+    sel = Selector(cfg, tok, Renderer(tok, None), tmp_path, 10)
+    sel.history = [Probe(6, 0.5, 0.05, 2, 2, 0.0), Probe(10, 0.9, 0.5, 2, 2, 0.0)]
+    sel.kept = 6
+    with pytest.raises(DlmaError, match="step 6"):  # nothing was kept yet: a clear error, not the final weights
+        sel.restore(copy.deepcopy(model), 10)
+    sel.keep(model)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.01)
+    sel.restore(moved, 10)
+    assert all(torch.equal(a, b) for a, b in zip(moved.state_dict().values(), model.state_dict().values()))
+    # resume: the probes and kept weights come back from the checkpoint; a fresh start drops them
+    ck = tmp_path / "checkpoints" / "step-8"
+    ck.mkdir(parents=True)
+    sel.save_state(ck)
+    again = Selector(cfg, tok, Renderer(tok, None), tmp_path, 10, ck)
+    assert again.history == sel.history and again.kept == 6
+    saved = torch.load(tmp_path / WEIGHTS)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    fresh = Selector(cfg, tok, Renderer(tok, None), tmp_path, 10)
+    assert fresh.history == [] and fresh.kept is None and not (tmp_path / WEIGHTS).exists()

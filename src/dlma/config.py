@@ -128,12 +128,20 @@ class TrainConfig:
     seed: int = opt(0, "seed of the data order and initialisation")
     balance_presets: bool = opt(True, "every batch mixes the presets' pairs (e.g. refuse-harmful and answer-harmless) in proportion, instead of whatever length-sorting groups together")
     limit: typing.Optional[int] = opt(None, "use only the first N pairs")
+    select_prompts: typing.Optional[str] = opt(None, "keep the best step, not the last: labelled validation prompts (e.g. safety-val, never the test split) answered greedily at --select-every steps from --select-from of the run to its end; the kept step has the highest refusal - over-refusal whose over-refusal is <= --select-max-over-refusal (else the lowest over-refusal). One process only")
+    select_limit: typing.Optional[int] = opt(None, "probe only the first N prompts of each --select-prompts source (balanced over its labels)")
+    select_every: int = opt(8, "steps between probes, counted back from the last step")
+    select_from: float = opt(0.5, "probe from this fraction of the run on")
+    select_max_over_refusal: float = opt(0.1, "over-refusal cap of the kept step")
+    select_max_new_tokens: int = opt(24, "answer length of a probe (the refusal detector reads the opening)")
+    select_batch_size: int = opt(32, "answers generated together in a probe")
 
     def __post_init__(self) -> None:
         _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
                weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1),
                grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
-               limit=(">=", 1))
+               limit=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
+               select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))
         if self.reward_norm not in ("none", "preset"):
             raise _bad("reward_norm", "none or preset", self.reward_norm)
         if not 0 <= self.label_smoothing < 0.5:

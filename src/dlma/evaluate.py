@@ -444,6 +444,9 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
         rel = reliability(pool, baseline, preset, cfg, progress)
         dists["pairs_self_reward"] = rel.pop("self_reward_values")
         metrics["reliability"] = rel
+    sel = Path(model) / "selection.json"
+    if sel.is_file():  # which training step the model is, and why (train.select_prompts)
+        metrics["selection"] = json.loads(sel.read_text())
     curves = training_curves(model)
     if curves:
         metrics["training"] = curves

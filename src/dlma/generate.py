@@ -417,12 +417,13 @@ def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None,
     raise DlmaError(f"unknown backend {name!r}; available: transformers, vllm")
 
 
-def _log_ratios(backend, contexts, samples, texts, jobs, K: int, renderers, preset_of) -> list[float]:
-    """lp(o | p+) - lp(o | p-) of every sample (jobs: K positive then K negative per pair).
+def _side_logprobs(backend, contexts, samples, texts, jobs, K: int, renderers, preset_of) -> tuple[list[float], list[float]]:
+    """lp(o | p+) and lp(o | p-) of every sample (jobs: K positive then K negative per pair).
 
-    R of a pair is the chosen sample's log-ratio minus the rejected one's, so the best pair of
-    the K x K is the positive sample with the highest ratio against the negative one with the
-    lowest. Computed by the shared `score_trees`, the same numbers `dlma score` gives.
+    R of a pair is the chosen sample's log-ratio lp(o|p+) - lp(o|p-) minus the rejected one's, so
+    the best pair of the K x K is the positive sample with the highest ratio against the negative
+    one with the lowest. Computed by the shared `score_trees`, the same numbers `dlma score`
+    gives, which is why scoring can reuse them instead of computing the picked pair's four terms again.
     """
     from .logprobs import score_trees
 
@@ -434,11 +435,12 @@ def _log_ratios(backend, contexts, samples, texts, jobs, K: int, renderers, pres
         trees += [(contexts[k0], ids), (contexts[k0 + K], ids)]
         resp.append(len(ids))
     res = score_trees(backend.model, trees, pad_id=backend.tok.pad_token_id, batch_size=max(1, backend.batch_size // 4))
-    out: list[float] = []
+    lp_pos: list[float] = []
+    lp_neg: list[float] = []
     for n in range(len(resp)):
-        pos, neg = res[2 * n], res[2 * n + 1]
-        out += [pos[i][0] - neg[i][0] for i in range(resp[n])]
-    return out
+        lp_pos += [res[2 * n][i][0] for i in range(resp[n])]
+        lp_neg += [res[2 * n + 1][i][0] for i in range(resp[n])]
+    return lp_pos, lp_neg
 
 
 def generate_pairs(
@@ -507,7 +509,8 @@ def generate_pairs(
             samples = backend.sample(contexts, params, seeds=[row_seed(cfg.seed, pid, side, *([k] if k else []))
                                                               for _, pid, side, k in jobs])
             texts = [tok.decode(x.ids, skip_special_tokens=True) for x in samples]
-            ratios = _log_ratios(backend, contexts, samples, texts, jobs, K, renderers, preset_of) if K > 1 else None
+            lps = _side_logprobs(backend, contexts, samples, texts, jobs, K, renderers, preset_of) if K > 1 else None
+            ratios = [a - b for a, b in zip(*lps)] if lps else None
             for k0 in range(0, len(jobs), 2 * K):
                 p, pid, _, _ = jobs[k0]
                 if pid in writer.done:  # computed again only so that the rest shares an uninterrupted run's batch
@@ -522,6 +525,7 @@ def generate_pairs(
                     pick = {"chosen": max(range(K), key=pos.__getitem__), "rejected": min(range(K), key=neg.__getitem__)}
                     # all 2K (K under p+, then K under p-) stay in the record for --loss listwise
                     rec["candidates"] = {"chosen_log_ratio": pos, "rejected_log_ratio": neg, "picked": pick,
+                                         "lp_pos": lps[0][k0:k0 + 2 * K], "lp_neg": lps[1][k0:k0 + 2 * K],
                                          "texts": texts[k0:k0 + 2 * K],
                                          "truncated": [not x.finished for x in samples[k0:k0 + 2 * K]]}
                 for key, at in (("chosen", k0 + pick["chosen"]), ("rejected", k0 + K + pick["rejected"])):

@@ -542,5 +542,11 @@ def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
         widths = [max(len(str(r[i])) for r in table) for i in range(3)]
         for r in table:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        sel = m.get("selection")
+        if sel and sel.get("probes"):
+            kept = next((p for p in sel["probes"] if p["step"] == sel.get("kept_step")), None)
+            if kept:
+                lines.append(f"(model = training step {kept['step']} of {max(p['step'] for p in sel['probes'])}, kept on "
+                             f"{sel.get('prompts')}: {pct(kept['refusal'])} / {pct(kept['over_refusal'])} refused there)")
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -222,6 +222,18 @@ def reliability_rows(rel: dict) -> list[list[str]]:
             ["text-judge accuracy (the same model asked A or B in both orders: the judge of RLAIF's labels)", _fmt(rel.get("text_judge_accuracy"), True)]]
 
 
+def selection_table(sel: dict) -> tuple[list[str], list[list[str]]]:
+    """The training steps probed on validation prompts (train.select_prompts) and the one kept."""
+    rows = [[str(p["step"]) + (" (kept)" if p["step"] == sel.get("kept_step") else ""), _fmt(p["refusal"], True),
+             _fmt(p["over_refusal"], True), _fmt(p["refusal"] - p["over_refusal"], True)] for p in sel.get("probes", [])]
+    return ["step", f"refused (unsafe, {sel.get('prompts')})", "refused (safe)", "balanced"], rows
+
+
+def _selection_note(sel: dict) -> str:
+    return (f"Greedy {sel.get('max_new_tokens')}-token answers to the validation prompts; kept: the "
+            f"{sel.get('rule')} ({sel.get('max_over_refusal'):.0%}). The table above is measured on other prompts.")
+
+
 def _prompt_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -245,6 +257,9 @@ def render_markdown(metrics: dict, title: str, plots: dict, runs: dict | None) -
             "Rates are over judged items; failed items are counted and excluded. Adjusted win rate counts a tie as half "
             "a win (50% = no difference).", ""]
     out += ["## Harmlessness and text quality", "", _md_table(*quality_table(metrics)), ""]
+    if metrics.get("selection"):
+        out += ["## Training step kept", "", _md_table(*selection_table(metrics["selection"])), "",
+                _selection_note(metrics["selection"]), ""]
     if metrics.get("reliability"):
         out += ["## Self-reward reliability", "", _md_table(["", ""], reliability_rows(metrics["reliability"])), ""]
     out += ["## Plots", ""] + [f"![{name}](plots/{name}.png)\n\n{cap}\n" for name, (cap, _) in plots.items()]
@@ -294,6 +309,9 @@ def render_html(metrics: dict, title: str, plots: dict, runs: dict | None) -> st
                      + "".join(f"<li>{e(x)}</li>" for x in errs) + "</ul></details>")
     parts += ["<h2>Harmlessness and text quality</h2>", _html_table(*quality_table(metrics)),
               f"<p class='note'>Refusals: {e(str((metrics.get('refusal') or {}).get('detector', '')))}.</p>"]
+    if metrics.get("selection"):
+        parts += ["<h2>Training step kept</h2>", _html_table(*selection_table(metrics["selection"])),
+                  f"<p class='note'>{e(_selection_note(metrics['selection']))}</p>"]
     if metrics.get("reliability"):
         parts += ["<h2>Self-reward reliability</h2>", _html_table(["", ""], reliability_rows(metrics["reliability"]))]
     if plots:

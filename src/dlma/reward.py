@@ -44,7 +44,7 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
     in one R flipped its sign on 1 in 8 generated pairs, so bf16 scoring recomputes all
     four terms in one precision (a branch of the same tree: ~15% more tokens)."""
     gen = rec.get("generation") or {}
-    if "gen_lp_chosen" not in rec or "gen_lp_rejected" not in rec or rec.get("preset") != preset.name:
+    if rec.get("preset") != preset.name:
         return False
     room = int(gen.get("max_context", 1024)) - int(gen.get("max_new_tokens", 0))  # generate's context cut
     if max(len(ctx["positive"]), len(ctx["negative"])) > room:
@@ -55,6 +55,20 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
 
         gdtype = str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
     return gdtype == model_dtype == "float32" and (model_name is None or gen.get("model") == model_name)
+
+
+def _candidate_terms(rec: dict) -> dict[str, float] | None:
+    """The picked pair's four terms from best-of-K generation, which scored every sample under p+
+    and p- with the same `score_trees` (None when the record lacks them or was edited since)."""
+    c = rec.get("candidates") or {}
+    if "lp_pos" not in c or "lp_neg" not in c:
+        return None
+    k = len(c["texts"]) // 2
+    i, j = c["picked"]["chosen"], k + c["picked"]["rejected"]
+    if c["texts"][i] != rec["chosen"] or c["texts"][j] != rec["rejected"]:
+        return None
+    return {"lp_chosen_pos": float(c["lp_pos"][i]), "lp_chosen_neg": float(c["lp_neg"][i]),
+            "lp_rejected_pos": float(c["lp_pos"][j]), "lp_rejected_neg": float(c["lp_neg"][j])}
 
 
 class _Layout:
@@ -148,6 +162,7 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
         out = dict(rec)
         ctx, c, r = layout.ids(rec, sides)
         reuse = reuse_generation and not layout.cut and _reusable(rec, preset, dtype, model_name, ctx)
+        known = _candidate_terms(rec) if reuse else None
         where: dict[str, tuple[int, int]] = {}
 
         def add(side: str, named: list[tuple[str, list[int]]]) -> None:
@@ -155,7 +170,10 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
                 trees.append((ctx[side], [ids for _, ids in named]))
                 where.update({name: (len(trees) - 1, k) for k, (name, _) in enumerate(named)})
 
-        if reuse:
+        if known:  # best-of-K generation already computed all four terms
+            out.update(known)
+            stats["reused_generation_logprobs"] += 1
+        elif reuse and "gen_lp_chosen" in rec and "gen_lp_rejected" in rec:
             out["lp_chosen_pos"], out["lp_rejected_neg"] = float(rec["gen_lp_chosen"]), float(rec["gen_lp_rejected"])
             stats["reused_generation_logprobs"] += 1
             add("positive", [("lp_rejected_pos", r)])

@@ -37,7 +37,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -641,6 +641,14 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         if step and metrics_path.is_file():
             kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_step(ln) <= step]
         write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    selector = None
+    if cfg.select_prompts:
+        if world > 1:
+            raise DlmaError("--select-prompts probes the model with greedy answers on one process; run it without "
+                            "accelerate launch, or drop --select-prompts and evaluate checkpoints afterwards")
+        from .selection import Selector
+
+        selector = Selector(cfg, tok, renderer, out, total, ckpt)
     trackers = bool(accelerator.log_with) if hasattr(accelerator, "log_with") else False
     if trackers:
         accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(cfg).items()})
@@ -720,13 +728,21 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
+        if selector is not None and selector.due(step):
+            probe = selector.probe(step, accelerator.unwrap_model(model))
+            if progress:
+                bar.write(f"step {step}: {cfg.select_prompts} refused {probe.refusal:.1%} of unsafe, "
+                          f"{probe.over_refusal:.1%} of safe prompts; keeping step {selector.kept}")
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-            _save_checkpoint(accelerator, out, step, key, cfg.save_total_limit)
+            _save_checkpoint(accelerator, out, step, key, cfg.save_total_limit,
+                             selector.save_state if selector is not None else None)
     bar.close()
     if stepper is not None:
         stepper.remove()
 
     accelerator.wait_for_everyone()
+    if selector is not None:
+        selector.restore(accelerator.unwrap_model(model), step)
     _save_final(accelerator, model, tok, out, cfg)
     history = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if main else []
     summary = {
@@ -747,8 +763,14 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         "model_flops": 6 * param_count(model) * loop_positions,
         "resume_key": key,
     }
+    if selector is not None:
+        summary["selection"] = selector.summary()
     if main:
         write_json(out / SUMMARY, summary)
+        if selector is not None:
+            from .selection import cleanup
+
+            cleanup(out)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if trackers:
         accelerator.end_training()
@@ -779,13 +801,17 @@ def _nonfinite_gradients(model, accelerator, bad: bool) -> bool:
     return bad
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, key: dict, limit: int) -> None:
-    """Model, optimizer and RNG states via accelerate (sharded under FSDP/DeepSpeed); the state file last."""
+def _save_checkpoint(accelerator, out: Path, step: int, key: dict, limit: int,
+                     extra: Callable[[Path], None] | None = None) -> None:
+    """Model, optimizer and RNG states via accelerate (sharded under FSDP/DeepSpeed), then
+    `extra` (the selection's probes), the state file last."""
     path = out / "checkpoints" / f"step-{step}"
     # torch.save, not safetensors: tied embeddings share storage, which safetensors refuses.
     accelerator.save_state(str(path), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(path)
         write_json(path / STATE, {"step": step, "resume_key": key})
         done = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / STATE).is_file()),
                       key=lambda p: int(p.name.split("-")[1]))
