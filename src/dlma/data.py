@@ -7,6 +7,7 @@ so a killed run loses at most the records in flight and never duplicates one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -417,17 +418,24 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Replace a file's text atomically (temp file + rename): a kill leaves the old file or the new one."""
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write to; it replaces `path` atomically when the block ends,
+    so a kill leaves the old file or the new one, and a failed block (a full disk) is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves neither half a file nor a stray temp file
+        tmp.unlink(missing_ok=True)  # neither half a file nor a stray temp file
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace a file's text atomically (temp file + rename)."""
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .data import write_json
+from .data import replacing, write_json
 from .errors import DlmaError
 
 HISTORY = "selection.json"
@@ -116,9 +116,8 @@ class Selector:
 
     def keep(self, model) -> None:
         """Save the weights of the step just probed; replaced atomically, so a kill leaves the previous best whole."""
-        tmp = self.out / (WEIGHTS + ".tmp")
-        torch.save({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, tmp)
-        tmp.replace(self.out / WEIGHTS)
+        with replacing(self.out / WEIGHTS) as tmp:
+            torch.save({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, tmp)
 
     def save_state(self, checkpoint: Path) -> None:
         """Put the probes and the kept weights into a checkpoint directory (a hard link where possible)."""
@@ -136,6 +135,10 @@ class Selector:
                             "cannot be restored; train again into another --out")
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
+    def cleanup(self) -> None:
+        """The kept weights are in the final model once it is saved."""
+        (self.out / WEIGHTS).unlink(missing_ok=True)
+
     def summary(self) -> dict:
         return {"prompts": self.cfg.select_prompts, "limit": self.cfg.select_limit,
                 "max_new_tokens": self.cfg.select_max_new_tokens, "max_over_refusal": self.cfg.select_max_over_refusal,
@@ -148,15 +151,8 @@ def _link(src: Path, dst: Path) -> None:
     a link keeps the old content), or a copy where the filesystem has no links."""
     import shutil
 
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-
-
-def cleanup(out: Path) -> None:
-    """The kept weights are in the final model once it is saved."""
-    (out / WEIGHTS).unlink(missing_ok=True)
+    with replacing(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)

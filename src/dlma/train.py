@@ -768,9 +768,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     if main:
         write_json(out / SUMMARY, summary)
         if selector is not None:
-            from .selection import cleanup
-
-            cleanup(out)
+            selector.cleanup()
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if trackers:
         accelerator.end_training()
