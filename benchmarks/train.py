@@ -16,7 +16,7 @@ Every worker imports the same modules (torch, transformers, datasets, trl, dlma)
 the same number of torch threads, so import RSS and cores are equal. Both use the same
 gradient clipping (--max-grad-norm; 0 by default, which lets dlma update each weight
 inside the backward pass, exact only without clipping); dlma uses gradient checkpointing
-unless --checkpointing says otherwise (TRL's default is off; `both` turns it on for TRL
+unless --checkpointing says otherwise (TRL is set to off explicitly, its own default differs by version; `both` turns it on for TRL
 too). Times are the training steps only (model loading and tokenisation excluded for
 both); --repeats alternates the runs and keeps each trainer's fastest, since this machine
 is shared.

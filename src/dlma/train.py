@@ -456,6 +456,29 @@ def _step_in_backward(cfg: TrainConfig, accelerator) -> bool:
     return cfg.step_in_backward == "on" or (cfg.step_in_backward == "auto" and not why)
 
 
+def _lazy_ranks(accelerator) -> bool:
+    """True where FSDP loads weights on rank 0 only (cpu_ram_efficient_loading): the others hold meta tensors."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return bool(plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False))
+
+
+def deepspeed_follows(plugin, cfg: TrainConfig, world: int) -> None:
+    """Under DeepSpeed, make the engine clip, batch and accumulate as dlma's flags say (call before prepare).
+
+    The engine clips by its own config, not by `accelerator.clip_grad_norm_`, and accelerate fills
+    a missing or `auto` gradient_clipping with 1.0 at prepare, so --max-grad-norm (0 = off) was
+    silently replaced. prepare also cannot size an `auto` micro-batch without a dataloader (dlma
+    passes none), and takes the config's accumulation over the Accelerator's. No-op without DeepSpeed.
+    """
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["gradient_clipping"] = float(cfg.max_grad_norm)
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * world
+
+
 class BackwardStepper:
     """AdamW applied per parameter from a post-accumulate-grad hook, the gradient freed right after.
 
@@ -569,7 +592,10 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     pad_id = tok.pad_token_id
 
     model = load_weights(model_cfg.model, _weights_dtype(model_cfg), model_cfg.attn_implementation)
-    model.to(accelerator.device)
+    # FSDP's cpu_ram_efficient_loading leaves ranks > 0 on the meta device until prepare fills them
+    lazy = _lazy_ranks(accelerator)
+    if not lazy:
+        model.to(accelerator.device)
     model.config.use_cache = False
 
     # Reference log-probs: file, then a cache from an interrupted run, else computed now.
@@ -591,6 +617,10 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         else:
             if ckpt is not None:
                 raise DlmaError(f"{cache} is missing, so the reference of {ckpt} cannot be rebuilt; choose another --out")
+            if lazy:
+                raise DlmaError(f"{data}: the pairs carry no reference log-probs, and with FSDP's cpu_ram_efficient_loading "
+                                "only rank 0 holds weights before training starts; run `dlma score` on them first (it "
+                                "writes ref_lp_chosen/ref_lp_rejected), or set fsdp_cpu_ram_efficient_loading: false")
             t0 = time.perf_counter()
             reference_logprobs(model, examples, pad_id, accelerator, cfg.batch_size * 2)
             ref_seconds = time.perf_counter() - t0
@@ -616,6 +646,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    deepspeed_follows(accelerator.state.deepspeed_plugin, cfg, world)
     model, optimizer = accelerator.prepare(model, optimizer)
     stepper = BackwardStepper(optimizer, params) if _step_in_backward(cfg, accelerator) else None
 
