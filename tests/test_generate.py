@@ -268,3 +268,62 @@ def test_best_of_k_keeps_the_pair_with_the_largest_r(tmp_path, embedded):
         assert "candidates" not in a
     with pytest.raises(DlmaError, match="num_samples"):
         GenerateConfig(num_samples=0)
+
+
+def test_vllm_backend_seeds_each_request_and_releases_the_engine(tmp_path, monkeypatch):
+    """vLLM cannot run on these CPU machines, so a stand-in `vllm` module records what dlma asks
+    of it: one seed per request (row seeds, so two pairs of a prompt are not duplicates), raw
+    log-probs, and the engine shut down and vLLM's cleanup called once generation is over, so
+    scoring and training in the same process get the card back."""
+    import types
+
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.generate import generate_pairs
+    from dlma.models import load_tokenizer
+    from dlma.prompts import end_of_turn_id
+
+    tok = load_tokenizer("embedded")
+    calls: list[tuple] = []
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class Engine:
+        def shutdown(self):
+            calls.append(("shutdown",))
+
+    class LLM:
+        def __init__(self, model, **kw):
+            calls.append(("init", model, kw))
+            self.llm_engine = Engine()
+
+        def generate(self, requests, sps, use_tqdm=True):
+            calls.append(("generate", [sp.kw["seed"] for sp in sps]))
+            outs = []
+            for sp in sps:  # the text depends on the seed, as a sampler's does
+                ids = tok(f"Answer number {sp.kw['seed'] % 997}.", add_special_tokens=False)["input_ids"] + [end_of_turn_id(tok)]
+                o = types.SimpleNamespace(token_ids=ids, finish_reason="stop",
+                                          logprobs=[{t: types.SimpleNamespace(logprob=-0.5)} for t in ids])
+                outs.append(types.SimpleNamespace(outputs=[o]))
+            return outs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    dist, state = types.ModuleType("vllm.distributed"), types.ModuleType("vllm.distributed.parallel_state")
+    state.cleanup_dist_env_and_memory = lambda: calls.append(("cleanup",))
+    for name, mod in {"vllm": vllm, "vllm.distributed": dist, "vllm.distributed.parallel_state": state}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    out = tmp_path / "pairs.jsonl"
+    cfg = GenerateConfig(prompts="hh-harmless:train", preset="harmless", limit=2, num_pairs=2, max_new_tokens=8, backend="vllm")
+    summary = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), progress=False)
+    assert summary["pairs_written"] == 4
+    kinds = [c[0] for c in calls]
+    assert kinds[0] == "init" and calls[0][2]["logprobs_mode"] == "raw_logprobs"
+    assert kinds[-2:] == ["shutdown", "cleanup"] and kinds.count("shutdown") == kinds.count("cleanup") == 1
+    seeds = [s for c in calls if c[0] == "generate" for s in c[1]]
+    assert len(seeds) == 8 and len(set(seeds)) == 8  # 2 prompts x 2 pairs x 2 sides, each its own draw
+    recs = list(read_jsonl(out))
+    assert len({(r["chosen"], r["rejected"]) for r in recs}) == 4
+    assert all(r["chosen"] != r["rejected"] for r in recs)

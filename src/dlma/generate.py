@@ -402,6 +402,30 @@ class VLLMBackend:
             out.append(Sample(ids, lp, finished, stop))
         return out
 
+    def close(self) -> None:
+        """Give the card back before scoring and training run in the same process.
+
+        vLLM reserves most of the GPU memory for its KV-cache pool and keeps its engine process and
+        distributed state alive after the LLM object is dropped; its own cleanup call frees them.
+        """
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm, shutdown
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:  # older vLLM: freeing the caching allocator is what is left to do
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            cleanup_dist_env_and_memory()
+
 
 def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None, tokenizer=None,
                  prefix_cache: bool = True) -> Backend:
@@ -484,7 +508,8 @@ def generate_pairs(
     if not todo:
         writer.close()
         return summary
-    if backend is None:
+    owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)
+    if owned:
         backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
     renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
@@ -549,6 +574,8 @@ def generate_pairs(
     finally:
         bar.close()
         writer.close()
+        if owned and hasattr(backend, "close"):
+            backend.close()
     summary["contexts_truncated"] = sum(r.truncated for r in renderers.values())
     for k in ("context_tokens", "prefilled_tokens"):  # how much of the contexts the shared prefixes saved
         if k in getattr(backend, "stats", {}):
