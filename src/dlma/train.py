@@ -20,6 +20,9 @@ processes under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO). What it does, i
    resume needs no scheduler state), resumable checkpoints every --save-steps, a
    metrics.jsonl line per step, and the final model + tokenizer in the output directory.
 
+`train_model` reads in that order: `_setup` (1-3, and a checkpoint to resume), then per step
+`_train_step` (4), `_account` and `_Log` (its metrics line), a checkpoint; `_finish` saves.
+
 Memory: float32 master weights and AdamW moments are the fixed cost. On top of it, where
 exact (one process, no accumulation, no clipping), each weight is updated inside the
 backward pass and its gradient freed at once (`BackwardStepper`); autocast keeps no cache
@@ -37,7 +40,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -47,6 +50,12 @@ from .data import read_pairs, write_json, write_text
 from .errors import DlmaError
 from .logprobs import IGNORE, collate, score_sequences, sequence_logprobs, token_logprobs
 from .machine import param_count
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from .selection import Selector
 
 SUMMARY = "train_summary.json"
 REFERENCE = "reference_logprobs.json"
@@ -550,86 +559,221 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     its summary without training again.
     """
     validate(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from .models import load_tokenizer, load_weights, resolve_device
-
-    resolve_device(model_cfg.device)  # an unknown or missing device is a clean error before any work
-    from .prompts import Renderer, load_preset
-
     out = Path(out_dir)
-    # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True
-    cpu = model_cfg.device == "cpu" or (model_cfg.device == "auto" and not torch.cuda.is_available())
+    accelerator = _accelerator(model_cfg, cfg, out)
+    key = _resume_key(cfg, model_cfg, data, accelerator.num_processes)
+    finished = _finished_summary(out, key)
+    if finished is not None:
+        return finished
+    run = _setup(accelerator, model_cfg, cfg, data, out, key)
+    log = _Log(run, progress)
+    while run.step < run.total:
+        epoch, micros = run.micro_batches()
+        result = _train_step(run, micros, lr_at(run.step, run.total, cfg))
+        run.step += 1
+        row = _account(run, epoch, result)  # raises after MAX_NONFINITE_STEPS skipped steps in a row
+        log.step(row, result.loss)
+        if run.selector is not None and run.selector.due(run.step):
+            _probe(run, log)
+        if cfg.save_steps and run.step % cfg.save_steps == 0 and run.step < run.total:
+            _save_checkpoint(accelerator, out, run.step, key, cfg.save_total_limit,
+                             run.selector.save_state if run.selector is not None else None)
+    log.close()
+    return _finish(run, log)
+
+
+# -- the run and its setup -------------------------------------------------------
+@dataclass
+class _Run:
+    """One run's state: what `_setup` builds, the step the loop is at, and this session's tallies."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    out: Path
+    key: dict
+    accelerator: Accelerator
+    tok: PreTrainedTokenizerBase
+    counts: dict  # pairs read, flipped, filtered, used
+    examples: list[Example]
+    lengths: list[int]
+    strata: list[str] | None  # each pair's preset, where --balance-presets
+    model: torch.nn.Module  # as prepared by accelerate (a DDP/FSDP/DeepSpeed wrapper where there is one)
+    params: list[torch.nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    stepper: BackwardStepper | None
+    ref_path: str  # where the reference log-probs came from
+    ref_seconds: float
+    per_epoch: int = 0  # optimizer steps
+    total: int = 0
+    step: int = 0  # optimizer steps done, counting those before a resume
+    selector: Selector | None = None
+    # this session's loop only (a resumed run counts the steps it ran)
+    first_loss: float | None = None
+    last: dict | None = None  # the latest metrics line
+    bad_in_a_row: int = 0
+    tokens: int = 0
+    positions: int = 0
+    seconds: float = 0.0
+    plan_epoch: int = -1
+    plan: list[list[list[int]]] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.world * self.cfg.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world * self.cfg.grad_accum
+
+    def epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        return epoch_plan(self.lengths, self.global_batch, self.micro_per_step, epoch, self.cfg.seed, self.strata)
+
+    def micro_batches(self) -> tuple[int, list[list[int]]]:
+        """The current step's epoch and micro-batches (example indices); each epoch is planned once."""
+        epoch, index = divmod(self.step, self.per_epoch)
+        if epoch != self.plan_epoch:
+            self.plan, self.plan_epoch = self.epoch_steps(epoch), epoch
+        return epoch, self.plan[index]
+
+
+def _accelerator(model_cfg: ModelConfig, cfg: TrainConfig, out: Path) -> Accelerator:
+    """The run's Accelerator; an unknown or missing device is a clean error before any work."""
+    from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs
 
+    from .models import resolve_device
+
+    resolve_device(model_cfg.device)
+    # accelerate sets up multi-process CPU runs (gloo) only when told cpu=True
+    cpu = model_cfg.device == "cpu" or (model_cfg.device == "auto" and not torch.cuda.is_available())
     # No autocast weight cache: a cached low-precision copy of every weight would live through
     # the whole forward even where checkpointing recomputes the layer; recasting costs little.
-    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, model_cfg),
-                              gradient_accumulation_steps=cfg.grad_accum,
-                              kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
-                              log_with=_trackers(cfg.report_to) or None, project_dir=str(out))
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    key = _resume_key(cfg, model_cfg, data, world)
-    if (out / SUMMARY).is_file():
-        summary = json.loads((out / SUMMARY).read_text())
-        if summary.get("resume_key") != key:
-            raise DlmaError(f"{out} already holds a model trained with other settings; choose another --out")
-        return summary
+    return Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, model_cfg),
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
+                       log_with=_trackers(cfg.report_to) or None, project_dir=str(out))
+
+
+def _finished_summary(out: Path, key: dict) -> dict | None:
+    """The summary of a run already finished in `out` with these settings; None where none finished."""
+    if not (out / SUMMARY).is_file():
+        return None
+    summary = json.loads((out / SUMMARY).read_text())
+    if summary.get("resume_key") != key:
+        raise DlmaError(f"{out} already holds a model trained with other settings; choose another --out")
+    return summary
+
+
+def _checkpoint(out: Path, key: dict) -> Path | None:
+    """The checkpoint to resume from, which must have been written with these settings."""
     ckpt = last_checkpoint(out)
     if ckpt is not None:
         saved = json.loads((ckpt / STATE).read_text())
         if saved.get("resume_key") != key:
             raise DlmaError(f"{ckpt} was written with other settings (or another number of processes x batch); "
                             f"rerun with the same flags to resume, or choose another --out")
-    set_seed(cfg.seed)
+    return ckpt
 
+
+def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, data: str, out: Path,
+           key: dict) -> _Run:
+    """Everything before the first step: examples, weights and their reference log-probs, the
+    prepared model and optimizer, the plan's length, and the state of a checkpoint to resume."""
+    from accelerate.utils import set_seed
+
+    from .models import load_tokenizer, load_weights
+    from .prompts import Renderer, load_preset
+
+    ckpt = _checkpoint(out, key)
+    set_seed(cfg.seed)
     tok = load_tokenizer(model_cfg.model)
     renderer = Renderer(tok, load_preset(cfg.preset) if cfg.preset else None, cfg.max_context)
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
     examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise")
-    pad_id = tok.pad_token_id
 
     model = load_weights(model_cfg.model, _weights_dtype(model_cfg), model_cfg.attn_implementation)
     # FSDP's cpu_ram_efficient_loading leaves ranks > 0 on the meta device until prepare fills them
-    lazy = _lazy_ranks(accelerator)
-    if not lazy:
+    if not _lazy_ranks(accelerator):
         model.to(accelerator.device)
     model.config.use_cache = False
+    ref_path, ref_seconds = _reference(accelerator, model, tok.pad_token_id, examples, pairs, model_cfg, cfg,
+                                       data, out, ckpt)
+    model, params = _trainable(model, cfg)
+    optimizer = _adamw(params, cfg)
+    deepspeed_follows(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stepper = BackwardStepper(optimizer, params) if _step_in_backward(cfg, accelerator) else None
 
-    # Reference log-probs: file, then a cache from an interrupted run, else computed now.
-    ref_path = "not needed (sft)"
+    run = _Run(cfg, model_cfg, out, key, accelerator, tok, counts, examples, [e.length for e in examples],
+               [str(rec.get("preset")) for rec in pairs] if cfg.balance_presets else None,
+               model, params, optimizer, stepper, ref_path, ref_seconds)
+    run.per_epoch = len(run.epoch_steps(0))
+    if run.per_epoch == 0:
+        raise DlmaError(f"{len(examples)} pairs are fewer than the {run.micro_per_step} micro-batches of one step")
+    run.total = cfg.max_steps if cfg.max_steps is not None else run.per_epoch * cfg.epochs
+    _resume(run, ckpt)
+    if cfg.select_prompts:
+        if run.world > 1:
+            raise DlmaError("--select-prompts probes the model with greedy answers on one process; run it without "
+                            "accelerate launch, or drop --select-prompts and evaluate checkpoints afterwards")
+        from .selection import Selector
+
+        run.selector = Selector(cfg, tok, renderer, out, run.total, ckpt)
+    return run
+
+
+def _reference(accelerator: Accelerator, model: torch.nn.Module, pad_id: int, examples: list[Example],
+               pairs: list[dict], model_cfg: ModelConfig, cfg: TrainConfig, data: str, out: Path,
+               ckpt: Path | None) -> tuple[str, float]:
+    """Fill in the reference log-probs: from the scored file, then a cache from an interrupted
+    run, else computed now from the initial weights (and cached). Returns where they came
+    from and the seconds spent computing them."""
+    if cfg.loss == "sft":
+        return "not needed (sft)", 0.0
+    computed = "computed once before the first step from the initial weights"
     ref_seconds = 0.0
-    if cfg.loss != "sft":
-        cache = out / REFERENCE
-        stale = _stale_reference(pairs, model_cfg)
-        if stale:
-            for e in examples:
-                e.ref_chosen = e.ref_rejected = None
-        if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
-            ref_path = "from the scored file"
-        elif cache.is_file():
-            saved = json.loads(cache.read_text())
-            for e in examples:
-                set_reference(e, saved[e.id])
-            ref_path = "computed once before the first step from the initial weights"
-        else:
-            if ckpt is not None:
-                raise DlmaError(f"{cache} is missing, so the reference of {ckpt} cannot be rebuilt; choose another --out")
-            if lazy:
-                raise DlmaError(f"{data}: the pairs carry no reference log-probs, and with FSDP's cpu_ram_efficient_loading "
-                                "only rank 0 holds weights before training starts; run `dlma score` on them first (it "
-                                "writes ref_lp_chosen/ref_lp_rejected), or set fsdp_cpu_ram_efficient_loading: false")
-            t0 = time.perf_counter()
-            reference_logprobs(model, examples, pad_id, accelerator, cfg.batch_size * 2)
-            ref_seconds = time.perf_counter() - t0
-            if main:
-                write_json(cache, {e.id: [e.ref_chosen, *(e.ref_middle or []), e.ref_rejected] for e in examples})
-            ref_path = "computed once before the first step from the initial weights"
-        if stale:
-            ref_path += f" (the scored file's were made {stale})"
+    cache = out / REFERENCE
+    stale = _stale_reference(pairs, model_cfg)
+    if stale:
+        for e in examples:
+            e.ref_chosen = e.ref_rejected = None
+    if all(e.ref_chosen is not None and e.ref_rejected is not None for e in examples):
+        ref_path = "from the scored file"
+    elif cache.is_file():
+        saved = json.loads(cache.read_text())
+        for e in examples:
+            set_reference(e, saved[e.id])
+        ref_path = computed
+    else:
+        if ckpt is not None:
+            raise DlmaError(f"{cache} is missing, so the reference of {ckpt} cannot be rebuilt; choose another --out")
+        if _lazy_ranks(accelerator):
+            raise DlmaError(f"{data}: the pairs carry no reference log-probs, and with FSDP's cpu_ram_efficient_loading "
+                            "only rank 0 holds weights before training starts; run `dlma score` on them first (it "
+                            "writes ref_lp_chosen/ref_lp_rejected), or set fsdp_cpu_ram_efficient_loading: false")
+        t0 = time.perf_counter()
+        reference_logprobs(model, examples, pad_id, accelerator, cfg.batch_size * 2)
+        ref_seconds = time.perf_counter() - t0
+        if accelerator.is_main_process:
+            write_json(cache, {e.id: [e.ref_chosen, *(e.ref_middle or []), e.ref_rejected] for e in examples})
+        ref_path = computed
+    if stale:
+        ref_path += f" (the scored file's were made {stale})"
+    return ref_path, ref_seconds
 
+
+def _trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The model in training mode, with checkpointing and LoRA where asked, and the parameters it trains."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
@@ -641,183 +785,88 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=target, task_type="CAUSAL_LM"))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     try:  # the fused kernel updates in place: faster, and no second copy of the weights at step time
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    deepspeed_follows(accelerator.state.deepspeed_plugin, cfg, world)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    stepper = BackwardStepper(optimizer, params) if _step_in_backward(cfg, accelerator) else None
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    global_batch = cfg.batch_size * world * cfg.grad_accum
-    micro_per_step = world * cfg.grad_accum
-    lengths = [e.length for e in examples]
-    strata = [str(rec.get("preset")) for rec in pairs] if cfg.balance_presets else None
-    per_epoch = len(epoch_plan(lengths, global_batch, micro_per_step, 0, cfg.seed, strata))
-    if per_epoch == 0:
-        raise DlmaError(f"{len(examples)} pairs are fewer than the {micro_per_step} micro-batches of one step")
-    total = cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
 
-    step = 0
+def _resume(run: _Run, ckpt: Path | None) -> None:
+    """The checkpoint's model, optimizer and RNG states and step; metrics.jsonl cut back to that step."""
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / STATE).read_text())["step"]
-    metrics_path = out / METRICS
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+        run.accelerator.load_state(str(ckpt))
+        run.step = json.loads((ckpt / STATE).read_text())["step"]
+    if run.accelerator.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
         # Drop log lines past the checkpoint we resume from (and a line a kill cut short): the
         # log reads as one run. Replaced atomically, so a kill here keeps the old log whole.
+        metrics = run.out / METRICS
         kept = []
-        if step and metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_step(ln) <= step]
-        write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-    selector = None
-    if cfg.select_prompts:
-        if world > 1:
-            raise DlmaError("--select-prompts probes the model with greedy answers on one process; run it without "
-                            "accelerate launch, or drop --select-prompts and evaluate checkpoints afterwards")
-        from .selection import Selector
-
-        selector = Selector(cfg, tok, renderer, out, total, ckpt)
-    trackers = bool(accelerator.log_with) if hasattr(accelerator, "log_with") else False
-    if trackers:
-        accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(cfg).items()})
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.loss}", unit="step", disable=not (progress and main), dynamic_ncols=True)
-    first_loss = last = None
-    bad_in_a_row = 0
-    loop_tokens, loop_positions, loop_seconds = 0, 0, 0.0
-    plan_epoch, plan = -1, []
-    while step < total:
-        epoch, index = divmod(step, per_epoch)
-        if epoch != plan_epoch:
-            plan, plan_epoch = epoch_plan(lengths, global_batch, micro_per_step, epoch, cfg.seed, strata), epoch
-        micros = plan[index]
-        n_step = sum(len(m) for m in micros)
-        lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        stats = torch.zeros(6, dtype=torch.float64)  # loss sum, margin sum, correct, pairs, tokens, positions
-        grad_norm = None
-        bad = False  # a NaN/inf loss or gradient in this step: skip the update
-        for k in range(rank, micro_per_step, world):
-            batch = [examples[i] for i in micros[k]]
-            with accelerator.accumulate(model):
-                res, ntok, positions = micro_batch_losses(model, batch, cfg, pad_id, accelerator.device)
-                total_loss = res.losses.sum()
-                finite = bool(torch.isfinite(total_loss))
-                bad |= not finite
-                # sum / (pairs in the global step), times the factors that DDP averaging and
-                # accelerate's division by grad_accum take out again. Updates inside backward
-                # (one process) must not see a non-finite loss at all.
-                if stepper is None or finite:
-                    accelerator.backward(total_loss * (world * cfg.grad_accum / n_step))
-                if stepper is not None:
-                    bad |= stepper.nonfinite > 0
-                    stepper.nonfinite = 0
-                else:  # else every weight was already updated inside backward
-                    if accelerator.sync_gradients:
-                        bad = _nonfinite_gradients(model, accelerator, bad)
-                        if not bad and cfg.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(params if cfg.lora_r else model.parameters(), cfg.max_grad_norm)
-                        if not bad:
-                            optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            margin = res.chosen_rewards - res.rejected_rewards
-            stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
-                                   float((margin > 0).sum()), len(batch), ntok, positions], dtype=torch.float64)
-        stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu() if world > 1 else stats
-        seconds = time.perf_counter() - t0
-        step += 1
-        loss = float(stats[0] / stats[3])
-        bad_in_a_row = bad_in_a_row + 1 if bad else 0
-        if bad_in_a_row >= MAX_NONFINITE_STEPS:
-            raise DlmaError(f"training stopped at step {step}: {bad_in_a_row} steps in a row had a NaN or infinite loss "
-                            "or gradient (skipped; none reached the weights). Lower --lr, try --mixed-precision no, "
-                            "or check the pair file")
-        first_loss = loss if first_loss is None and not bad else first_loss
-        loop_tokens += int(stats[4])
-        loop_positions += int(stats[5])
-        loop_seconds += seconds
-        row = {"step": step, "epoch": epoch, "loss": _finite(loss), "lr": lr, "pairs": int(stats[3]),
-               "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / seconds}
-        if cfg.loss != "sft":
-            row.update(reward_margin=_finite(float(stats[1] / stats[3])), reward_accuracy=float(stats[2] / stats[3]))
-        if grad_norm is not None:
-            row["grad_norm"] = _finite(float(grad_norm))
-        if bad:
-            row["skipped"] = True  # NaN/inf loss or gradient: the weights were not updated
-        last = row
-        if main and (step % cfg.log_steps == 0 or step == total):
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if trackers:
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if selector is not None and selector.due(step):
-            probe = selector.probe(step, accelerator.unwrap_model(model))
-            if progress:
-                bar.write(f"step {step}: {cfg.select_prompts} refused {probe.refusal:.1%} of unsafe, "
-                          f"{probe.over_refusal:.1%} of safe prompts; keeping step {selector.kept}")
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-            _save_checkpoint(accelerator, out, step, key, cfg.save_total_limit,
-                             selector.save_state if selector is not None else None)
-    bar.close()
-    if stepper is not None:
-        stepper.remove()
-
-    accelerator.wait_for_everyone()
-    if selector is not None:
-        selector.restore(accelerator.unwrap_model(model), step)
-    _save_final(accelerator, model, tok, out, cfg)
-    history = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] if main else []
-    summary = {
-        "out": str(out), "loss": cfg.loss, **counts,
-        "reference": ref_path, "reference_seconds": round(ref_seconds, 3),
-        "steps": step, "epochs": round(step / per_epoch, 3), "global_batch": global_batch, "processes": world,
-        "mixed_precision": accelerator.mixed_precision, "step_in_backward": stepper is not None,
-        "share_context": cfg.share_context and cfg.loss != "sft", "weights_dtype": str(_weights_dtype(model_cfg)).replace("torch.", ""),
-        "first_loss": next((r["loss"] for r in history if not r.get("skipped")), None) if history else first_loss,
-        "final_loss": last["loss"] if last else None,
-        "steps_skipped_nonfinite": sum(1 for r in history if r.get("skipped")),
-        "reward_accuracy": last.get("reward_accuracy") if last else None,
-        "reward_margin": last.get("reward_margin") if last else None,
-        # this session's loop only (a resumed run counts the steps it ran)
-        "train_seconds": round(loop_seconds, 3),
-        "tokens_per_s": round(loop_tokens / loop_seconds, 2) if loop_seconds else None,
-        # forward + backward of the policy, 6 N per position (the reference is not counted)
-        "model_flops": 6 * param_count(model) * loop_positions,
-        "resume_key": key,
-    }
-    if selector is not None:
-        summary["selection"] = selector.summary()
-    if main:
-        write_json(out / SUMMARY, summary)
-        if selector is not None:
-            selector.cleanup()
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if trackers:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return summary
+        if run.step and metrics.is_file():
+            kept = [ln for ln in metrics.read_text().splitlines() if _logged_step(ln) <= run.step]
+        write_text(metrics, "".join(ln + "\n" for ln in kept))
 
 
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinite for a line that is not a whole record."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+# -- one optimizer step ----------------------------------------------------------
+@dataclass
+class _Step:
+    """What one optimizer step leaves for the log, summed over every process."""
+
+    lr: float
+    stats: torch.Tensor  # float64: loss sum, margin sum, correct, pairs, tokens, positions
+    grad_norm: torch.Tensor | None  # where gradients were clipped
+    bad: bool  # a NaN/inf loss or gradient: the update was skipped
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return float(self.stats[0] / self.stats[3])
 
 
-def _finite(x: float) -> float | None:
-    """A metric for the JSON logs: NaN/inf become null (JSON has no NaN)."""
-    return x if math.isfinite(x) else None
+def _train_step(run: _Run, micros: list[list[int]], lr: float) -> _Step:
+    """One optimizer step over this process's micro-batches of `micros` (the global batch)."""
+    cfg, accelerator, model, optimizer, stepper = run.cfg, run.accelerator, run.model, run.optimizer, run.stepper
+    world = run.world
+    n_step = sum(len(m) for m in micros)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    stats = torch.zeros(6, dtype=torch.float64)
+    grad_norm = None
+    bad = False
+    for k in range(accelerator.process_index, run.micro_per_step, world):
+        batch = [run.examples[i] for i in micros[k]]
+        with accelerator.accumulate(model):
+            res, ntok, positions = micro_batch_losses(model, batch, cfg, run.pad_id, accelerator.device)
+            total_loss = res.losses.sum()
+            finite = bool(torch.isfinite(total_loss))
+            bad |= not finite
+            # sum / (pairs in the global step), times the factors that DDP averaging and
+            # accelerate's division by grad_accum take out again. Updates inside backward
+            # (one process) must not see a non-finite loss at all.
+            if stepper is None or finite:
+                accelerator.backward(total_loss * (world * cfg.grad_accum / n_step))
+            if stepper is not None:
+                bad |= stepper.nonfinite > 0
+                stepper.nonfinite = 0
+            else:  # else every weight was already updated inside backward
+                if accelerator.sync_gradients:
+                    bad = _nonfinite_gradients(model, accelerator, bad)
+                    if not bad and cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(run.params if cfg.lora_r else model.parameters(),
+                                                                cfg.max_grad_norm)
+                    if not bad:
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        margin = res.chosen_rewards - res.rejected_rewards
+        stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
+                               float((margin > 0).sum()), len(batch), ntok, positions], dtype=torch.float64)
+    stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu() if world > 1 else stats
+    return _Step(lr, stats, grad_norm, bad, time.perf_counter() - t0)
 
 
 def _nonfinite_gradients(model, accelerator, bad: bool) -> bool:
@@ -830,6 +879,91 @@ def _nonfinite_gradients(model, accelerator, bad: bool) -> bool:
     return bad
 
 
+def _account(run: _Run, epoch: int, result: _Step) -> dict:
+    """Count the step just done (run.step) into the run's tallies and return its metrics line;
+    MAX_NONFINITE_STEPS skipped steps in a row stop the run."""
+    stats, loss = result.stats, result.loss
+    run.bad_in_a_row = run.bad_in_a_row + 1 if result.bad else 0
+    if run.bad_in_a_row >= MAX_NONFINITE_STEPS:
+        raise DlmaError(f"training stopped at step {run.step}: {run.bad_in_a_row} steps in a row had a NaN or infinite "
+                        "loss or gradient (skipped; none reached the weights). Lower --lr, try --mixed-precision no, "
+                        "or check the pair file")
+    run.first_loss = loss if run.first_loss is None and not result.bad else run.first_loss
+    run.tokens += int(stats[4])
+    run.positions += int(stats[5])
+    run.seconds += result.seconds
+    row = {"step": run.step, "epoch": epoch, "loss": _finite(loss), "lr": result.lr, "pairs": int(stats[3]),
+           "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / result.seconds}
+    if run.cfg.loss != "sft":
+        row.update(reward_margin=_finite(float(stats[1] / stats[3])), reward_accuracy=float(stats[2] / stats[3]))
+    if result.grad_norm is not None:
+        row["grad_norm"] = _finite(float(result.grad_norm))
+    if result.bad:
+        row["skipped"] = True  # NaN/inf loss or gradient: the weights were not updated
+    run.last = row
+    return row
+
+
+def _finite(x: float) -> float | None:
+    """A metric for the JSON logs: NaN/inf become null (JSON has no NaN)."""
+    return x if math.isfinite(x) else None
+
+
+# -- logging ---------------------------------------------------------------------
+class _Log:
+    """Where the steps are reported: metrics.jsonl (main process), --report-to trackers, the progress bar."""
+
+    def __init__(self, run: _Run, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.progress = run.accelerator, progress
+        self.path, self.every, self.total = run.out / METRICS, run.cfg.log_steps, run.total
+        self.main = run.accelerator.is_main_process
+        self.trackers = bool(run.accelerator.log_with) if hasattr(run.accelerator, "log_with") else False
+        if self.trackers:
+            run.accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(run.cfg).items()})
+        self.bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.cfg.loss}", unit="step",
+                        disable=not (progress and self.main), dynamic_ncols=True)
+
+    def step(self, row: dict, loss: float) -> None:
+        """Every --log-steps and the last step go to the file and trackers; `loss` as computed (NaN shows)."""
+        step = row["step"]
+        if self.main and (step % self.every == 0 or step == self.total):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.trackers:
+                self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if self.progress:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def end(self) -> None:
+        if self.trackers:
+            self.accelerator.end_training()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _probe(run: _Run, log: _Log) -> None:
+    """--select-prompts: probe this step's weights; the selector keeps the best step's on disk."""
+    probe = run.selector.probe(run.step, run.accelerator.unwrap_model(run.model))
+    log.note(f"step {run.step}: {run.cfg.select_prompts} refused {probe.refusal:.1%} of unsafe, "
+             f"{probe.over_refusal:.1%} of safe prompts; keeping step {run.selector.kept}")
+
+
+# -- saving ----------------------------------------------------------------------
 def _save_checkpoint(accelerator, out: Path, step: int, key: dict, limit: int,
                      extra: Callable[[Path], None] | None = None) -> None:
     """Model, optimizer and RNG states via accelerate (sharded under FSDP/DeepSpeed), then
@@ -849,6 +983,27 @@ def _save_checkpoint(accelerator, out: Path, step: int, key: dict, limit: int,
     accelerator.wait_for_everyone()
 
 
+def _finish(run: _Run, log: _Log) -> dict:
+    """After the last step: the final model (the selected step's weights, where one was
+    selected) and train_summary.json; the checkpoints go, a finished run needs none."""
+    accelerator = run.accelerator
+    if run.stepper is not None:
+        run.stepper.remove()
+    accelerator.wait_for_everyone()
+    if run.selector is not None:
+        run.selector.restore(accelerator.unwrap_model(run.model), run.step)
+    _save_final(accelerator, run.model, run.tok, run.out, run.cfg)
+    summary = _summary(run)
+    if accelerator.is_main_process:
+        write_json(run.out / SUMMARY, summary)
+        if run.selector is not None:
+            run.selector.cleanup()
+        shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+    log.end()
+    accelerator.wait_for_everyone()
+    return summary
+
+
 def _save_final(accelerator, model, tok, out: Path, cfg: TrainConfig) -> None:
     """A directory AutoModelForCausalLM/AutoTokenizer load: full or merged weights, or a LoRA adapter."""
     unwrapped = accelerator.unwrap_model(model)
@@ -864,3 +1019,32 @@ def _save_final(accelerator, model, tok, out: Path, cfg: TrainConfig) -> None:
             unwrapped.save_pretrained(out, state_dict=state)
         tok.save_pretrained(out)
     accelerator.wait_for_everyone()
+
+
+def _summary(run: _Run) -> dict:
+    """train_summary.json. The first loss and the skipped steps come from metrics.jsonl, which
+    spans the runs before a resume; speed and FLOPs are this session's."""
+    cfg, last = run.cfg, run.last
+    history = ([json.loads(ln) for ln in (run.out / METRICS).read_text().splitlines() if ln.strip()]
+               if run.accelerator.is_main_process else [])
+    summary = {
+        "out": str(run.out), "loss": cfg.loss, **run.counts,
+        "reference": run.ref_path, "reference_seconds": round(run.ref_seconds, 3),
+        "steps": run.step, "epochs": round(run.step / run.per_epoch, 3), "global_batch": run.global_batch,
+        "processes": run.world, "mixed_precision": run.accelerator.mixed_precision,
+        "step_in_backward": run.stepper is not None, "share_context": cfg.share_context and cfg.loss != "sft",
+        "weights_dtype": str(_weights_dtype(run.model_cfg)).replace("torch.", ""),
+        "first_loss": next((r["loss"] for r in history if not r.get("skipped")), None) if history else run.first_loss,
+        "final_loss": last["loss"] if last else None,
+        "steps_skipped_nonfinite": sum(1 for r in history if r.get("skipped")),
+        "reward_accuracy": last.get("reward_accuracy") if last else None,
+        "reward_margin": last.get("reward_margin") if last else None,
+        "train_seconds": round(run.seconds, 3),
+        "tokens_per_s": round(run.tokens / run.seconds, 2) if run.seconds else None,
+        # forward + backward of the policy, 6 N per position (the reference is not counted)
+        "model_flops": 6 * param_count(run.model) * run.positions,
+        "resume_key": run.key,
+    }
+    if run.selector is not None:
+        summary["selection"] = run.selector.summary()
+    return summary
