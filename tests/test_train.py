@@ -553,3 +553,37 @@ def test_selection_restores_the_kept_steps_weights(embedded, tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     fresh = Selector(cfg, tok, Renderer(tok, None), tmp_path, 10)
     assert fresh.history == [] and fresh.kept is None and not (tmp_path / WEIGHTS).exists()
+
+
+def test_response_tokens_trains_on_the_openings_with_their_own_reference(scored, tokenizer, tmp_path):
+    """--response-tokens N: a response longer than N is cut to N tokens without an end of turn, a
+    shorter one stays whole; the scored file's reference (of whole responses) is not used, and
+    the reference the run computes is that of the cut responses."""
+    from dlma.prompts import Renderer
+    from dlma.train import build_examples
+
+    pairs = [json.loads(line) for line in scored[0].read_text().splitlines()][:8]
+    renderer = Renderer(tokenizer, None, 1024)
+    whole, cut = build_examples(pairs, renderer), build_examples(pairs, renderer, response_tokens=3)
+    eos = renderer.response_ids("x")[-1]
+    for w, c in zip(whole, cut):
+        for a, b in ((w.chosen, c.chosen), (w.rejected, c.rejected)):
+            text_len = len(a) - (a[-1] == eos)
+            assert b == (a[:3] if text_len > 3 else a)
+        assert w.ref_chosen is not None and c.ref_chosen is None and c.ref_rejected is None
+    assert any(len(w.chosen) > 3 for w in whole)  # the fixture has responses to cut
+
+    out = tmp_path / "ckpt"
+    res = _dlma(*COMMON, "--data", str(scored[0]), "--out", str(out), "--batch-size", "4", "--save-steps", "0",
+                "--max-steps", "2", "--response-tokens", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["reference"].startswith("computed once before the first step")
+    ref = json.loads((out / "reference_logprobs.json").read_text())
+    from dlma.logprobs import score_sequences
+    from dlma.models import load_model
+
+    model, _ = load_model("embedded", "float32", "cpu")
+    e = next(c for c in cut if c.id in ref)
+    sums, _ = score_sequences(model, [e.context, e.context], [e.chosen, e.rejected], pad_id=tokenizer.pad_token_id)
+    assert abs(float(sums[0]) - ref[e.id][0]) < 1e-3 and abs(float(sums[1]) - ref[e.id][-1]) < 1e-3

@@ -103,6 +103,7 @@ class TrainConfig:
     shuffle_reward: bool = opt(False, "ablation: permute R across the kept pairs (seeded by --seed), so the loss sees R's distribution but not which pair earned it")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
+    response_tokens: typing.Optional[int] = opt(None, "train on the first N tokens of each response only (a cut one gets no end of turn), where a refusal or an answer is decided; the reference log-probs are then computed in the run, as the scored file's cover whole responses. None: whole responses")
     lr: float = opt(7e-5, "peak learning rate (tuned for full fine-tuning of the 135M embedded model)")
     lr_schedule: str = opt("cosine", "decay after warm-up: cosine, linear, constant")
     warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly from 0")
@@ -140,7 +141,7 @@ class TrainConfig:
         _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
                weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1),
                grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
-               limit=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
+               limit=(">=", 1), response_tokens=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
                select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))
         if self.reward_norm not in ("none", "preset"):
             raise _bad("reward_norm", "none or preset", self.reward_norm)

@@ -142,7 +142,7 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
     return out, {"pairs_read": len(pairs), "pairs_flipped": flipped, "pairs_filtered": filtered, "pairs_used": len(out)}
 
 
-def _ranked(rec: dict, renderer) -> dict:
+def _ranked(rec: dict, renderer, response_tokens: int | None = None) -> dict:
     """A best-of-K record's 2K responses ranked by their self-reward log-ratio, best first."""
     c = rec.get("candidates") or {}
     texts, cut = c.get("texts"), c.get("truncated")
@@ -151,23 +151,35 @@ def _ranked(rec: dict, renderer) -> dict:
         raise DlmaError(f"pair {rec.get('id')!r} has no ranked candidates, which --loss listwise needs; "
                         "generate with --num-samples K (K >= 2)")
     order = sorted(range(len(texts)), key=lambda i: (-ratios[i], i))
-    ids = [renderer.response_ids(texts[i], truncated=bool(cut[i])) for i in order]
+    ids = [_response_ids(renderer, texts[i], bool(cut[i]), response_tokens) for i in order]
     return {"chosen": ids[0], "rejected": ids[-1], "middle": ids[1:-1], "scores": [float(ratios[i]) for i in order]}
 
 
-def build_examples(pairs: list[dict], renderer, listwise: bool = False) -> list[Example]:
+def _response_ids(renderer, text: str, truncated: bool, n: int | None) -> list[int]:
+    """A response's ids, cut to its first n tokens when it has more (then without the end of turn)."""
+    if n is not None:
+        ids = renderer.response_ids(text, truncated=True)
+        if len(ids) > n:
+            return ids[:n]
+    return renderer.response_ids(text, truncated=truncated)
+
+
+def build_examples(pairs: list[dict], renderer, listwise: bool = False, response_tokens: int | None = None) -> list[Example]:
+    """Token ids of every pair; with `response_tokens` each response is cut to its opening and
+    the scored file's reference log-probs (of whole responses) are dropped."""
     out = []
     for rec in pairs:
         if listwise:  # the reference of every ranked response is computed by the trainer
             out.append(Example(id=str(rec["id"]), context=renderer.context_ids(rec["prompt"], "bare"),
-                               self_reward=rec.get("self_reward"), preset=rec.get("preset"), **_ranked(rec, renderer)))
+                               self_reward=rec.get("self_reward"), preset=rec.get("preset"),
+                               **_ranked(rec, renderer, response_tokens)))
             continue
-        ref_c, ref_r = rec.get("ref_lp_chosen"), rec.get("ref_lp_rejected")
+        ref_c, ref_r = (None, None) if response_tokens is not None else (rec.get("ref_lp_chosen"), rec.get("ref_lp_rejected"))
         out.append(Example(
             id=str(rec["id"]),
             context=renderer.context_ids(rec["prompt"], "bare"),
-            chosen=renderer.response_ids(rec["chosen"], truncated=bool(rec.get("chosen_truncated", False))),
-            rejected=renderer.response_ids(rec["rejected"], truncated=bool(rec.get("rejected_truncated", False))),
+            chosen=_response_ids(renderer, rec["chosen"], bool(rec.get("chosen_truncated", False)), response_tokens),
+            rejected=_response_ids(renderer, rec["rejected"], bool(rec.get("rejected_truncated", False)), response_tokens),
             self_reward=rec.get("self_reward"),
             ref_chosen=float(ref_c) if isinstance(ref_c, (int, float)) else None,
             ref_rejected=float(ref_r) if isinstance(ref_r, (int, float)) else None,
@@ -699,7 +711,7 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise")
+    examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise", response_tokens=cfg.response_tokens)
 
     model = load_weights(model_cfg.model, _weights_dtype(model_cfg), model_cfg.attn_implementation)
     # FSDP's cpu_ram_efficient_loading leaves ranks > 0 on the meta device until prepare fills them
