@@ -157,11 +157,9 @@ def _ranked(rec: dict, renderer, response_tokens: int | None = None) -> dict:
 
 def _response_ids(renderer, text: str, truncated: bool, n: int | None) -> list[int]:
     """A response's ids, cut to its first n tokens when it has more (then without the end of turn)."""
-    if n is not None:
-        ids = renderer.response_ids(text, truncated=True)
-        if len(ids) > n:
-            return ids[:n]
-    return renderer.response_ids(text, truncated=truncated)
+    ids = renderer.response_ids(text, truncated=truncated)
+    ends_turn = not truncated and renderer.eos_id is not None  # response_ids appended the end of turn
+    return ids[:n] if n is not None and len(ids) - ends_turn > n else ids
 
 
 def build_examples(pairs: list[dict], renderer, listwise: bool = False, response_tokens: int | None = None) -> list[Example]:
