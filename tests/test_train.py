@@ -587,3 +587,15 @@ def test_response_tokens_trains_on_the_openings_with_their_own_reference(scored,
     e = next(c for c in cut if c.id in ref)
     sums, _ = score_sequences(model, [e.context, e.context], [e.chosen, e.rejected], pad_id=tokenizer.pad_token_id)
     assert abs(float(sums[0]) - ref[e.id][0]) < 1e-3 and abs(float(sums[1]) - ref[e.id][-1]) < 1e-3
+
+    # the scorer makes the same reference for the cut responses, and training then takes it from the file
+    from dlma.reward import score_pairs
+
+    again = score_pairs(model, tokenizer, None, pairs[:4], response_tokens=3)
+    took = build_examples(again, renderer, response_tokens=3)
+    for rec, ex in zip(again, took):
+        assert rec["ref_first_tokens"] == 3 and ex.ref_chosen == rec["ref_lp_chosen_first"]
+        assert abs(rec["ref_lp_chosen_first"] - ref[rec["id"]][0]) < 1e-3
+        assert abs(rec["ref_lp_rejected_first"] - ref[rec["id"]][-1]) < 1e-3
+        assert rec["ref_lp_chosen"] != rec["ref_lp_chosen_first"] or len(ex.chosen) <= 3
+    assert all(ex.ref_chosen is None for ex in build_examples(again, renderer, response_tokens=4))  # another cut

@@ -103,7 +103,7 @@ class TrainConfig:
     shuffle_reward: bool = opt(False, "ablation: permute R across the kept pairs (seeded by --seed), so the loss sees R's distribution but not which pair earned it")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
-    response_tokens: typing.Optional[int] = opt(None, "train on the first N tokens of each response only (a cut one gets no end of turn), where a refusal or an answer is decided; the reference log-probs are then computed in the run, as the scored file's cover whole responses. None: whole responses")
+    response_tokens: typing.Optional[int] = opt(None, "train on the first N tokens of each response only (a cut one gets no end of turn), where a refusal or an answer is decided; the reference log-probs come from a file scored with the same --response-tokens (`dlma run` scores so), else are computed in the run. None: whole responses")
     lr: float = opt(7e-5, "peak learning rate (tuned for full fine-tuning of the 135M embedded model)")
     lr_schedule: str = opt("cosine", "decay after warm-up: cosine, linear, constant")
     warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly from 0")
@@ -195,9 +195,10 @@ class ScoreConfig:
     ensemble: bool = opt(False, "average R over every demonstration set of the preset (one scoring pass per set) instead of the set each query's hash picks")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
+    response_tokens: typing.Optional[int] = opt(None, "with --reference, also store the reference log-probs of each response's first N tokens, which `dlma train --response-tokens N` then reuses instead of computing them; `dlma run` takes train.response_tokens")
 
     def __post_init__(self) -> None:
-        _check(self, batch_size=(">=", 1), max_context=(">=", 2), limit=(">=", 1))
+        _check(self, batch_size=(">=", 1), max_context=(">=", 2), limit=(">=", 1), response_tokens=(">=", 1))
 
 
 @dataclass

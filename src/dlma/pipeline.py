@@ -256,7 +256,9 @@ class Pipeline:
 
         data, data_key = pairs, gen_key
         if spec["judge"] is not None:
-            scfg = dataclasses.replace(cfg.score, judge=spec["judge"])  # preset None: each pair's own
+            # preset None: each pair's own; the reference of cut responses is made here, once, for training
+            scfg = dataclasses.replace(cfg.score, judge=spec["judge"],
+                                       response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
             score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
 
             def score(d: Path) -> dict:

@@ -274,9 +274,15 @@ class Renderer:
                 q[last_user]["content"] = self.tok.decode(toks[min(over, len(toks) - 1):])
             ids = {s: self._ids(q, s, query) for s in sides}
 
-    def response_ids(self, text: str, truncated: bool = False) -> list[int]:
-        """Ids of a response; a complete response ends with EOS (end of turn), a cut one does not."""
+    def response_ids(self, text: str, truncated: bool = False, first: int | None = None) -> list[int]:
+        """Ids of a response; a complete response ends with EOS (end of turn), a cut one does not.
+
+        first=N keeps a longer response's first N tokens only (cut, so no end of turn): the
+        opening where a refusal or an answer is decided (train.response_tokens).
+        """
         ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        if first is not None and len(ids) > first:
+            return ids[:first]
         if not truncated and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids

@@ -115,20 +115,22 @@ MIXED_RECHECK_MARGIN = 1.0
 def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
                 reference: bool = True, reuse_generation: bool = True, max_context: int | None = None,
                 progress: bool = False, model_name: str | None = None, stats: dict | None = None,
-                precision: str = "exact") -> list[dict]:
+                precision: str = "exact", response_tokens: int | None = None) -> list[dict]:
     """Copies of `pairs` with self_reward, its four terms, token counts and (reference) the bare-context lps.
 
     precision "exact" computes in the model's dtype (float32: exact to ~1e-4). "mixed", for a
     float32 model, runs the decoder body in bf16 (autocast; head and sums float32) and
     recomputes exactly the pairs whose |R| < MIXED_RECHECK_MARGIN, so R keeps the float32
     sign wherever bf16 rounding could flip it; the other pairs' terms carry bf16 error.
+    response_tokens=N (with reference) adds ref_lp_chosen_first/ref_lp_rejected_first, the
+    reference of each response's first N tokens, for training on openings (train.response_tokens).
     Empty responses get R = 0 (counted in stats["empty_responses"]); a NaN/inf raises a
     DlmaError naming the record. stats (optional) also collects reused/truncated/rechecked counts.
     """
     if precision not in ("exact", "mixed"):
         raise DlmaError(f"unknown precision {precision!r}; choose exact or mixed")
     kw = dict(batch_size=batch_size, reference=reference, max_context=max_context, progress=progress,
-              model_name=model_name)
+              model_name=model_name, response_tokens=response_tokens)
     if precision == "exact" or _dtype_name(model) != "float32":
         return _score_pairs(model, tokenizer, preset, pairs, reuse_generation=reuse_generation, stats=stats, **kw)
     stats = stats if stats is not None else {}
@@ -145,7 +147,8 @@ def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
 
 def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int,
                  reference: bool, reuse_generation: bool, max_context: int | None, progress: bool,
-                 model_name: str | None, stats: dict | None, body: torch.dtype | None = None) -> list[dict]:
+                 model_name: str | None, stats: dict | None, body: torch.dtype | None = None,
+                 response_tokens: int | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     preset = _resolve_preset(preset, pairs)
@@ -183,6 +186,13 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
             add("negative", [("lp_chosen_neg", c), ("lp_rejected_neg", r)])
         if reference:
             add("bare", [("ref_lp_chosen", c), ("ref_lp_rejected", r)])
+            if response_tokens is not None:
+                first = [layout.r.response_ids(rec[k], bool(rec.get(f"{k}_truncated")), first=response_tokens)
+                         for k in ("chosen", "rejected")]
+                # a response the layout cut to fit the context keeps that cut when shorter
+                add("bare", [("ref_lp_chosen_first", min(first[0], c, key=len)),
+                             ("ref_lp_rejected_first", min(first[1], r, key=len))])
+                out["ref_first_tokens"] = response_tokens
             if model_name is not None:  # how the reference was made: training uses it only for the same model and precision
                 out["ref_from"] = {"model": model_name, "dtype": dtype if body is None else f"{dtype}+bf16-body"}
         out["chosen_tokens"], out["rejected_tokens"] = len(c), len(r)
@@ -196,6 +206,7 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
     finally:
         bar.close()
     keys = TERMS + (["ref_lp_chosen", "ref_lp_rejected"] if reference else [])
+    keys += ["ref_lp_chosen_first", "ref_lp_rejected_first"] if reference and response_tokens is not None else []
     for out, where in plan:
         for name, (t, k) in where.items():
             out[name] = res[t][k][0]
@@ -332,7 +343,8 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
         "reference": cfg.reference, "precision": cfg.precision, "max_context": cfg.max_context,
-        **({"ensemble": True} if cfg.ensemble else {})})
+        **({"ensemble": True} if cfg.ensemble else {}),
+        **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {})})
     todo = [p for p in pairs if p["id"] not in writer.done]
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()
@@ -354,9 +366,11 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
                 if judge in ("self-reward", "both") and cfg.ensemble:
                     group = score_ensemble(model, tokenizer, preset, group, batch_size=cfg.batch_size,
                                            reference=cfg.reference, max_context=cfg.max_context,
+                                           response_tokens=cfg.response_tokens,
                                            precision=cfg.precision, model_name=model_cfg.model, stats=stats)
                 elif judge in ("self-reward", "both"):
                     group = score_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, reference=cfg.reference,
+                                        response_tokens=cfg.response_tokens,
                                         reuse_generation=cfg.reuse_generation, max_context=cfg.max_context,
                                         precision=cfg.precision, model_name=model_cfg.model, stats=stats)
                 if judge in ("text", "both"):

@@ -151,20 +151,14 @@ def _ranked(rec: dict, renderer, response_tokens: int | None = None) -> dict:
         raise DlmaError(f"pair {rec.get('id')!r} has no ranked candidates, which --loss listwise needs; "
                         "generate with --num-samples K (K >= 2)")
     order = sorted(range(len(texts)), key=lambda i: (-ratios[i], i))
-    ids = [_response_ids(renderer, texts[i], bool(cut[i]), response_tokens) for i in order]
+    ids = [renderer.response_ids(texts[i], bool(cut[i]), first=response_tokens) for i in order]
     return {"chosen": ids[0], "rejected": ids[-1], "middle": ids[1:-1], "scores": [float(ratios[i]) for i in order]}
 
 
-def _response_ids(renderer, text: str, truncated: bool, n: int | None) -> list[int]:
-    """A response's ids, cut to its first n tokens when it has more (then without the end of turn)."""
-    ids = renderer.response_ids(text, truncated=truncated)
-    ends_turn = not truncated and renderer.eos_id is not None  # response_ids appended the end of turn
-    return ids[:n] if n is not None and len(ids) - ends_turn > n else ids
-
-
 def build_examples(pairs: list[dict], renderer, listwise: bool = False, response_tokens: int | None = None) -> list[Example]:
-    """Token ids of every pair; with `response_tokens` each response is cut to its opening and
-    the scored file's reference log-probs (of whole responses) are dropped."""
+    """Token ids of every pair; with `response_tokens` each response is cut to its opening, and
+    the reference log-probs are those the scorer made for the same cut (`dlma score
+    --response-tokens`), else left for the trainer to compute."""
     out = []
     for rec in pairs:
         if listwise:  # the reference of every ranked response is computed by the trainer
@@ -172,12 +166,17 @@ def build_examples(pairs: list[dict], renderer, listwise: bool = False, response
                                self_reward=rec.get("self_reward"), preset=rec.get("preset"),
                                **_ranked(rec, renderer, response_tokens)))
             continue
-        ref_c, ref_r = (None, None) if response_tokens is not None else (rec.get("ref_lp_chosen"), rec.get("ref_lp_rejected"))
+        if response_tokens is None:
+            ref_c, ref_r = rec.get("ref_lp_chosen"), rec.get("ref_lp_rejected")
+        elif rec.get("ref_first_tokens") == response_tokens:
+            ref_c, ref_r = rec.get("ref_lp_chosen_first"), rec.get("ref_lp_rejected_first")
+        else:
+            ref_c = ref_r = None
         out.append(Example(
             id=str(rec["id"]),
             context=renderer.context_ids(rec["prompt"], "bare"),
-            chosen=_response_ids(renderer, rec["chosen"], bool(rec.get("chosen_truncated", False)), response_tokens),
-            rejected=_response_ids(renderer, rec["rejected"], bool(rec.get("rejected_truncated", False)), response_tokens),
+            chosen=renderer.response_ids(rec["chosen"], bool(rec.get("chosen_truncated", False)), first=response_tokens),
+            rejected=renderer.response_ids(rec["rejected"], bool(rec.get("rejected_truncated", False)), first=response_tokens),
             self_reward=rec.get("self_reward"),
             ref_chosen=float(ref_c) if isinstance(ref_c, (int, float)) else None,
             ref_rejected=float(ref_r) if isinstance(ref_r, (int, float)) else None,
