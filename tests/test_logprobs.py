@@ -150,3 +150,17 @@ def test_split_head_follows_each_architecture(kind):
     split = [x[0] for t in score_trees(model, trees, pad_id=0, batch_size=4, min_prefix=2) for x in t]
     assert split == pytest.approx(plain, abs=1e-3)
     assert (_head(model) is None) == (kind == "unknown-transform")
+
+
+def test_score_trees_counts_a_cached_prefix_once(embedded):
+    """stats["positions"] is the work done: a shared prefix computed once, not once per tree."""
+    model, tok = embedded
+    prefix = tok("You are a careful assistant. Answer briefly and politely.", add_special_tokens=False)["input_ids"]
+    trees = [(prefix + tok(q, add_special_tokens=False)["input_ids"], [tok(a, add_special_tokens=False)["input_ids"]])
+             for q, a in (("Hi there", "Hello"), ("What is two plus two", "Four"), ("Name a colour", "Blue"))]
+    flat = sum(len(c) + sum(map(len, rs)) for c, rs in trees)
+    shared, alone = {}, {}
+    score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=8, min_prefix=4, stats=shared)
+    score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=8, share_prefix=False, stats=alone)
+    assert alone["positions"] == flat
+    assert shared["positions"] <= flat - 2 * len(prefix)

@@ -402,6 +402,7 @@ def score_trees(
     head_chunk: int = 1024,
     body_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
+    stats: dict | None = None,
 ) -> list[list[tuple[float, int]]]:
     """lp(response | context) and token counts for every branch of every (context, responses) tree.
 
@@ -410,7 +411,11 @@ def score_trees(
     Falls back to plain per-sequence scoring for models whose head can't be split off.
     body_dtype (e.g. torch.bfloat16 with a float32 model) runs the decoder body under
     autocast in that dtype, keeping the residual stream, head and log-softmax in float32.
+    stats["positions"] (when given) grows by the token positions the model computed: a shared
+    prefix read from the cache is not computed again, so it counts once (what MFU divides).
     """
+    stats = stats if stats is not None else {}
+    stats.setdefault("positions", 0)
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(t[1]) for t in trees]
     for t in trees:
         if not t[0]:
@@ -422,6 +427,7 @@ def score_trees(
                                        pad_id=pad_id, batch_size=batch_size, max_tokens=max_tokens)
         for (i, k), s, c in zip(flat, sums, counts):
             out[i][k] = (s, c)
+        stats["positions"] += sum(len(trees[i][0]) + len(trees[i][1][k]) for i, k in flat)
         if on_batch:
             on_batch(len(trees))
         return out
@@ -449,9 +455,11 @@ def score_trees(
                 else:
                     kv = [(layer.keys, layer.values) for layer in layers]
                 cache.put(key, kv)
+                stats["positions"] += L
             if kv is False:
                 L, kv = 0, None
         ids, pos, seg, picks, K = _tree_rows(group, L, pad_id)
+        stats["positions"] += int((seg >= 0).sum())
         mask = _block_mask(seg, L, dtype, K)
         past = None
         if kv is not None:

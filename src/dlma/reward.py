@@ -137,8 +137,10 @@ def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
     out = _score_pairs(model, tokenizer, preset, pairs, reuse_generation=False, stats=stats, body=torch.bfloat16, **kw)
     near = [i for i, o in enumerate(out) if abs(o["self_reward"]) < MIXED_RECHECK_MARGIN and o["self_reward"] != 0.0]
     if near:
+        redo: dict = {}
         again = _score_pairs(model, tokenizer, preset, [pairs[i] for i in near], reuse_generation=reuse_generation,
-                             stats={}, **kw)
+                             stats=redo, **kw)
+        stats["positions"] = stats.get("positions", 0) + redo.get("positions", 0)
         for i, o in zip(near, again):
             out[i] = o
     stats["mixed_rechecked"] = stats.get("mixed_rechecked", 0) + len(near)
@@ -198,11 +200,10 @@ def _score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict
         out["chosen_tokens"], out["rejected_tokens"] = len(c), len(r)
         plan.append((out, where))
     stats["contexts_truncated"] += layout.truncated
-    stats["positions"] = stats.get("positions", 0) + sum(len(c) + sum(map(len, b)) for c, b in trees)
     bar = tqdm(total=len(trees), desc="score", unit="ctx", disable=not progress, dynamic_ncols=True)
     try:
         res = score_trees(model, trees, pad_id=tokenizer.pad_token_id, batch_size=batch_size, body_dtype=body,
-                          on_batch=bar.update)
+                          on_batch=bar.update, stats=stats)
     finally:
         bar.close()
     keys = TERMS + (["ref_lp_chosen", "ref_lp_rejected"] if reference else [])
@@ -384,7 +385,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             bar.close()
     finally:
         writer.close()
-    if stats.get("positions"):  # each context laid out once with its responses: 2 N per position
+    if stats.get("positions"):  # the positions the model computed (shared prefixes once): 2 N per position
         stats["model_flops"] = 2 * param_count(model) * stats.pop("positions")
     summary = summarize_scores(read_jsonl(out))
     summary.update(judge=judge, already_done=len(pairs) - len(todo), scored=len(todo), output=str(out),
