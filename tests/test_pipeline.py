@@ -97,6 +97,11 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     assert _lines(r1 / "generate" / "pairs.jsonl") == 10  # 5 harmful + 5 benign prompts
     scored = [json.loads(x)["id"] for x in (r1 / "score" / "scored.jsonl").read_text().splitlines()]
     assert len(scored) == 10 and len(set(scored)) == 10
+    # the shipped run trains on openings (train.response_tokens): scoring made their reference, training took it
+    opening = {json.loads(x)["ref_first_tokens"] for x in (r1 / "score" / "scored.jsonl").read_text().splitlines()}
+    assert opening == {8}
+    trained = json.loads((r1 / "train" / "model" / "train_summary.json").read_text())
+    assert trained["reference"] == "from the scored file", trained["reference"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {"round-1/generate", "round-1/score", "round-1/train", "round-1/evaluate"} <= set(manifest["stages"])
     assert manifest["versions"]["torch"] and "wall_s" in manifest["stages"]["round-1/train"]
