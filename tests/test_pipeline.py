@@ -46,6 +46,24 @@ def test_config_layers(tmp_path):
         resolve_config(_args("--set", "train.beta=high"))
 
 
+def test_method_train_is_typed_like_the_config(tmp_path):
+    """YAML reads `5e-7` (no dot) as a string: a method's own lr must still reach training as a float,
+    and a misspelt setting must stop --compare before any stage runs."""
+    from dlma.config import TrainConfig, typed_overrides
+    from dlma.pipeline import compare
+
+    cfg = resolve_config(_args("--set", "method_train={rlcd: {lr: 5e-7, epochs: 2}}"))
+    assert cfg.method_train["rlcd"]["lr"] == "5e-7"  # what YAML gives
+    assert typed_overrides(TrainConfig, cfg.method_train["rlcd"], "method_train.rlcd") == {"lr": 5e-7, "epochs": 2}
+    bad = resolve_config(_args("--run-dir", str(tmp_path / "cmp"), "--set", "method_train={rlcd: {lr: fast}}"))
+    with pytest.raises(DlmaError, match=r"method_train.rlcd: lr='fast' is not a valid float"):
+        compare(bad, ["dlma", "rlcd"], progress=False)
+    bad = resolve_config(_args("--run-dir", str(tmp_path / "cmp"), "--set", "method_train={rlcd: {l_r: 1.0e-5}}"))
+    with pytest.raises(DlmaError, match="method_train.rlcd: unknown key"):
+        compare(bad, ["dlma", "rlcd"], progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_print_config_round_trips(tmp_path):
     res = subprocess.run(DLMA + ["run", "--print-config", "--set", "rounds=2"], env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -127,6 +145,10 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stderr.count("skipping") == 4 and "starting" not in again.stderr
+    # a skipped stage keeps the MFU of the run that did it, not one against this run's (re-measured) peak
+    rerun = json.loads((run_dir / "manifest.json").read_text())
+    for stage in ("generate", "score", "train"):
+        assert rerun["stages"][f"round-1/{stage}"]["mfu"] == manifest["stages"][f"round-1/{stage}"]["mfu"]
     speed = subprocess.run(cmd + ["--set", "generate.prefix_cache=false"], env=ENV, capture_output=True, text=True, timeout=600)
     assert speed.returncode == 0 and speed.stderr.count("skipping") == 4, "a speed-only setting must not redo stages"
 
@@ -174,6 +196,27 @@ def test_every_method_can_train_on_what_its_scoring_gives():
         kept, _ = select_pairs([pair], tcfg)
         assert len(kept) == 1, method
     assert train_config(shipped).min_reward == shipped.train.min_reward  # dlma keeps its filter
+
+
+def test_rlaif_orientation_moves_every_per_side_field(tmp_path):
+    """A pair the text judge prefers the other way is flipped whole: a reference or token count left
+    on the wrong side would train DPO against the wrong baseline."""
+    from dlma.pipeline import _orient
+
+    pair = {"id": "a", "chosen": "x", "rejected": "y", "chosen_truncated": True, "ref_lp_chosen": -1.0,
+            "ref_lp_rejected": -2.0, "ref_lp_chosen_first": -0.5, "ref_lp_rejected_first": -0.25, "ref_first_tokens": 8,
+            "lp_chosen_pos": -3.0, "lp_rejected_neg": -4.0, "chosen_tokens": 5, "rejected_tokens": 7, "self_reward": 1.5}
+    src = tmp_path / "scored.jsonl"
+    src.write_text("\n".join(json.dumps(dict(pair, id=i, judge_score=s)) for i, s in (("keep", 0.1), ("flip", -0.1), ("none", None))))
+    assert _orient(src, tmp_path / "oriented.jsonl", "judge_score") == {"pairs": 2, "flipped_by_judge": 1}
+    kept, flipped = [json.loads(line) for line in (tmp_path / "oriented.jsonl").read_text().splitlines()]
+    assert {k: v for k, v in kept.items() if k != "judge_score"} == dict(pair, id="keep")
+    assert flipped["chosen"] == "y" and flipped["rejected"] == "x" and flipped["rejected_truncated"] is True
+    assert "chosen_truncated" not in flipped and flipped["self_reward"] == -1.5 and flipped["ref_first_tokens"] == 8
+    assert (flipped["ref_lp_chosen"], flipped["ref_lp_rejected"]) == (-2.0, -1.0)
+    assert (flipped["ref_lp_chosen_first"], flipped["ref_lp_rejected_first"]) == (-0.25, -0.5)
+    assert (flipped["lp_rejected_pos"], flipped["lp_chosen_neg"]) == (-3.0, -4.0)
+    assert (flipped["chosen_tokens"], flipped["rejected_tokens"]) == (7, 5)
 
 
 @pytest.mark.slow

@@ -332,13 +332,19 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         raise DlmaError(f"{where}: {name}={value!r} is not a valid {getattr(tp, '__name__', tp)} ({exc})") from None
 
 
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build a (nested) config dataclass from a mapping; unknown keys are errors."""
+def typed_overrides(cls: type, data: dict, where: str) -> dict:
+    """A partial mapping of cls's settings (e.g. one method's `method_train`), checked and typed as a
+    config file's would be: YAML reads `5e-5` as a string, which must still reach training as a float."""
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise DlmaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-    values = {k: _coerce(cls, k, v, where) for k, v in data.items()}
+    return {k: _coerce(cls, k, v, where) for k, v in data.items()}
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build a (nested) config dataclass from a mapping; unknown keys are errors."""
+    values = typed_overrides(cls, data, where)
     try:
         return cls(**values)
     except DlmaError as exc:

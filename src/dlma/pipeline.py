@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import ModelConfig, RunConfig, TrainConfig, to_dict
+from .config import ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import read_jsonl, write_json
 from .errors import DlmaError, os_error_message
 
@@ -167,6 +167,7 @@ class Pipeline:
                 raise DlmaError(f"stage {label}: {os_error_message(exc)}") from None
             raise
         marker = {"key": key, "summary": summary, "wall_s": round(time.time() - t0, 2), "peak_rss_mb": _peak_rss_mb(),
+                  "matmul_peak_flops": (self.manifest.get("machine") or {}).get("matmul_peak_flops"),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(done, marker)
         self._record(f"round-{rnd}/{name}", {**marker, "skipped": False})
@@ -205,7 +206,8 @@ class Pipeline:
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
         entry.update(_throughput(stage.rsplit("/", 1)[-1], info.get("summary") or {}, info.get("wall_s")))
-        peak = (self.manifest.get("machine") or {}).get("matmul_peak_flops")
+        # a stage done earlier (or copied from a sibling) is measured against the peak of the machine that ran it
+        peak = info.get("matmul_peak_flops") if info.get("skipped") else (self.manifest.get("machine") or {}).get("matmul_peak_flops")
         if entry.get("model_flops") and entry.get("wall_s") and peak:
             entry["mfu"] = round(entry["model_flops"] / entry["wall_s"] / peak, 4)
         self.manifest.setdefault("stages", {})[stage] = entry
@@ -384,11 +386,10 @@ def _orient(src: Path, dst: Path, field: str) -> dict:
             if score is None:
                 continue
             if score < 0:
-                rec["chosen"], rec["rejected"] = rec["rejected"], rec["chosen"]
-                for a, b in (("chosen_truncated", "rejected_truncated"), ("ref_lp_chosen", "ref_lp_rejected"),
-                             ("gen_lp_chosen", "gen_lp_rejected")):
-                    if a in rec or b in rec:
-                        rec[a], rec[b] = rec.get(b), rec.get(a)
+                # every per-side field moves with its response (texts, cut flags, token counts, references
+                # of whole responses and of openings, log-probabilities under p+ and p-)
+                rec = {k.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected"): v
+                       for k, v in rec.items()}
                 if "self_reward" in rec:
                     rec["self_reward"] = -rec["self_reward"]
                 flipped += 1
@@ -442,10 +443,7 @@ def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dic
     unknown = [m for m in methods if m not in METHODS] + [m for m in cfg.method_train if m not in METHODS]
     if unknown:
         raise DlmaError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
-    known = {f.name for f in dataclasses.fields(cfg.train)}
-    for m, over in cfg.method_train.items():
-        if set(over) - known:
-            raise DlmaError(f"method_train.{m}: unknown train setting(s) {', '.join(sorted(set(over) - known))}")
+    method_train = {m: typed_overrides(TrainConfig, over, f"method_train.{m}") for m, over in cfg.method_train.items()}
     seeds = cfg.seeds or [cfg.train.seed]
     root = Path(cfg.run_dir)
     results: dict[str, dict] = {}
@@ -453,7 +451,7 @@ def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dic
     for m in methods:
         per_seed = []
         for seed in seeds:
-            train = dataclasses.replace(cfg.train, **{**cfg.method_train.get(m, {}), "seed": seed})
+            train = dataclasses.replace(cfg.train, **{**method_train.get(m, {}), "seed": seed})
             sub_dir = root / m if len(seeds) == 1 else root / m / f"seed-{seed}"
             sub = dataclasses.replace(cfg, method=m, run_dir=str(sub_dir), train=train, seeds=[], method_train={})
             per_seed.append(Pipeline(sub, progress=progress, siblings=list(done_dirs)).run())
