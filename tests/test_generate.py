@@ -170,6 +170,47 @@ def test_shared_prefix_reuse_gives_the_same_tokens_and_logprobs(embedded, temper
         assert max(abs(a.logprob - b.logprob) for a, b in zip(outs[name], outs["plain"])) < 1e-4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_own_decoding_loop_gives_generates_tokens(embedded, temperature):
+    """dlma's static-cache loop against `model.generate`: same tokens, stops and stop tokens, log-probs
+    within 1e-4, greedy and row-seeded, with shared prefixes and rows that stop early."""
+    from dlma.generate import SamplingParams, TransformersBackend, row_seed
+
+    model, tok = embedded
+    ctx = _default_contexts(tok, 3)
+    ctx = ctx[:10] + ctx[-10:]
+    seeds = [row_seed(7, i) for i in range(len(ctx))]
+    params = SamplingParams(max_new_tokens=28, temperature=temperature, top_p=0.9, seed=0)
+    lean, plain = TransformersBackend(model, tok, 8), TransformersBackend(model, tok, 8, lean=False)
+    assert lean.lean and not plain.lean
+    a, b = lean.sample(ctx, params, seeds=seeds), plain.sample(ctx, params, seeds=seeds)
+    assert lean.lean  # it did not fall back
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert [(s.finished, s.stop_id) for s in a] == [(s.finished, s.stop_id) for s in b]
+    assert any(s.finished for s in a) and not all(s.finished for s in a)  # early stops and cut rows both met
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) < 1e-4
+
+
+def test_model_with_its_own_processors_decodes_through_generate(embedded):
+    """A generation config that shapes greedy decoding (here a repetition penalty) is left to `generate`."""
+    import copy
+
+    from dlma.generate import SamplingParams, TransformersBackend
+
+    model, tok = embedded
+    ctx = _default_contexts(tok, 1)[:2]
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.repetition_penalty = 1.5
+        backend = TransformersBackend(model, tok, 2)
+        assert not backend.lean
+        penalised = backend.sample(ctx, SamplingParams(max_new_tokens=24, temperature=0.0))
+    finally:
+        model.generation_config = saved
+    free = TransformersBackend(model, tok, 2).sample(ctx, SamplingParams(max_new_tokens=24, temperature=0.0))
+    assert [s.ids for s in penalised] != [s.ids for s in free]  # the penalty was applied
+
+
 def test_prefix_cache_follows_weight_updates(embedded):
     """Changing the weights in place drops the cached prefixes (a stale prefix would change the answers)."""
     import torch

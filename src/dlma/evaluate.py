@@ -205,19 +205,29 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
     return len(unique) / total if total else None
 
 
-def answer_logprobs(model, tok, preset: Preset, prompts: Sequence[PromptRecord], answers: dict[str, dict],
-                    cfg: EvalConfig) -> dict[str, tuple[float, int]]:
-    """{prompt id: (summed log-prob, tokens)} of each answer under `model` (bare context, EOS included
-    when the answer ended); an empty cut answer has no token to score and is left out."""
-    from .logprobs import score_sequences
+def answer_logprobs(model, tok, preset: Preset, prompts: Sequence[PromptRecord], answers: Sequence[dict[str, dict]],
+                    cfg: EvalConfig) -> list[dict[str, tuple[float, int]]]:
+    """Per answer set, {prompt id: (summed log-prob, tokens)} of each answer under `model` (bare context,
+    EOS included when the answer ended); an empty cut answer has no token to score and is left out.
+
+    Every set answers the same prompts, so each context is laid out once with one branch per set, and
+    the system turn all contexts share is computed once (`score_trees`)."""
+    from .logprobs import score_trees
 
     r = Renderer(tok, preset, max_context=cfg.max_context)
-    contexts = [r.context_ids(p.prompt, "bare") for p in prompts]
-    responses = [r.response_ids(answers[p.id]["answer"], truncated=answers[p.id]["truncated"]) for p in prompts]
-    keep = [i for i, resp in enumerate(responses) if resp]
-    sums, counts = score_sequences(model, [contexts[i] for i in keep], [responses[i] for i in keep],
-                                   pad_id=tok.pad_token_id, batch_size=cfg.batch_size)
-    return {prompts[i].id: (s, c) for i, s, c in zip(keep, sums, counts)}
+    trees, where = [], []
+    for p in prompts:
+        branches = [(k, r.response_ids(a[p.id]["answer"], truncated=a[p.id]["truncated"])) for k, a in enumerate(answers)]
+        branches = [(k, ids) for k, ids in branches if ids]
+        if branches:
+            trees.append((r.context_ids(p.prompt, "bare"), [ids for _, ids in branches]))
+            where.append((p.id, [k for k, _ in branches]))
+    scored = score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=cfg.batch_size)
+    out: list[dict[str, tuple[float, int]]] = [{} for _ in answers]
+    for (pid, ks), res in zip(where, scored):
+        for k, (lp, n) in zip(ks, res):
+            out[k][pid] = (lp, n)
+    return out
 
 
 def perplexities(scored: dict[str, tuple[float, int]], ids: Sequence[str]) -> tuple[list[float], float]:
@@ -401,11 +411,11 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
     # Refusals are short and alike, so over all prompts a model that refuses more looks less fluent
     # and less diverse; on harmless prompts (which it should answer) the quality change is its own.
     safe = [p.id for p in prompts if p.label == "safe"]
+    same = all(it["answer"] == answers["aligned"][k]["answer"] for k, it in answers["baseline"].items())
+    todo = ROLES[:1] if same else ROLES  # same answers: same perplexities
+    scored_by = dict(zip(todo, answer_logprobs(ref_model, ref_tok, preset, prompts, [answers[r] for r in todo], cfg)))
     for role in ROLES:
-        if role == "baseline" and all(it["answer"] == answers["aligned"][k]["answer"] for k, it in answers[role].items()):
-            pass  # same answers: same perplexities
-        else:
-            scored = answer_logprobs(ref_model, ref_tok, preset, prompts, answers[role], cfg)
+        scored = scored_by.get(role, scored_by[ROLES[0]])
         per, corpus = perplexities(scored, [p.id for p in prompts])
         quality[role] = quality_metrics(answers[role], per, corpus)
         dists[role] = {"tokens": [answers[role][p.id]["tokens"] for p in prompts], "perplexity": per}

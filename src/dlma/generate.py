@@ -10,6 +10,7 @@ terms of the self-rewarding score, so the scorer can reuse them.
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -173,6 +174,23 @@ class RowSampler:
         return out.scatter_(-1, picks.to(scores.device), 0.0)
 
 
+# generation-config fields that make `generate` add a logits processor even to greedy decoding
+_PROCESSOR_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                     "min_length", "min_new_tokens", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id",
+                     "suppress_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty",
+                     "renormalize_logits", "guidance_scale", "watermarking_config", "forced_decoder_ids")
+
+
+def _plain_greedy(model) -> bool:
+    """True when `generate` would apply no processor of the model's own to greedy decoding."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return True
+    neutral = {"repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
+               "encoder_no_repeat_ngram_size": 0, "renormalize_logits": False, "guidance_scale": 1.0}
+    return all(getattr(gc, f, None) in (None, neutral.get(f)) for f in _PROCESSOR_FIELDS)
+
+
 class TransformersBackend:
     """Batched sampling with `model.generate`, left-padded, length-bucketed.
 
@@ -183,13 +201,21 @@ class TransformersBackend:
     path, so greedy and seeded sampling give the same tokens (up to kernel rounding of the
     prefix's keys/values, which are computed in a batch of one). The cache is dropped when
     the model's weights change in place (training).
+
+    lean: decode with dlma's own loop over a preallocated (static) key/value cache instead of
+    `model.generate`: the same forward calls, padding and selection rule, without the cache's
+    per-step concatenation, the stored logits of every step and generate's per-step
+    bookkeeping. Used where the model's generation config adds no logits processor of its
+    own (else, or if the model refuses a static cache, `generate` runs); tests check that both
+    give the same tokens.
     """
 
     name = "transformers"
 
     def __init__(self, model, tokenizer, batch_size: int = 16, prefix_cache: bool = True, *,
-                 min_prefix: int = 16, cache_size: int = 32):
+                 min_prefix: int = 16, cache_size: int = 32, lean: bool = True):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.lean = lean and _plain_greedy(model)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {end_of_turn_id(tokenizer)}
@@ -300,13 +326,78 @@ class TransformersBackend:
             layers.append((K, V))
         return DynamicCache(layers, config=self.model.config), C
 
+    def _generate(self, ids, mask, cache, params: SamplingParams, warp, greedy: bool, rows: bool):
+        """`model.generate` on one left-padded batch: (new tokens [B, n], raw log-probs of them [B, n]), on the CPU."""
+        from transformers import LogitsProcessorList
+
+        T = ids.shape[1]
+        gen = self.model.generate(
+            input_ids=ids, attention_mask=mask,
+            # RowSampler leaves one finite score per row: greedy decoding takes it, without
+            # transformers' own draw (a multinomial over the whole vocabulary every step)
+            max_new_tokens=params.max_new_tokens, do_sample=not (greedy or rows),
+            temperature=None if greedy or rows else (1.0 if warp else params.temperature),
+            top_p=None if greedy or rows else (1.0 if warp else params.top_p), top_k=None,
+            **({"logits_processor": LogitsProcessorList([warp])} if warp else {}),
+            pad_token_id=self.tok.pad_token_id, eos_token_id=sorted(self.stop_ids),
+            output_logits=True, return_dict_in_generate=True,
+            **({self._cache_arg: cache} if cache is not None else {}),
+        )
+        new = gen.sequences[:, T:].cpu()
+        # raw logits of each step, before temperature/top-p processing
+        raw = torch.stack(gen.logits, dim=1).float()
+        lps = torch.gather(raw.log_softmax(-1), -1, new[:, : raw.shape[1]].unsqueeze(-1).to(raw.device)).squeeze(-1).cpu()
+        return new, lps
+
+    def _decode(self, ids, mask, cache, C: int, params: SamplingParams, warp):
+        """What `_generate` computes for greedy or row-sampled decoding, in dlma's own loop.
+
+        Same forward calls as generate (prefill of the columns after the shared prefix, then one
+        token per step, finished rows fed the pad token, stop when every row has stopped), but
+        the keys/values live in a cache allocated once for the whole answer, and only the raw
+        log-prob of each chosen token is kept, not every step's logits.
+        """
+        from transformers import StaticCache
+
+        B, T = ids.shape
+        N = params.max_new_tokens
+        static = StaticCache(config=self.model.config, max_cache_len=T + N)
+        if cache is not None:  # the shared prefixes, already in place in their left-padded columns
+            for layer, (K, V) in zip(static.layers, [(lay.keys, lay.values) for lay in cache.layers]):
+                layer.lazy_initialization(K, V)
+                layer.keys[:, :, :C] = K
+                layer.values[:, :, :C] = V
+                layer.cumulative_length.fill_(C)
+        # a static cache attends over all T + N columns: those not yet written are masked
+        full = torch.cat([mask, mask.new_zeros((B, N))], 1)
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        stops = torch.tensor(sorted(self.stop_ids), device=ids.device)
+        pad = self.tok.pad_token_id
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        seq, toks, lps = ids, [], []
+        inp, p, cpos = ids[:, C:], pos[:, C:], torch.arange(C, T, device=ids.device)
+        for t in range(N):
+            out = self.model(input_ids=inp, attention_mask=full, position_ids=p, **{self._cache_arg: static},
+                             cache_position=cpos, use_cache=True, logits_to_keep=1)
+            raw = out.logits[:, -1].float()
+            scores = warp(seq, raw) if warp is not None else raw
+            nxt = scores.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            lps.append(raw.log_softmax(-1).gather(-1, nxt[:, None])[:, 0])
+            toks.append(nxt)
+            done |= torch.isin(nxt, stops)
+            if bool(done.all()) or t == N - 1:
+                break
+            full[:, T + t] = 1
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            inp, p, cpos = nxt[:, None], pos[:, -1:] + t + 1, torch.tensor([T + t], device=ids.device)
+        return torch.stack(toks, 1).cpu(), torch.stack(lps, 1).cpu()
+
     @torch.inference_mode()
     def sample(self, contexts: Sequence[Sequence[int]], params: SamplingParams,
                seeds: Sequence[int] | None = None) -> list[Sample]:
         """Sample each context; with `seeds` (one per context) every row draws from its own
         generator, else the batch draws from torch's global stream (seed it before calling)."""
-        from transformers import LogitsProcessorList
-
         out: list[Sample | None] = [None] * len(contexts)
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
@@ -332,26 +423,24 @@ class TransformersBackend:
             self.stats["prefilled_tokens"] += len(idx) * (T - C)
             self.stats["prefix_tokens"] += len(idx) * C
             greedy = params.temperature <= 0
-            warp = None if greedy else self._warper(params)
             rows = seeds is not None and not greedy
-            if rows:
-                warp = RowSampler(warp or TemperatureTopP(params.temperature, params.top_p), [seeds[i] for i in idx])
-            gen = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                # RowSampler leaves one finite score per row: greedy decoding takes it, without
-                # transformers' own draw (a multinomial over the whole vocabulary every step)
-                max_new_tokens=params.max_new_tokens, do_sample=not (greedy or rows),
-                temperature=None if greedy or rows else (1.0 if warp else params.temperature),
-                top_p=None if greedy or rows else (1.0 if warp else params.top_p), top_k=None,
-                **({"logits_processor": LogitsProcessorList([warp])} if warp else {}),
-                pad_token_id=pad, eos_token_id=sorted(self.stop_ids),
-                output_logits=True, return_dict_in_generate=True,
-                **({self._cache_arg: cache} if cache is not None else {}),
-            )
-            new = gen.sequences[:, T:].cpu()
-            # raw logits of each step, before temperature/top-p processing
-            raw = torch.stack(gen.logits, dim=1).float()
-            lps = torch.gather(raw.log_softmax(-1), -1, new[:, : raw.shape[1]].unsqueeze(-1).to(raw.device)).squeeze(-1).cpu()
+
+            def processor():  # fresh per attempt: a RowSampler's generators advance as it draws
+                warp = None if greedy else self._warper(params)
+                if rows:
+                    warp = RowSampler(warp or TemperatureTopP(params.temperature, params.top_p), [seeds[i] for i in idx])
+                return warp
+
+            new = None
+            if self.lean and (greedy or rows):
+                try:
+                    new, lps = self._decode(ids.to(device), mask.to(device), cache, C, params, processor())
+                except (TypeError, ValueError, NotImplementedError) as exc:  # no static cache for this model
+                    self.lean = False
+                    warnings.warn(f"dlma's decoding loop does not fit this model ({exc}); using model.generate")
+                    cache, C = self._batch_cache(plan, idx, lengths, T) if any(plan[i][0] for i in idx) else (None, 0)
+            if new is None:
+                new, lps = self._generate(ids.to(device), mask.to(device), cache, params, processor(), greedy, rows)
             for j, i in enumerate(idx):
                 toks, total, stop = [], 0.0, None
                 for t, tid in enumerate(new[j].tolist()):
