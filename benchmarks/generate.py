@@ -7,8 +7,10 @@ p+ and p- contexts), chunk by chunk as `dlma generate` does, each row sampled fr
 
 Baseline: `model.generate` on the left-padded batch (every context prefilled in full).
 dlma: `TransformersBackend` (shared-prefix KV reuse: the system turn and demonstrations
-of each preset side prefilled once), which also records the raw log-prob of every
-sampled token. The chunks of the two sides alternate, so a machine shared with other
+of each preset side prefilled once; its own decoding loop over a key/value cache allocated
+once per batch, where `generate` concatenates the cache at every step), which also records
+the raw log-prob of every sampled token. Both sides decode the same number of rows at once
+(`--batch-size`, dlma's default). The chunks of the two sides alternate, so a machine shared with other
 jobs slows both alike.
 
 A greedy pass first checks that both give the same tokens for every context and fails
