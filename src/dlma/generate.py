@@ -362,6 +362,8 @@ class TransformersBackend:
         B, T = ids.shape
         N = params.max_new_tokens
         static = StaticCache(config=self.model.config, max_cache_len=T + N)
+        if any(getattr(layer, "is_sliding", False) for layer in static.layers):
+            raise ValueError("sliding-window attention layers")  # their rolling caches: left to generate
         if cache is not None:  # the shared prefixes, already in place in their left-padded columns
             for layer, (K, V) in zip(static.layers, [(lay.keys, lay.values) for lay in cache.layers]):
                 layer.lazy_initialization(K, V)
