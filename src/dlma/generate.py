@@ -305,9 +305,7 @@ class TransformersBackend:
         return plan
 
     def _batch_cache(self, plan, idx, lengths, T: int):
-        """A DynamicCache holding each row's prefix keys/values in its left-padded columns, and its length C."""
-        from transformers import DynamicCache
-
+        """Per layer (keys, values) holding each row's prefix in its left-padded columns, and their length C."""
         C = min(T - lengths[i] + plan[i][1] for i in idx)
         if C < self.min_prefix:
             return None, 0
@@ -324,13 +322,14 @@ class TransformersBackend:
                     K[j, :, off:C] = e[li][0][0, :, :n]
                     V[j, :, off:C] = e[li][1][0, :, :n]
             layers.append((K, V))
-        return DynamicCache(layers, config=self.model.config), C
+        return layers, C
 
-    def _generate(self, ids, mask, cache, params: SamplingParams, warp, greedy: bool, rows: bool):
+    def _generate(self, ids, mask, prefix, params: SamplingParams, warp, greedy: bool, rows: bool):
         """`model.generate` on one left-padded batch: (new tokens [B, n], raw log-probs of them [B, n]), on the CPU."""
-        from transformers import LogitsProcessorList
+        from transformers import DynamicCache, LogitsProcessorList
 
         T = ids.shape[1]
+        cache = DynamicCache(prefix, config=self.model.config) if prefix is not None else None
         gen = self.model.generate(
             input_ids=ids, attention_mask=mask,
             # RowSampler leaves one finite score per row: greedy decoding takes it, without
@@ -349,7 +348,7 @@ class TransformersBackend:
         lps = torch.gather(raw.log_softmax(-1), -1, new[:, : raw.shape[1]].unsqueeze(-1).to(raw.device)).squeeze(-1).cpu()
         return new, lps
 
-    def _decode(self, ids, mask, cache, C: int, params: SamplingParams, warp):
+    def _decode(self, ids, mask, prefix, C: int, params: SamplingParams, warp):
         """What `_generate` computes for greedy or row-sampled decoding, in dlma's own loop.
 
         Same forward calls as generate (prefill of the columns after the shared prefix, then one
@@ -364,8 +363,8 @@ class TransformersBackend:
         static = StaticCache(config=self.model.config, max_cache_len=T + N)
         if any(getattr(layer, "is_sliding", False) for layer in static.layers):
             raise ValueError("sliding-window attention layers")  # their rolling caches: left to generate
-        if cache is not None:  # the shared prefixes, already in place in their left-padded columns
-            for layer, (K, V) in zip(static.layers, [(lay.keys, lay.values) for lay in cache.layers]):
+        if prefix is not None:  # the shared prefixes, already in place in their left-padded columns
+            for layer, (K, V) in zip(static.layers, prefix):
                 layer.lazy_initialization(K, V)
                 layer.keys[:, :, :C] = K
                 layer.values[:, :, :C] = V
@@ -420,7 +419,7 @@ class TransformersBackend:
             for j, i in enumerate(idx):  # left padding: generation appends on the right
                 ids[j, T - len(contexts[i]):] = torch.tensor(list(contexts[i]))
                 mask[j, T - len(contexts[i]):] = 1
-            cache, C = self._batch_cache(plan, idx, lengths, T) if any(plan[i][0] for i in idx) else (None, 0)
+            prefix, C = self._batch_cache(plan, idx, lengths, T) if any(plan[i][0] for i in idx) else (None, 0)
             self.stats["context_tokens"] += sum(lengths[i] for i in idx)
             self.stats["prefilled_tokens"] += len(idx) * (T - C)
             self.stats["prefix_tokens"] += len(idx) * C
@@ -436,13 +435,12 @@ class TransformersBackend:
             new = None
             if self.lean and (greedy or rows):
                 try:
-                    new, lps = self._decode(ids.to(device), mask.to(device), cache, C, params, processor())
+                    new, lps = self._decode(ids.to(device), mask.to(device), prefix, C, params, processor())
                 except (TypeError, ValueError, NotImplementedError) as exc:  # no static cache for this model
                     self.lean = False
                     warnings.warn(f"dlma's decoding loop does not fit this model ({exc}); using model.generate")
-                    cache, C = self._batch_cache(plan, idx, lengths, T) if any(plan[i][0] for i in idx) else (None, 0)
             if new is None:
-                new, lps = self._generate(ids.to(device), mask.to(device), cache, params, processor(), greedy, rows)
+                new, lps = self._generate(ids.to(device), mask.to(device), prefix, params, processor(), greedy, rows)
             for j, i in enumerate(idx):
                 toks, total, stop = [], 0.0, None
                 for t, tid in enumerate(new[j].tolist()):
