@@ -96,16 +96,22 @@ def plain_generate(model, tok, contexts, params: SamplingParams, batch_size: int
     return out
 
 
-def run_both(model, tok, work, params: SamplingParams, batch_size: int):
+def run_both(model, tok, work, params: SamplingParams, batch_size: int, baseline: str = "plain",
+             baseline_batch: int | None = None):
     """Alternate chunks between the baseline and dlma; (outputs, seconds) per side."""
     backend = TransformersBackend(model, tok, batch_size)
+    base_bs = baseline_batch or batch_size
+    # "generate-backend": dlma's backend decoding through model.generate (prefix reuse kept), to time the loop alone
+    other = TransformersBackend(model, tok, base_bs, lean=False) if baseline == "generate-backend" else None
     res = {"plain": [], "dlma": []}
     secs = {"plain": 0.0, "dlma": 0.0}
     for seeds, ctx in work:
         for side in ("plain", "dlma"):
             t = time.perf_counter()
-            if side == "plain":
-                res[side] += plain_generate(model, tok, ctx, params, batch_size, seeds)
+            if side == "plain" and other is not None:
+                res[side] += [s.ids for s in other.sample(ctx, params, seeds=seeds)]
+            elif side == "plain":
+                res[side] += plain_generate(model, tok, ctx, params, base_bs, seeds)
             else:
                 res[side] += [s.ids for s in backend.sample(ctx, params, seeds=seeds)]
             secs[side] += time.perf_counter() - t
@@ -126,6 +132,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto (what dlma picks: float32 on CPUs), float32, bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-greedy-check", action="store_true", help="skip the greedy equality pass")
+    ap.add_argument("--baseline", choices=("plain", "generate-backend"), default="plain",
+                    help="plain: model.generate, every context prefilled in full; generate-backend: dlma's backend "
+                         "with its prefix reuse but decoding through model.generate (times dlma's decoding loop alone)")
+    ap.add_argument("--baseline-batch-size", type=int, default=None, help="rows per batch on the baseline side (default: --batch-size)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,11 +151,13 @@ def main() -> None:
     n_ctx = sum(len(c) for _, c in work)
     n_pairs = n_ctx // 2
     print(f"contexts: {n_ctx} ({n_pairs} pairs, mean {sum(len(x) for _, c in work for x in c) / n_ctx:.0f} tokens), "
-          f"{args.max_new_tokens} new tokens, batch {args.batch_size}")
+          f"{args.max_new_tokens} new tokens, batch {args.batch_size}; baseline {args.baseline}, "
+          f"batch {args.baseline_batch_size or args.batch_size}")
+    both = dict(baseline=args.baseline, baseline_batch=args.baseline_batch_size)
 
     failed = False
     if not args.no_greedy_check:
-        res, secs, _ = run_both(model, tok, work, SamplingParams(args.max_new_tokens, 0.0, 1.0, args.seed), args.batch_size)
+        res, secs, _ = run_both(model, tok, work, SamplingParams(args.max_new_tokens, 0.0, 1.0, args.seed), args.batch_size, **both)
         diff = [i for i, (a, b) in enumerate(zip(res["plain"], res["dlma"])) if a != b]
         print(f"greedy: {n_ctx - len(diff)}/{n_ctx} outputs identical "
               f"(plain {n_pairs / secs['plain']:.3f} pairs/s, dlma {n_pairs / secs['dlma']:.3f} pairs/s)")
@@ -155,13 +167,13 @@ def main() -> None:
                   f"  plain: {res['plain'][diff[0]]}\n  dlma:  {res['dlma'][diff[0]]}", file=sys.stderr)
 
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    res, secs, stats = run_both(model, tok, work, params, args.batch_size)
+    res, secs, stats = run_both(model, tok, work, params, args.batch_size, **both)
     same = sum(a == b for a, b in zip(res["plain"], res["dlma"]))
     new = sum(len(x) for x in res["dlma"])
     print(f"sampled (T={args.temperature}, top-p {args.top_p}, same seeds): {same}/{n_ctx} outputs identical, {new} new tokens")
     print(f"context tokens {stats['context_tokens']}; dlma prefilled {stats['prefilled_tokens']} of them "
           f"(shared prefixes: {stats['prefix_tokens']} token positions read from the cache)")
-    print(f"plain transformers generate: {n_pairs / secs['plain']:.3f} pairs/s ({secs['plain']:.1f} s)")
+    print(f"baseline ({args.baseline}):{' ' * max(1, 17 - len(args.baseline))}{n_pairs / secs['plain']:.3f} pairs/s ({secs['plain']:.1f} s)")
     print(f"dlma TransformersBackend:    {n_pairs / secs['dlma']:.3f} pairs/s ({secs['dlma']:.1f} s)")
     if failed:
         print("FAILED: greedy outputs differ", file=sys.stderr)

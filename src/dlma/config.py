@@ -72,7 +72,7 @@ class GenerateConfig:
     top_p: float = opt(0.9, "nucleus sampling mass (1 = off)")
     seed: int = opt(0, "random seed; each chunk of prompts is seeded from it and its first id")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
-    batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share: 128 rows decode 1.3x faster than 32 on a 2-core CPU)")
+    batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share; benchmarks/generate.py --baseline-batch-size measures it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
