@@ -273,30 +273,42 @@ def test_lora_adapter_saved_and_loadable(scored, tmp_path):
 
 
 def test_shared_context_row_matches_two_rows():
-    """One row (context, chosen, rejected) gives the two-row log-probs and gradients, float32."""
+    """Pairs packed in one row, the system turn their chat contexts share computed once, give the
+    two-row log-probs and gradients, float32; a row cap splits them over rows, same numbers."""
     import torch
 
     from dlma.logprobs import collate, sequence_logprobs
     from dlma.models import load_model
-    from dlma.train import Example, shared_context_logprobs
+    from dlma.prompts import Renderer
+    from dlma.train import Example, branch_logprobs, common_prefix, shared_context_logprobs
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
     model.config.use_cache = False
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    ex = [Example("a", enc("Tell me how to pick a lock, please."), enc("I can't help with that.") + [2], enc("Sure: first"), 1.0),
-          Example("b", enc("Hi"), enc("Hello! How are you?"), enc("Go away, I am busy today.") + [2], 1.0),
-          Example("c", enc("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
+    ctx = lambda t: Renderer(tok).context_ids([{"role": "user", "content": t}], "bare")  # noqa: E731
+    ex = [Example("a", ctx("Tell me how to pick a lock, please."), enc("I can't help with that.") + [2], enc("Sure: first"), 1.0),
+          Example("b", ctx("Hi"), enc("Hello! How are you?"), enc("Go away, I am busy today.") + [2], 1.0),
+          Example("c", ctx("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
+    P = common_prefix([e.context for e in ex])
+    assert P >= 10 and tok.decode(ex[0].context[:P]).startswith("<|im_start|>system")
     c, r, ntok = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     (c.sum() - 2 * r.sum()).backward()
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    ctx = [e.context for e in ex]
-    sums, _ = sequence_logprobs(model, collate(ctx + ctx, [e.chosen for e in ex] + [e.rejected for e in ex], tok.pad_token_id))
+    contexts = [e.context for e in ex]
+    sums, _ = sequence_logprobs(model, collate(contexts + contexts, [e.chosen for e in ex] + [e.rejected for e in ex],
+                                               tok.pad_token_id))
     (sums[:3].sum() - 2 * sums[3:].sum()).backward()
     assert torch.allclose(c, sums[:3], atol=1e-3) and torch.allclose(r, sums[3:], atol=1e-3), (c, r, sums)
-    assert ntok == sum(len(e.context) + len(e.chosen) + len(e.rejected) for e in ex)
+    # the positions computed: the shared prefix once, then each pair's own tokens
+    assert ntok == P + sum(len(e.context) - P + len(e.chosen) + len(e.rejected) for e in ex)
     for a, p in zip(g1, model.parameters()):
         assert (a - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8
+    with torch.no_grad():
+        split, n_split = branch_logprobs(model, contexts, [[e.chosen, e.rejected] for e in ex], tok.pad_token_id, "cpu",
+                                         row_tokens=P + 30)
+    assert torch.allclose(split, torch.stack([c, r], 1), atol=1e-3)
+    assert n_split > ntok and (n_split - ntok) % P == 0  # the prefix again in every further row
 
 
 def test_branches_of_one_row_match_separate_rows():

@@ -116,7 +116,7 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "autocast: auto (bf16 on a GPU that runs it, none on CPUs), bf16, fp16, no")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     step_in_backward: str = opt("auto", "apply AdamW to each weight as soon as its gradient is ready, then free the gradient (less memory): auto = where that is exact (one process, --grad-accum 1, --max-grad-norm 0), on, off")
-    share_context: bool = opt(True, "chosen and rejected in one row after a single copy of the context (block attention mask); off: one row each")
+    share_context: bool = opt(True, "each context once, followed by its responses, and the prefix all contexts of a micro-batch share (the system turn) once, pairs packed into rows without padding (block attention mask); off: one padded row per response")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = opt(16, "LoRA scaling alpha")
     lora_dropout: float = opt(0.0, "LoRA dropout")

@@ -12,8 +12,9 @@ processes under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO). What it does, i
    inside windows of 16 global batches, every global batch split into
    processes x grad_accum micro-batches. The plan depends only on (seed, epoch, global
    batch), so a resumed run and a run on more processes see the same pairs per step;
-4. per micro-batch, chosen and rejected responses in ONE forward pass (by default in one
-   row per pair, the context computed once: `shared_context_logprobs`), the loss of each
+4. per micro-batch, chosen and rejected responses in ONE forward pass (by default each
+   context computed once and the prefix all contexts share, the chat template's system turn,
+   once per micro-batch, pairs packed into rows without padding: `branch_logprobs`), the loss of each
    pair, summed and scaled by 1 / (pairs in the global step): results do not depend on how
    the global batch is split across processes or accumulation steps;
 5. AdamW with linear warm-up and cosine/linear decay (lr is a function of the step, so
@@ -48,7 +49,7 @@ from . import losses as L
 from .config import ModelConfig, TrainConfig
 from .data import read_pairs, write_json, write_text
 from .errors import DlmaError
-from .logprobs import IGNORE, collate, score_sequences, sequence_logprobs, token_logprobs
+from .logprobs import collate, pack_rows, score_sequences, sequence_logprobs, token_logprobs
 from .machine import param_count
 
 if TYPE_CHECKING:
@@ -250,48 +251,76 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # -- the loss of a micro-batch ---------------------------------------------------
 def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Differentiable (chosen sums, rejected sums, tokens) with each pair in ONE row: context, chosen, rejected."""
+    """Differentiable (chosen sums, rejected sums, positions computed): each pair's context once,
+    the prefix all the micro-batch's contexts share once (`branch_logprobs`)."""
     sums, n = branch_logprobs(model, [e.context for e in examples], [[e.chosen, e.rejected] for e in examples],
                               pad_id, device)
     return sums[:, 0], sums[:, 1], n
 
 
-def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
-                    device) -> tuple[torch.Tensor, int]:
-    """Differentiable summed log-probs (B, N) of N responses per row that share their context.
+ROW_TOKENS = 2048  # packed rows grow to this length (or the longest example): attention cost stays small beside the layers
 
-    One row per example: the context once, then each response. A block attention mask keeps
-    every response from seeing the others and its position ids restart where the context
-    ends, so each sum equals the (context, response) row of `sequence_logprobs` up to kernel
-    rounding. Goes through the model's own forward (DDP/FSDP wrappers keep working); float32
-    log-softmax over the response positions only, as in `logprobs`. Also returns the tokens.
+
+def common_prefix(contexts: Sequence[Sequence[int]], min_prefix: int = 4) -> int:
+    """Length of the token prefix every context shares (the chat template's system turn), leaving
+    each context at least one token of its own; 0 when shorter than min_prefix."""
+    first, n = contexts[0], min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        n = next((i for i in range(n) if c[i] != first[i]), n)
+    return n if n >= min_prefix else 0
+
+
+def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
+                    device, *, pack: bool = True, row_tokens: int = ROW_TOKENS) -> tuple[torch.Tensor, int]:
+    """Differentiable summed log-probs (B, N) of N responses per example that share their context.
+
+    The prefix all contexts share (`common_prefix`: the system turn of a chat template) is
+    computed once; each example follows in the same row as the rest of its context and then its
+    responses, packed without padding into rows of up to `row_tokens`. A block attention mask
+    lets a token see the shared prefix, its own example's context and its own response, and
+    positions restart where each context ends, so every sum equals the (context, response)
+    row of `sequence_logprobs` up to kernel rounding, and so do the gradients (the prefix's
+    sums every example's). Goes through the model's own forward (DDP/FSDP wrappers keep
+    working); only the predicting positions go through the output layer, float32 log-softmax
+    as in `logprobs`. Also returns the positions computed. pack=False: one padded row per
+    example, nothing shared between examples (the layout before packing; benchmarks compare).
     """
+    if any(not c for c in contexts):
+        raise ValueError("a context must hold at least one token")
     B, N = len(contexts), max(len(b) for b in branches)
-    T = max(len(c) + sum(map(len, b)) for c, b in zip(contexts, branches))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 context, k + 1 response k
-    tgt = torch.full((N, B, T), IGNORE, dtype=torch.long)  # targets of each response at its predicting positions
-    first = T
-    for b, (ctx, resp) in enumerate(zip(contexts, branches)):
-        n = len(ctx)
-        if not n:
-            raise ValueError("a context must hold at least one token")
-        ids[b, :n] = torch.tensor(list(ctx), dtype=torch.long)
-        seg[b, :n], pos[b, :n] = 0, torch.arange(n)
-        at = n
-        for k, r in enumerate(resp):
-            r = list(r)
-            if not r:
-                continue
-            ids[b, at:at + len(r)] = torch.tensor(r, dtype=torch.long)
-            seg[b, at:at + len(r)], pos[b, at:at + len(r)] = k + 1, torch.arange(n, n + len(r))
-            tgt[k, b, n - 1] = r[0]  # the first token is predicted by the last context token
-            tgt[k, b, at:at + len(r) - 1] = torch.tensor(r[1:], dtype=torch.long)
-            at += len(r)
-        first = min(first, n - 1)
+    P = common_prefix(contexts) if pack else 0
+    sizes = [len(c) - P + sum(map(len, b)) for c, b in zip(contexts, branches)]
+    rows = pack_rows(sizes, row_tokens - P) if pack else [[i] for i in range(B)]
+    T = P + max(sum(sizes[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    # -1 padding, 0 the shared prefix; example slot s: 1 + s * (N + 1) its context, + 1 + k its response k
+    seg = torch.full((len(rows), T), -1, dtype=torch.long)
+    picks: list[tuple[int, int, int, int]] = []  # (row, predicting position, target id, example * N + response)
+    for b, row in enumerate(rows):
+        ids[b, :P] = torch.tensor(list(contexts[row[0]][:P]), dtype=torch.long)
+        seg[b, :P], pos[b, :P] = 0, torch.arange(P)
+        at = P
+        for s, e in enumerate(row):
+            ctx, base = contexts[e], 1 + s * (N + 1)
+            n = len(ctx)
+            ids[b, at:at + n - P] = torch.tensor(list(ctx[P:]), dtype=torch.long)
+            seg[b, at:at + n - P], pos[b, at:at + n - P] = base, torch.arange(P, n)
+            last = at + n - P - 1  # the context token that predicts every response's first token
+            at += n - P
+            for k, r in enumerate(branches[e]):
+                m = len(r)
+                if not m:
+                    continue
+                ids[b, at:at + m] = torch.tensor(list(r), dtype=torch.long)
+                seg[b, at:at + m], pos[b, at:at + m] = base + 1 + k, torch.arange(n, n + m)
+                picks.extend((b, last if j == 0 else at + j - 1, int(r[j]), e * N + k) for j in range(m))
+                at += m
     si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
-    allowed = torch.ones(T, T, dtype=torch.bool).tril() & ((sj == 0) | (sj == si)) & (sj >= 0)
+    same = torch.div(si - 1, N + 1, rounding_mode="floor") == torch.div(sj - 1, N + 1, rounding_mode="floor")
+    ctx_j = (sj - 1) % (N + 1) == 0
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & (sj >= 0) & (si >= 0)
+    allowed &= (sj == 0) | (same & (ctx_j | (sj == si)))
     allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves: no all-masked row
     mask = allowed.unsqueeze(1).to(device)
     # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
@@ -299,12 +328,14 @@ def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Seq
     config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
     if getattr(config, "_attn_implementation", "sdpa") == "eager":
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    keep = T - first
-    kwargs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False)
-    logits = model(**kwargs, logits_to_keep=keep).logits
-    tgt = tgt[:, :, -logits.shape[1]:].to(device)
-    sums = torch.stack([token_logprobs(logits, tgt[k]).sum(-1) for k in range(N)], dim=1)
-    return sums, int((seg >= 0).sum())
+    row_of, at_of, target, owner = (torch.tensor(x, dtype=torch.long) for x in zip(*picks))
+    keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
+    col = torch.searchsorted(keep, at_of)
+    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False,
+                   logits_to_keep=keep.to(device)).logits
+    lp = token_logprobs(logits[row_of.to(device), col.to(device)], target.to(device))
+    sums = torch.zeros(B * N, dtype=lp.dtype, device=lp.device).index_add(0, owner.to(device), lp)
+    return sums.view(B, N), int((seg >= 0).sum())
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
@@ -320,15 +351,14 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens, batch.num_tokens
     if cfg.loss == "listwise":
         return _listwise_losses(model, examples, cfg, pad_id, device)
+    # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
+    ntok = positions = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
     if cfg.share_context:
-        pi_c, pi_r, _ = shared_context_logprobs(model, examples, pad_id, device)
+        pi_c, pi_r, positions = shared_context_logprobs(model, examples, pad_id, device)
     else:
         batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
         sums, _ = sequence_logprobs(model, batch)
         pi_c, pi_r = sums[:n], sums[n:]
-    # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
-    ntok = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
-    positions = ntok - (sum(len(e.context) for e in examples) if cfg.share_context else 0)
     ref_c = torch.tensor([e.ref_chosen for e in examples], dtype=torch.float32, device=device)
     ref_r = torch.tensor([e.ref_rejected for e in examples], dtype=torch.float32, device=device)
     if cfg.loss == "dlma":
@@ -349,8 +379,9 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
     if len({len(r) for r in ranked}) > 1:
         raise DlmaError("--loss listwise needs the same number of candidates in every record; "
                         "generate the pair file with one --num-samples")
+    ntok = positions = sum(len(e.context) * len(r) + sum(map(len, r)) for e, r in zip(examples, ranked))
     if cfg.share_context:
-        pi, _ = branch_logprobs(model, [e.context for e in examples], ranked, pad_id, device)
+        pi, positions = branch_logprobs(model, [e.context for e in examples], ranked, pad_id, device)
     else:
         N = len(ranked[0])
         batch = collate([e.context for e in examples for _ in range(N)], [r for rs in ranked for r in rs], pad_id).to(device)
@@ -359,8 +390,6 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
     scores = torch.tensor([e.scores for e in examples], dtype=torch.float32, device=device)
     out = L.listwise_loss(pi, ref, scores, beta=cfg.beta, margin_weight=cfg.margin_weight,
                           margin_clip=tuple(cfg.margin_clip))
-    ntok = sum(len(e.context) * len(r) + sum(map(len, r)) for e, r in zip(examples, ranked))
-    positions = sum(len(e.context) + sum(map(len, r)) for e, r in zip(examples, ranked)) if cfg.share_context else ntok
     _add_nll(out, pi[:, 0], examples, cfg, device)
     return out, ntok, positions
 

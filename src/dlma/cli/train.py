@@ -18,8 +18,9 @@ initial weights before the first step: no reference model is held during trainin
 --out also gets metrics.jsonl (loss, reward margin/accuracy, lr, tokens/s), checkpoints
 every --save-steps, and train_summary.json. Rerun the same command to resume after a kill.
 
-Memory: chosen and rejected share one copy of the context (--no-share-context: one row
-each); with --max-grad-norm 0 on one process each weight is updated inside the backward
+Speed and memory: chosen and rejected share one copy of the context, the prefix all contexts
+of a micro-batch share (the chat template's system turn) is computed once, and pairs are
+packed into rows without padding (--no-share-context: one padded row per response); with --max-grad-norm 0 on one process each weight is updated inside the backward
 pass and its gradient freed (--step-in-backward); --gradient-checkpointing trades ~25%
 speed for most of the activations.
 

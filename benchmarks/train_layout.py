@@ -1,0 +1,128 @@
+"""Training steps in dlma's packed layout against one row per pair, side by side on this machine.
+
+dlma's trainer puts each pair in one forward pass: its context once, then both responses
+(block attention mask). Packed (the default): the prefix every context of a micro-batch
+shares (the chat template's system turn, about half of a short bare context) is computed
+once per micro-batch, and the pairs follow each other in rows without padding. Baseline:
+the layout before packing, one padded row per pair (context once, both responses), nothing
+shared between pairs (`branch_logprobs(pack=False)`).
+
+Both train two copies of the same weights on the same micro-batches in the same order, float32,
+the DLMA loss with the reference from the initial weights, AdamW (fused where available), and
+alternate step by step, so a machine shared with other jobs slows both alike. Times are forward,
+backward and the optimizer step. Fails (exit 1) if the two layouts' losses differ by more than
+1e-3 at any step: they must train the same model up to kernel rounding.
+
+Pairs: a scored pair file (`--data`, e.g. a run's `score/scored.jsonl`, cut to
+`--response-tokens` as `dlma run` trains), else the default run's prompt sets (harmful-train,
+benign-train) with a written refusal and a written answer as the two responses, cut the same way.
+The last line is the ratio of the packed layout's pairs/s over the baseline's.
+
+    .venv/bin/python benchmarks/train_layout.py [--data runs/default/round-1/score/scored.jsonl] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from dlma import losses as L  # noqa: E402
+from dlma.data import ReadStats, read_prompts  # noqa: E402
+from dlma.machine import cpu_kind  # noqa: E402
+from dlma.models import load_model  # noqa: E402
+from dlma.prompts import Renderer  # noqa: E402
+from dlma.train import Example, branch_logprobs, build_examples  # noqa: E402
+
+REFUSAL = "I'm sorry, but I can't help with that. Is there something else I can do for you?"
+ANSWER = "Sure! Here is a short, practical answer to your question, step by step."
+
+
+def examples(tok, data: str | None, limit: int, response_tokens: int) -> list[Example]:
+    renderer = Renderer(tok)
+    if data:
+        pairs = [json.loads(line) for line in open(data) if line.strip()]
+        pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:limit].tolist()
+        return build_examples([pairs[i] for i in pick], renderer, response_tokens=response_tokens)
+    out = []
+    for source, (chosen, rejected) in (("harmful-train", (REFUSAL, ANSWER)), ("benign-train", (ANSWER, REFUSAL))):
+        for p in read_prompts(source, limit // 2, ReadStats()):
+            out.append(Example(p.id, renderer.context_ids(p.prompt, "bare"), renderer.response_ids(chosen, first=response_tokens),
+                               renderer.response_ids(rejected, first=response_tokens), 10.0))
+    return out
+
+
+def step(model, opt, batch: list[Example], pad_id: int, pack: bool) -> tuple[float, int, float]:
+    """One optimizer step on the micro-batch: (loss, positions computed, seconds)."""
+    t = time.perf_counter()
+    sums, positions = branch_logprobs(model, [e.context for e in batch], [[e.chosen, e.rejected] for e in batch],
+                                      pad_id, "cpu", pack=pack)
+    ref = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in batch])
+    out = L.dlma_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], torch.tensor([e.self_reward or 0.0 for e in batch]))
+    loss = out.losses.mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach()), positions, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="scored pair file (default: the bundled prompt sets with written responses)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step (dlma train's default)")
+    ap.add_argument("--response-tokens", type=int, default=8, help="responses cut to their first N tokens (the default run's)")
+    ap.add_argument("--lr", type=float, default=7e-5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
+    model.config.use_cache = False
+    ex = examples(tok, args.data, args.steps * args.batch_size, args.response_tokens)
+    g = torch.Generator().manual_seed(0)
+    ex = [ex[i] for i in torch.randperm(len(ex), generator=g).tolist()]  # both presets mixed, as the trainer's batches
+    with torch.no_grad():  # the reference: the initial weights, one row per response
+        for i in range(0, len(ex), args.batch_size):
+            chunk = ex[i:i + args.batch_size]
+            sums, _ = branch_logprobs(model, [e.context for e in chunk], [[e.chosen, e.rejected] for e in chunk],
+                                      tok.pad_token_id, "cpu", pack=False)
+            for e, (c, r) in zip(chunk, sums.tolist()):
+                e.ref_chosen, e.ref_rejected = c, r
+    models = {"baseline": model, "packed": copy.deepcopy(model)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, fused=True) for k, m in models.items()}
+    secs, positions, losses = {k: 0.0 for k in models}, {k: 0 for k in models}, {k: [] for k in models}
+    batches = [ex[i:i + args.batch_size] for i in range(0, len(ex), args.batch_size)][:args.steps]
+    for n, batch in enumerate(batches):
+        for k in (("baseline", "packed") if n % 2 == 0 else ("packed", "baseline")):
+            loss, pos, s = step(models[k], opts[k], batch, tok.pad_token_id, pack=(k == "packed"))
+            losses[k].append(loss)
+            if n:  # the first step warms up allocators and kernels on both sides
+                secs[k] += s
+                positions[k] += pos
+    pairs = sum(len(b) for b in batches[1:])
+    print(f"machine: {cpu_kind()}; float32")
+    print(f"pairs: {len(ex)} ({'file ' + args.data if args.data else 'bundled prompts, written responses'}), "
+          f"{args.batch_size} per step, responses cut to {args.response_tokens} tokens; {len(batches) - 1} timed steps")
+    for k in models:
+        print(f"{k:9s} {pairs / secs[k]:6.2f} pairs/s  {positions[k] / secs[k]:7.1f} positions/s  "
+              f"{positions[k]} positions computed  {secs[k]:.1f} s")
+    worst = max(abs(a - b) for a, b in zip(losses["baseline"], losses["packed"]))
+    print(f"largest loss difference between the layouts over {len(batches)} steps: {worst:.2e}")
+    if worst > 1e-3:
+        print("FAIL: the layouts train different models")
+        sys.exit(1)
+    print(f"ratio={secs['baseline'] / secs['packed']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
