@@ -262,7 +262,8 @@ def test_listwise_method_needs_best_of_k_generation(tmp_path):
 
 
 def test_train_defaults_are_the_run_defaults():
-    """`dlma train` by hand trains like `dlma run`: lr, clipping and rpo_alpha come from TrainConfig, not the YAML."""
+    """`dlma train` by hand trains like `dlma run`: lr and clipping come from TrainConfig, not the YAML; the
+    run's NLL term is the YAML's, since it names the default run's preset."""
     from importlib import resources
 
     import yaml
@@ -272,10 +273,12 @@ def test_train_defaults_are_the_run_defaults():
 
     shipped = shipped_defaults().train
     by_hand = config_from_args(TrainConfig, build_parser().parse_args(["train", "--data", "x", "--out", "y"]))
-    for name, value in (("lr", 7e-5), ("max_grad_norm", 0.0), ("rpo_alpha", 0.0)):
+    for name, value in (("lr", 7e-5), ("max_grad_norm", 0.0)):
         assert getattr(TrainConfig(), name) == getattr(by_hand, name) == getattr(shipped, name) == value, name
     yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
-    assert not {"lr", "max_grad_norm", "rpo_alpha"} & set(yaml_train)
+    assert not {"lr", "max_grad_norm"} & set(yaml_train)
+    assert TrainConfig().rpo_alpha == by_hand.rpo_alpha == 0.0  # by hand: the paper's loss alone
+    assert (shipped.rpo_alpha, shipped.rpo_presets) == (0.2, ["no-overrefusal"])
 
 
 def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):
