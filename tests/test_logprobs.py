@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlma.logprobs import _pack, _plan, collate, plan_tree_batches, score_sequences, score_trees, sequence_logprobs
+from dlma.logprobs import _plan, collate, pack_rows, plan_tree_batches, score_sequences, score_trees, sequence_logprobs
 from dlma.prompts import Renderer, load_preset
 
 
@@ -51,7 +51,8 @@ def test_plan_covers_every_tree_once():
     batches = plan_tree_batches(trees, batch_size=2, min_prefix=4)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(len(b) <= 2 for b in batches)
-    assert _pack([10, 4, 5, 3]) == [[0], [2, 1], [3]]  # first fit, longest first, rows no longer than 10
+    assert pack_rows([10, 4, 5, 3]) == [[0], [2, 1], [3]]  # first fit, longest first, rows no longer than 10
+    assert pack_rows([10, 4, 5, 3], cap=12) == [[0], [2, 1, 3]]  # a cap above the longest item fills rows up to it
     # one family: every batch of it shares the family's prefix, computed once
     plan = _plan(trees, batch_size=2, max_tokens=None, min_prefix=4)
     assert {L for b, L in plan if b[0] < 5} == {9}
