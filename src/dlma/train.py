@@ -49,7 +49,7 @@ from . import losses as L
 from .config import ModelConfig, TrainConfig
 from .data import read_pairs, write_json, write_text
 from .errors import DlmaError
-from .logprobs import collate, pack_rows, score_sequences, sequence_logprobs, token_logprobs
+from .logprobs import _lcp, collate, pack_rows, score_sequences, sequence_logprobs, token_logprobs
 from .machine import param_count
 
 if TYPE_CHECKING:
@@ -264,9 +264,7 @@ ROW_TOKENS = 2048  # packed rows grow to this length (or the longest example): a
 def common_prefix(contexts: Sequence[Sequence[int]], min_prefix: int = 4) -> int:
     """Length of the token prefix every context shares (the chat template's system turn), leaving
     each context at least one token of its own; 0 when shorter than min_prefix."""
-    first, n = contexts[0], min(len(c) for c in contexts) - 1
-    for c in contexts[1:]:
-        n = next((i for i in range(n) if c[i] != first[i]), n)
+    n = min([min(map(len, contexts)) - 1] + [_lcp(contexts[0], c) for c in contexts[1:]])
     return n if n >= min_prefix else 0
 
 

@@ -20,9 +20,10 @@ every --save-steps, and train_summary.json. Rerun the same command to resume aft
 
 Speed and memory: chosen and rejected share one copy of the context, the prefix all contexts
 of a micro-batch share (the chat template's system turn) is computed once, and pairs are
-packed into rows without padding (--no-share-context: one padded row per response); with --max-grad-norm 0 on one process each weight is updated inside the backward
-pass and its gradient freed (--step-in-backward); --gradient-checkpointing trades ~25%
-speed for most of the activations.
+packed into rows without padding (--no-share-context: one padded row per response); with
+--max-grad-norm 0 on one process each weight is updated inside the backward pass and its
+gradient freed (--step-in-backward); --gradient-checkpointing trades ~25% speed for most of
+the activations.
 
 Many GPUs: the same command under accelerate, e.g.
   accelerate launch --config_file src/dlma/configs/accelerate/fsdp_8gpu.yaml -m dlma.cli train ...
