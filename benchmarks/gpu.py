@@ -186,13 +186,13 @@ def worker_train(a) -> dict:
     s = train_model(_model_cfg(a), TrainConfig(loss="dpo", rpo_alpha=0.0, beta=0.1, batch_size=a.batch_size,
                                                max_steps=a.steps, lr=1e-6, max_grad_norm=0.0, save_steps=0, seed=0,
                                                gradient_checkpointing=a.gradient_checkpointing, lora_r=a.lora_r,
-                                               save_merged=False),
+                                               save_merged=False, micro_tokens=a.micro_tokens),
                     str(a.work / "train.jsonl"), str(a.work / "dlma-out"), progress=False)
     return {"tokens": round(s["tokens_per_s"] * s["train_seconds"]), "seconds": s["train_seconds"],
             "reference_seconds": s["reference_seconds"], "reference": s["reference"], "flops": s["model_flops"],
             "settings": f"mixed precision {s['mixed_precision']}, weights {s['weights_dtype']}, gradient checkpointing "
                         f"{a.gradient_checkpointing}, step in backward {s['step_in_backward']}, shared context "
-                        f"{s['share_context']}, LoRA r {a.lora_r}"}
+                        f"{s['share_context']}, LoRA r {a.lora_r}, micro tokens {a.micro_tokens}"}
 
 
 def worker_trl(a) -> dict:
@@ -291,6 +291,9 @@ def main() -> None:
     ap.add_argument("--gen-batch-size", type=int, help="generate --batch-size (default 64; tiny 16)")
     ap.add_argument("--score-batch-size", type=int, help="score --batch-size (default 32; tiny 8)")
     ap.add_argument("--lora-r", type=int, help="LoRA rank for both trainers (default: 16 for llama-8b, else 0 = full)")
+    ap.add_argument("--micro-tokens", type=int, default=0,
+                    help="dlma's --micro-tokens: backward passes of at most this many tokens within a step "
+                         "(a large --batch-size without running out of memory; default 0 = one pass)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="for both trainers (default off for both)")
     ap.add_argument("--tokenizer", default="embedded", help="the embedded model, or a directory of its tokenizer files")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (model, pairs) instead of deleting it")

@@ -113,6 +113,24 @@ def test_user_preset_yaml(tmp_path):
         load_preset(str(bad))
 
 
+def test_bare_positive_side_is_the_deployment_context(tokenizer, tmp_path):
+    f = tmp_path / "keep.yaml"
+    f.write_text("name: keep\npositive: bare\nnegative: {instruction: refuse everything}\n"
+                 "demonstrations:\n  - user: hi\n    negative: I can't.\n")
+    p = load_preset(str(f))
+    r = Renderer(tokenizer, p)
+    assert p.positive_bare and r.context_ids(QUERY, "positive") == r.context_ids(QUERY, "bare")
+    neg = r.context_text(QUERY, "negative")
+    assert "refuse everything" in neg and "I can't." in neg
+    from dlma.search import preset_to_dict
+    assert preset_from_dict(preset_to_dict(p), "round trip").positive_bare
+    f.write_text("name: keep\npositive: {instruction: x}\nnegative: {instruction: y}\n")
+    assert not load_preset(str(f)).positive_bare
+    f.write_text("name: keep\npositive: yes please\nnegative: {instruction: y}\n")
+    with pytest.raises(DlmaError, match="keep.yaml: not a valid preset .*bare"):
+        load_preset(str(f))
+
+
 def test_end_of_turn_follows_the_chat_template(tmp_path):
     """A template that closes assistant turns with a token other than EOS (Gemma's <end_of_turn>,
     Llama 3's <|eot_id|>): complete responses end with that token, and generation stops on it."""

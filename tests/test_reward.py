@@ -175,3 +175,20 @@ def test_resumed_scoring_is_byte_identical(embedded, tiny_pairs, tmp_path):
         shutil.copy(f"{whole}.settings.json", f"{cut}.settings.json")
         assert run(cut)["scored"] == 20 - kept
         assert cut.read_bytes() == whole.read_bytes()
+
+
+def test_generation_logprobs_reused_for_a_preset_given_as_a_file(tmp_path):
+    """generate records the preset as it was given (a YAML path for a user's file); scoring under
+    the same file reuses the generator's log-probs, under another preset it does not."""
+    from dlma.prompts import load_preset
+    from dlma.reward import _reusable
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\npositive: bare\nnegative: {instruction: refuse}\n")
+    gen = {"dtype": "float32", "max_context": 1024, "max_new_tokens": 32, "model": "embedded"}
+    ctx = {"positive": [1] * 10, "negative": [1] * 12}
+    rec = {"preset": str(f), "generation": gen}
+    assert _reusable(rec, load_preset(str(f)), "float32", "embedded", ctx)
+    assert _reusable(dict(rec, preset="mine"), load_preset(str(f)), "float32", "embedded", ctx)
+    assert not _reusable(rec, load_preset("harmless"), "float32", "embedded", ctx)
+    assert not _reusable(dict(rec, generation=dict(gen, dtype="bfloat16")), load_preset(str(f)), "float32", "embedded", ctx)

@@ -158,6 +158,16 @@ def test_plan_is_split_invariant():
     assert epoch_plan(lengths, 8, 1, 1, 3) != one  # reshuffled each epoch
 
 
+def test_token_chunks_cut_a_micro_batch_by_tokens():
+    from dlma.train import token_chunks
+
+    tokens = [30, 50, 20, 90, 10, 10]
+    assert token_chunks([0, 1, 2, 3, 4, 5], tokens, 0) == [[0, 1, 2, 3, 4, 5]]
+    assert token_chunks([0, 1, 2, 3, 4, 5], tokens, 100) == [[0, 1, 2], [3, 4], [5]]
+    assert token_chunks([3, 1], tokens, 60) == [[3], [1]]  # a pair over the budget runs alone
+    assert token_chunks([], tokens, 60) == []
+
+
 def test_cli_trains_improves_and_saves_loadable_model(scored, tmp_path):
     out = tmp_path / "ckpt"
     res = _dlma("--model", "embedded", "--data", str(scored[0]), "--out", str(out), "--max-steps", "20",
@@ -197,10 +207,11 @@ def single_run(scored, tmp_path_factory):
 
 
 def test_two_processes_match_one(scored, single_run, tmp_path):
+    """Also with --micro-tokens 1: every pair its own backward pass, the first under no_sync."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "dlma.cli", "train", "--no-progress", *COMMON, "--data", str(scored[1]), "--out", str(out),
-           "--batch-size", "2"]
+           "--batch-size", "2", "--micro-tokens", "1"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
@@ -367,13 +378,16 @@ def test_step_in_backward_is_exact_and_only_auto_where_exact(scored, tmp_path):
     base = dict(loss="dpo", max_steps=3, batch_size=2, lr=1e-4, limit=6, mixed_precision="no", save_steps=0,
                 warmup_ratio=0.0, seed=1)
     runs = {}
-    for mode in ("off", "auto"):
-        out = tmp_path / mode
-        s = train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(step_in_backward=mode, max_grad_norm=0, **base),
+    for mode, tokens in (("off", 0), ("auto", 0), ("auto", 1)):  # micro_tokens 1: one backward pass per pair
+        out = tmp_path / f"{mode}{tokens}"
+        s = train_model(ModelConfig(dtype="float32", device="cpu"),
+                        TrainConfig(step_in_backward=mode, max_grad_norm=0, micro_tokens=tokens, **base),
                         str(scored[0]), str(out), progress=False)
-        assert s["step_in_backward"] == (mode == "auto")
-        runs[mode] = [m["loss"] for m in _metrics(out)]
-    assert runs["auto"] == pytest.approx(runs["off"], abs=1e-6) and len(runs["auto"]) == 3
+        assert s["step_in_backward"] == (mode == "auto" and not tokens)
+        runs[mode, tokens] = [m["loss"] for m in _metrics(out)]
+    assert runs["auto", 0] == pytest.approx(runs["off", 0], abs=1e-6) and len(runs["auto", 0]) == 3
+    assert runs["auto", 1] == pytest.approx(runs["off", 0], abs=1e-5)
+    runs["auto"] = runs["auto", 0]
     assert runs["auto"][2] != runs["auto"][0]  # the weights did move
     s = train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(max_grad_norm=1.0, **dict(base, max_steps=1)),
                     str(scored[0]), str(tmp_path / "clip"), progress=False)

@@ -113,6 +113,7 @@ class TrainConfig:
     epochs: int = opt(1, "passes over the pairs")
     batch_size: int = opt(8, "pairs per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step; global batch = batch_size x processes x grad_accum")
+    micro_tokens: int = opt(0, "run each micro-batch as forward/backward passes of at most this many tokens (context + both responses per pair; at least one pair), gradients accumulated exactly: memory bounded by tokens, not pairs, so --batch-size can follow what the optimizer needs (0 = one pass)")
     mixed_precision: str = opt("auto", "autocast: auto (bf16 on a GPU that runs it, none on CPUs), bf16, fp16, no")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     step_in_backward: str = opt("auto", "apply AdamW to each weight as soon as its gradient is ready, then free the gradient (less memory): auto = where that is exact (one process, --grad-accum 1, --max-grad-norm 0), on, off")
@@ -139,7 +140,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
-               weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1),
+               weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1), micro_tokens=(">=", 0),
                grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
                limit=(">=", 1), response_tokens=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
                select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))

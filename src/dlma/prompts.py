@@ -35,13 +35,17 @@ class Exchange:
 
     user: str
     positive: str
-    negative: str
+    negative: str = ""
 
 
 @dataclass
 class Preset:
     """A contrastive prompt pair: instructions and/or demonstrations for each side.
 
+    positive_bare: p+ is the bare context (no instruction, no demonstrations): the model as it
+    is already shows the attribute, and the pairs should keep it that way (no-overrefusal: the
+    untouched model answers harmless questions; p- only needs to make it refuse them).
+    YAML: `positive: bare`.
     placement says where the instruction goes: `system` (system message), `user`
     (appended to the last user turn), `assistant` (a tag opening the assistant turn), or
     `plain` (the paper's `USER: ... ASSISTANT(tag):` template, for models without a chat
@@ -59,14 +63,18 @@ class Preset:
     judge_question: str = ""
     detector: str | None = None
     check_prompts: str | None = None
+    positive_bare: bool = False
+    source: str = ""  # what load_preset was given (a bundled name or a YAML path): pair files record it
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise DlmaError(f"preset {self.name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.detector not in DETECTORS:
             raise DlmaError(f"preset {self.name!r}: detector must be one of {', '.join(map(str, DETECTORS))}, got {self.detector!r}")
-        if not (self.positive_instruction or self.demonstrations):
+        if not (self.positive_instruction or self.negative_instruction or self.demonstrations):
             raise DlmaError(f"preset {self.name!r} has neither instructions nor demonstrations")
+        if self.positive_bare and self.positive_instruction:
+            raise DlmaError(f"preset {self.name!r}: `positive: bare` takes no positive instruction")
 
     def instruction(self, side: Side) -> str | None:
         return {"positive": self.positive_instruction, "negative": self.negative_instruction}.get(side)
@@ -90,8 +98,13 @@ def preset_from_dict(data: dict, source: str) -> Preset:
         for group in data.get("demonstrations") or []:
             if isinstance(group, dict):  # a flat list of exchanges is one set
                 group = [group]
-            demos.append([Exchange(str(d["user"]), str(d["positive"]), str(d["negative"])) for d in group])
+            demos.append([Exchange(str(d["user"]), str(d.get("positive", "")), str(d["negative"])) for d in group])
         pos, neg = data.get("positive") or {}, data.get("negative") or {}
+        bare = pos == "bare"
+        if bare:
+            pos = {}
+        elif not isinstance(pos, dict):
+            raise TypeError(f"`positive` must be a mapping with `instruction` or the word `bare`, got {pos!r}")
         return Preset(
             name=str(data.get("name") or Path(source).stem),
             positive_instruction=pos.get("instruction"),
@@ -104,6 +117,7 @@ def preset_from_dict(data: dict, source: str) -> Preset:
             judge_question=str(data.get("judge_question") or f"Which response is more {data.get('attribute', 'appropriate')}?"),
             detector=data.get("detector"),
             check_prompts=data.get("check_prompts"),
+            positive_bare=bare,
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise DlmaError(f"{source}: not a valid preset ({exc}); see dlma/presets/harmless.yaml for the format") from None
@@ -130,7 +144,9 @@ def load_preset(name_or_path: str) -> Preset:
         raise DlmaError(f"{source}: invalid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise DlmaError(f"{source}: expected a mapping at the top level")
-    return preset_from_dict(data, source)
+    preset = preset_from_dict(data, source)
+    preset.source = name_or_path
+    return preset
 
 
 def as_messages(prompt: str | Sequence[dict]) -> Messages:
@@ -198,9 +214,9 @@ class Renderer:
 
     def _turns(self, query: Messages, side: Side, demos_of: Messages | None = None) -> tuple[Messages, str | None]:
         """Messages with demonstrations and the instruction placed, plus an assistant tag."""
-        if side == "bare":
-            return list(query), None
         p = self.preset
+        if side == "bare" or (side == "positive" and p.positive_bare):
+            return list(query), None
         instr = p.instruction(side)
         msgs: Messages = []
         system = [m for m in query if m["role"] == "system"]

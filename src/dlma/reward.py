@@ -44,7 +44,7 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
     in one R flipped its sign on 1 in 8 generated pairs, so bf16 scoring recomputes all
     four terms in one precision (a branch of the same tree: ~15% more tokens)."""
     gen = rec.get("generation") or {}
-    if rec.get("preset") != preset.name:
+    if rec.get("preset") not in (preset.name, preset.source or preset.name):  # generate records what it was given
         return False
     room = int(gen.get("max_context", 1024)) - int(gen.get("max_new_tokens", 0))  # generate's context cut
     if max(len(ctx["positive"]), len(ctx["negative"])) > room:

@@ -35,7 +35,9 @@ def preset_to_dict(p: Preset) -> dict:
         out["detector"] = p.detector
     if p.check_prompts:
         out["check_prompts"] = p.check_prompts
-    if p.positive_instruction:
+    if p.positive_bare:
+        out["positive"] = "bare"
+    elif p.positive_instruction:
         out["positive"] = {"instruction": p.positive_instruction}
     if p.negative_instruction:
         out["negative"] = {"instruction": p.negative_instruction}

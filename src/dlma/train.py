@@ -33,6 +33,7 @@ recomputed holds them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,6 +92,10 @@ class Example:
     @property
     def length(self) -> int:  # padded length of this pair's row in a batch
         return len(self.context) + max(len(self.chosen), len(self.rejected))
+
+    @property
+    def tokens(self) -> int:  # what the packed layout computes for it: its context once, every response
+        return len(self.context) + len(self.chosen) + len(self.rejected) + sum(map(len, self.middle))
 
 
 # -- pairs -> examples ---------------------------------------------------------
@@ -234,6 +239,21 @@ def epoch_plan(lengths: Sequence[int], global_batch: int, micro_per_step: int, e
             bounds.append(bounds[-1] + q + (1 if k < rem else 0))
         steps.append([grp[bounds[k]: bounds[k + 1]] for k in range(micro_per_step)])
     return steps
+
+
+def token_chunks(batch: Sequence[int], tokens: Sequence[int], budget: int) -> list[list[int]]:
+    """`batch` in order, cut into runs of at most `budget` tokens (a longer pair alone); budget 0: one run."""
+    if budget <= 0:
+        return [list(batch)]
+    out: list[list[int]] = []
+    used = budget + 1
+    for i in batch:
+        if used + tokens[i] > budget:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += tokens[i]
+    return out
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -410,9 +430,9 @@ def validate(cfg: TrainConfig) -> None:
         raise DlmaError(f"--mixed-precision must be auto, bf16, fp16 or no, got {cfg.mixed_precision!r}")
     if cfg.step_in_backward not in ("auto", "on", "off"):
         raise DlmaError(f"--step-in-backward must be auto, on or off, got {cfg.step_in_backward!r}")
-    if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0):
-        raise DlmaError("--step-in-backward on is exact only with --grad-accum 1 and --max-grad-norm 0 "
-                        "(clipping needs the global norm of every gradient first)")
+    if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0 or cfg.micro_tokens > 0):
+        raise DlmaError("--step-in-backward on is exact only with --grad-accum 1, --max-grad-norm 0 and --micro-tokens 0 "
+                        "(clipping needs the global norm of every gradient first; passes add up gradients)")
 
 
 def _resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int) -> dict:
@@ -496,6 +516,8 @@ def _step_in_backward(cfg: TrainConfig, accelerator) -> bool:
         why.append("--grad-accum > 1")
     if cfg.max_grad_norm > 0:
         why.append("--max-grad-norm > 0 (the global norm needs every gradient first)")
+    if cfg.micro_tokens > 0:
+        why.append("--micro-tokens (a micro-batch's gradients add up over its passes)")
     if cfg.step_in_backward == "on" and why:
         raise DlmaError(f"--step-in-backward on is not exact with {'; '.join(why)}")
     return cfg.step_in_backward == "on" or (cfg.step_in_backward == "auto" and not why)
@@ -652,6 +674,7 @@ class _Run:
     seconds: float = 0.0
     plan_epoch: int = -1
     plan: list[list[list[int]]] = field(default_factory=list)
+    pair_tokens: list[int] = field(default_factory=list)  # what --micro-tokens counts, per example
 
     @property
     def pad_id(self) -> int:
@@ -746,6 +769,9 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
                                        data, out, ckpt)
     model, params = _trainable(model, cfg)
     optimizer = _adamw(params, cfg)
+    if cfg.micro_tokens and accelerator.state.deepspeed_plugin is not None:
+        raise DlmaError("--micro-tokens splits a micro-batch into several backward passes, which DeepSpeed's engine "
+                        "counts as accumulation steps of its own; use --batch-size and --grad-accum under DeepSpeed")
     deepspeed_follows(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
     stepper = BackwardStepper(optimizer, params) if _step_in_backward(cfg, accelerator) else None
@@ -753,6 +779,7 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     run = _Run(cfg, model_cfg, out, key, accelerator, tok, counts, examples, [e.length for e in examples],
                [str(rec.get("preset")) for rec in pairs] if cfg.balance_presets else None,
                model, params, optimizer, stepper, ref_path, ref_seconds)
+    run.pair_tokens = [e.tokens for e in examples]
     run.per_epoch = len(run.epoch_steps(0))
     if run.per_epoch == 0:
         raise DlmaError(f"{len(examples)} pairs are fewer than the {run.micro_per_step} micro-batches of one step")
@@ -874,18 +901,18 @@ def _train_step(run: _Run, micros: list[list[int]], lr: float) -> _Step:
     stats = torch.zeros(6, dtype=torch.float64)
     grad_norm = None
     bad = False
+    # sum / (pairs in the global step), times the factors that DDP averaging and accelerate's
+    # division by grad_accum take out again
+    scale = world * cfg.grad_accum / n_step
     for k in range(accelerator.process_index, run.micro_per_step, world):
-        batch = [run.examples[i] for i in micros[k]]
         with accelerator.accumulate(model):
-            res, ntok, positions = micro_batch_losses(model, batch, cfg, run.pad_id, accelerator.device)
-            total_loss = res.losses.sum()
-            finite = bool(torch.isfinite(total_loss))
-            bad |= not finite
-            # sum / (pairs in the global step), times the factors that DDP averaging and
-            # accelerate's division by grad_accum take out again. Updates inside backward
-            # (one process) must not see a non-finite loss at all.
-            if stepper is None or finite:
-                accelerator.backward(total_loss * (world * cfg.grad_accum / n_step))
+            chunks = token_chunks(micros[k], run.pair_tokens, cfg.micro_tokens)
+            for j, chunk in enumerate(chunks):
+                # passes before a micro-batch's last add up gradients locally; the last one reduces them
+                with accelerator.no_sync(model) if j < len(chunks) - 1 else contextlib.nullcontext():
+                    row, finite = _backward_pass(run, chunk, scale)
+                stats += row
+                bad |= not finite
             if stepper is not None:
                 bad |= stepper.nonfinite > 0
                 stepper.nonfinite = 0
@@ -898,11 +925,24 @@ def _train_step(run: _Run, micros: list[list[int]], lr: float) -> _Step:
                     if not bad:
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        margin = res.chosen_rewards - res.rejected_rewards
-        stats += torch.tensor([float(res.losses.detach().sum()), float(margin.sum()),
-                               float((margin > 0).sum()), len(batch), ntok, positions], dtype=torch.float64)
     stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu() if world > 1 else stats
     return _Step(lr, stats, grad_norm, bad, time.perf_counter() - t0)
+
+
+def _backward_pass(run: _Run, chunk: list[int], scale: float) -> tuple[torch.Tensor, bool]:
+    """Forward and backward of the pairs `chunk`: its stats row and whether its loss was finite.
+
+    Updates inside backward (one process) must not see a non-finite loss at all."""
+    res, ntok, positions = micro_batch_losses(run.model, [run.examples[i] for i in chunk], run.cfg, run.pad_id,
+                                              run.accelerator.device)
+    total = res.losses.sum()
+    finite = bool(torch.isfinite(total))
+    if run.stepper is None or finite:
+        run.accelerator.backward(total * scale)
+    margin = (res.chosen_rewards - res.rejected_rewards).detach()
+    row = torch.tensor([float(res.losses.detach().sum()), float(margin.sum()), float((margin > 0).sum()),
+                        len(chunk), ntok, positions], dtype=torch.float64)
+    return row, finite
 
 
 def _nonfinite_gradients(model, accelerator, bad: bool) -> bool:
