@@ -281,6 +281,17 @@ def test_train_defaults_are_the_run_defaults():
     assert (shipped.rpo_alpha, shipped.rpo_presets) == (0.2, ["no-overrefusal"])
 
 
+def test_shipped_run_config_names_the_presets_it_trains_on():
+    """The default run's NLL term names presets its generate stage uses (a name matching no pair turns it off)."""
+    from dlma.cli.run import shipped_defaults
+    from dlma.prompts import load_preset
+
+    cfg = shipped_defaults()
+    presets = cfg.generate.preset.split(",")
+    assert cfg.train.rpo_alpha > 0 and set(cfg.train.rpo_presets) <= set(presets)
+    assert all(load_preset(p).name == p for p in presets + ["no-overrefusal-bare"])
+
+
 def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):
     """An edited prompt file or a local model directory retrained in place redoes the stages, not `done already`."""
     import dataclasses

@@ -302,7 +302,7 @@ def test_shared_context_row_matches_two_rows():
           Example("c", ctx("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
     P = common_prefix([e.context for e in ex])
     assert P >= 10 and tok.decode(ex[0].context[:P]).startswith("<|im_start|>system")
-    c, r, ntok = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    c, r, ntok, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     (c.sum() - 2 * r.sum()).backward()
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -402,6 +402,7 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     import torch
 
     from dlma.models import load_model
+    from dlma.logprobs import collate, sequence_logprobs
     from dlma.train import Example, micro_batch_losses, shared_context_logprobs
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
@@ -412,7 +413,7 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     with torch.no_grad():
         base, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
         rpo, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
-        pi_c, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+        pi_c, _, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
     assert (nll > 0).all()
     assert torch.allclose(rpo.losses, base.losses + 0.5 * nll, atol=1e-4), (rpo.losses, base.losses, nll)
@@ -423,6 +424,25 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
                                         tok.pad_token_id, "cpu")
     assert torch.allclose(some.losses, base.losses + 0.5 * nll * torch.tensor([0.0, 1.0]), atol=1e-4)
     assert torch.equal(rpo.chosen_rewards, base.chosen_rewards)  # logged implicit rewards stay DPO's
+    # --rpo-whole: pair b's chosen is an opening of a longer answer; its NLL covers the whole answer,
+    # while the pair loss (and the logged rewards) stay on the opening
+    whole = enc("Hello! How are you? I am fine, thanks.")
+    ex[1].whole_chosen = whole
+    with torch.no_grad():
+        w, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5, rpo_presets=["no-overrefusal"],
+                                                             rpo_whole=True), tok.pad_token_id, "cpu")
+        full = sequence_logprobs(model, collate([ex[1].context], [whole], tok.pad_token_id))[0]
+    assert torch.allclose(w.losses[1], base.losses[1] - 0.5 * full[0] / len(whole), atol=1e-4)
+    assert torch.allclose(w.losses[0], base.losses[0], atol=1e-5) and torch.allclose(w.chosen_rewards, base.chosen_rewards, atol=1e-5)
+
+
+def test_rpo_presets_must_name_a_preset_of_the_pairs(scored, tmp_path):
+    from dlma.errors import DlmaError
+    from dlma.train import train_model
+
+    with pytest.raises(DlmaError, match="--rpo-presets no-overrefusal names no preset of the pairs"):
+        train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(rpo_alpha=0.5, rpo_presets=["no-overrefusal"]),
+                    str(scored[0]), str(tmp_path / "out"), progress=False)
 
 
 def test_nonfinite_numbers_in_a_pair_file_are_input_errors(tmp_path, capsys):

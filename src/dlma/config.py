@@ -96,6 +96,7 @@ class TrainConfig:
     # run (docs/tuning.md, run 18), the same for `dlma train` and `dlma run` so running the stages by
     # hand gives the pipeline's result. The NLL term raised refusals but over-refusals faster.
     rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
+    rpo_whole: bool = opt(False, "the NLL term covers the whole chosen response even where --response-tokens cuts the pair loss to the openings (keeps what follows an opening like the model's own where o+ is the model's own answer, e.g. `positive: bare`)")
     rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty: every pair")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")

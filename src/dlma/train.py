@@ -88,6 +88,7 @@ class Example:
     middle: list[list[int]] = field(default_factory=list)
     ref_middle: list[float] | None = None
     scores: list[float] | None = None
+    whole_chosen: list[int] | None = None  # the uncut chosen response, for --rpo-whole's NLL term
 
     @property
     def length(self) -> int:  # padded length of this pair's row in a batch
@@ -95,7 +96,8 @@ class Example:
 
     @property
     def tokens(self) -> int:  # what the packed layout computes for it: its context once, every response
-        return len(self.context) + len(self.chosen) + len(self.rejected) + sum(map(len, self.middle))
+        return (len(self.context) + len(self.chosen) + len(self.rejected) + sum(map(len, self.middle))
+                + len(self.whole_chosen or []))
 
 
 # -- pairs -> examples ---------------------------------------------------------
@@ -161,10 +163,12 @@ def _ranked(rec: dict, renderer, response_tokens: int | None = None) -> dict:
     return {"chosen": ids[0], "rejected": ids[-1], "middle": ids[1:-1], "scores": [float(ratios[i]) for i in order]}
 
 
-def build_examples(pairs: list[dict], renderer, listwise: bool = False, response_tokens: int | None = None) -> list[Example]:
+def build_examples(pairs: list[dict], renderer, listwise: bool = False, response_tokens: int | None = None,
+                   whole_chosen: Callable[[dict], bool] | None = None) -> list[Example]:
     """Token ids of every pair; with `response_tokens` each response is cut to its opening, and
     the reference log-probs are those the scorer made for the same cut (`dlma score
-    --response-tokens`), else left for the trainer to compute."""
+    --response-tokens`), else left for the trainer to compute. whole_chosen(record): keep that
+    pair's uncut chosen response too (--rpo-whole), where the cut shortened it."""
     out = []
     for rec in pairs:
         if listwise:  # the reference of every ranked response is computed by the trainer
@@ -188,6 +192,10 @@ def build_examples(pairs: list[dict], renderer, listwise: bool = False, response
             ref_rejected=float(ref_r) if isinstance(ref_r, (int, float)) else None,
             preset=rec.get("preset"),
         ))
+        e = out[-1]
+        if whole_chosen is not None and response_tokens is not None and whole_chosen(rec):
+            whole = renderer.response_ids(rec["chosen"], bool(rec.get("chosen_truncated", False)))
+            e.whole_chosen = whole if len(whole) > len(e.chosen) else None
     return out
 
 
@@ -270,12 +278,15 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 # -- the loss of a micro-batch ---------------------------------------------------
-def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Differentiable (chosen sums, rejected sums, positions computed): each pair's context once,
-    the prefix all the micro-batch's contexts share once (`branch_logprobs`)."""
-    sums, n = branch_logprobs(model, [e.context for e in examples], [[e.chosen, e.rejected] for e in examples],
-                              pad_id, device)
-    return sums[:, 0], sums[:, 1], n
+def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int,
+                            device) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Differentiable (chosen sums, rejected sums, positions computed, uncut chosen sums or None):
+    each pair's context once, the prefix all the micro-batch's contexts share once
+    (`branch_logprobs`); a pair's uncut chosen response (--rpo-whole) is a third branch."""
+    extra = any(e.whole_chosen for e in examples)
+    branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) for e in examples]
+    sums, n = branch_logprobs(model, [e.context for e in examples], branches, pad_id, device)
+    return sums[:, 0], sums[:, 1], n, (sums[:, 2] if extra else None)
 
 
 ROW_TOKENS = 2048  # packed rows grow to this length (or the longest example): attention cost stays small beside the layers
@@ -370,9 +381,11 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
     if cfg.loss == "listwise":
         return _listwise_losses(model, examples, cfg, pad_id, device)
     # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
-    ntok = positions = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
+    ntok = positions = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected)
+                           + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0) for e in examples)
+    whole = None
     if cfg.share_context:
-        pi_c, pi_r, positions = shared_context_logprobs(model, examples, pad_id, device)
+        pi_c, pi_r, positions, whole = shared_context_logprobs(model, examples, pad_id, device)
     else:
         batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
         sums, _ = sequence_logprobs(model, batch)
@@ -387,7 +400,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         out = L.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
     else:
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
-    _add_nll(out, pi_c, examples, cfg, device)
+    _add_nll(out, pi_c, examples, cfg, device, whole)
     return out, ntok, positions
 
 
@@ -412,11 +425,25 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
     return out, ntok, positions
 
 
-def _add_nll(out: L.PairLoss, pi_c: torch.Tensor, examples: Sequence[Example], cfg: TrainConfig, device) -> None:
-    """RPO: add rpo_alpha x the chosen response's per-token NLL, on the --rpo-presets pairs only (all if empty)."""
+def _rpo_whole(cfg: TrainConfig) -> bool:
+    """Whether pairs carry their whole chosen response: the NLL term is on and a pair loss uses it."""
+    return cfg.rpo_whole and cfg.rpo_alpha > 0 and cfg.response_tokens is not None and cfg.loss in ("dlma", "dpo", "ipo")
+
+
+def _nll_on(cfg: TrainConfig, preset: str | None) -> bool:
+    return not cfg.rpo_presets or preset in cfg.rpo_presets
+
+
+def _add_nll(out: L.PairLoss, pi_c: torch.Tensor, examples: Sequence[Example], cfg: TrainConfig, device,
+             whole: torch.Tensor | None = None) -> None:
+    """RPO: add rpo_alpha x the chosen response's per-token NLL, on the --rpo-presets pairs only (all if empty);
+    `whole`: sums over the uncut chosen responses, used where a pair has one (--rpo-whole)."""
     if cfg.rpo_alpha:
-        counts = torch.tensor([len(e.chosen) for e in examples], device=device)
-        on = torch.tensor([not cfg.rpo_presets or e.preset in cfg.rpo_presets for e in examples], device=device)
+        has = [bool(e.whole_chosen) and whole is not None for e in examples]
+        counts = torch.tensor([len(e.whole_chosen) if h else len(e.chosen) for e, h in zip(examples, has)], device=device)
+        if any(has):
+            pi_c = torch.where(torch.tensor(has, device=device), whole, pi_c)
+        on = torch.tensor([_nll_on(cfg, e.preset) for e in examples], device=device)
         out.losses = out.losses + cfg.rpo_alpha * on * L.sft_loss(pi_c, counts)
 
 
@@ -430,6 +457,9 @@ def validate(cfg: TrainConfig) -> None:
         raise DlmaError(f"--mixed-precision must be auto, bf16, fp16 or no, got {cfg.mixed_precision!r}")
     if cfg.step_in_backward not in ("auto", "on", "off"):
         raise DlmaError(f"--step-in-backward must be auto, on or off, got {cfg.step_in_backward!r}")
+    if cfg.rpo_whole and cfg.rpo_alpha and (not cfg.share_context or cfg.loss == "listwise"):
+        raise DlmaError("--rpo-whole needs --share-context (each whole response is a third branch of its pair's "
+                        "context) and a pair loss, not listwise")
     if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0 or cfg.micro_tokens > 0):
         raise DlmaError("--step-in-backward on is exact only with --grad-accum 1, --max-grad-norm 0 and --micro-tokens 0 "
                         "(clipping needs the global norm of every gradient first; passes add up gradients)")
@@ -758,7 +788,12 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise", response_tokens=cfg.response_tokens)
+    if cfg.rpo_alpha and cfg.rpo_presets and not any(rec.get("preset") in cfg.rpo_presets for rec in pairs):
+        have = sorted({str(rec.get("preset")) for rec in pairs})
+        raise DlmaError(f"--rpo-presets {','.join(cfg.rpo_presets)} names no preset of the pairs in {data} (they have: "
+                        f"{', '.join(have)}), so the NLL term would be off; name one of theirs")
+    examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise", response_tokens=cfg.response_tokens,
+                              whole_chosen=(lambda rec: _nll_on(cfg, rec.get("preset"))) if _rpo_whole(cfg) else None)
 
     model = load_weights(model_cfg.model, _weights_dtype(model_cfg), model_cfg.attn_implementation)
     # FSDP's cpu_ram_efficient_loading leaves ranks > 0 on the meta device until prepare fills them
