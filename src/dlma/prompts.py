@@ -64,7 +64,7 @@ class Preset:
     detector: str | None = None
     check_prompts: str | None = None
     positive_bare: bool = False
-    source: str = ""  # what load_preset was given (a bundled name or a YAML path): pair files record it
+    source: str = field(default="", compare=False)  # what load_preset was given (a name or a YAML path): pair files record it
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
