@@ -35,7 +35,7 @@ class Exchange:
 
     user: str
     positive: str
-    negative: str = ""
+    negative: str
 
 
 @dataclass

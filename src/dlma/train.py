@@ -788,7 +788,7 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    if cfg.rpo_alpha and cfg.rpo_presets and not any(rec.get("preset") in cfg.rpo_presets for rec in pairs):
+    if cfg.rpo_alpha and cfg.rpo_presets and not any(_nll_on(cfg, rec.get("preset")) for rec in pairs):
         have = sorted({str(rec.get("preset")) for rec in pairs})
         raise DlmaError(f"--rpo-presets {','.join(cfg.rpo_presets)} names no preset of the pairs in {data} (they have: "
                         f"{', '.join(have)}), so the NLL term would be off; name one of theirs")
