@@ -40,7 +40,8 @@ from dlma.data import ReadStats, read_prompts  # noqa: E402
 from dlma.machine import cpu_kind  # noqa: E402
 from dlma.models import load_model  # noqa: E402
 from dlma.prompts import Renderer  # noqa: E402
-from dlma.train import Example, branch_logprobs, build_examples  # noqa: E402
+from dlma.logprobs import branch_logprobs  # noqa: E402
+from dlma.train import Example, build_examples  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that. Is there something else I can do for you?"
 ANSWER = "Sure! Here is a short, practical answer to your question, step by step."

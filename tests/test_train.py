@@ -291,7 +291,8 @@ def test_shared_context_row_matches_two_rows():
     from dlma.logprobs import collate, sequence_logprobs
     from dlma.models import load_model
     from dlma.prompts import Renderer
-    from dlma.train import Example, branch_logprobs, common_prefix, shared_context_logprobs
+    from dlma.logprobs import branch_logprobs, common_prefix
+    from dlma.train import Example, shared_context_logprobs
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
     model.config.use_cache = False
@@ -328,7 +329,7 @@ def test_branches_of_one_row_match_separate_rows():
 
     from dlma.logprobs import collate, sequence_logprobs
     from dlma.models import load_model
-    from dlma.train import branch_logprobs
+    from dlma.logprobs import branch_logprobs
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
     model.config.use_cache = False

@@ -287,53 +287,125 @@ def pack_rows(lengths: Sequence[int], cap: int | None = None) -> list[list[int]]
     return rows
 
 
-def _tree_rows(trees: Sequence[Tree], L: int, pad_id: int):
-    """Packed, right-padded rows of (context[L:] + branches) per tree, their positions, segments and targets.
+@dataclass
+class TreeRows:
+    """Packed, right-padded rows of trees (a context and its branches), the layout that scoring
+    and training share.
 
-    seg codes each token by its tree's slot in the row and its branch (0: the context;
-    -1: padding); a token sees its own tree's context and its own branch only.
+    seg codes each token: -1 padding, 0 a prefix every tree shares held in the row itself, and
+    for the tree in row slot s, 1 + s * (n + 1) its context and 1 + s * (n + 1) + 1 + k its
+    branch k. picks lists (row, predicting index, target id, tree * n + branch) per target.
     """
-    sizes = [len(c) - L + sum(len(r) for r in rs) for c, rs in trees]
-    packed = pack_rows(sizes)
-    S = max(sum(sizes[i] for i in row) for row in packed)
-    B = len(packed)
-    K = max(len(rs) for _, rs in trees) + 1
-    ids = torch.full((B, S), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, S), dtype=torch.long)
-    seg = torch.full((B, S), -1, dtype=torch.long)
-    picks: list[tuple[int, int, int, int, int]] = []  # (row, predicting index, target id, tree, branch)
-    for b, row in enumerate(packed):
-        at = 0
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    seg: torch.Tensor
+    picks: list[tuple[int, int, int, int]]
+    n: int  # branches per tree (the most any tree has)
+
+    def mask(self, prefix_cols: int = 0) -> torch.Tensor:
+        """Boolean (B, 1, S, prefix_cols + S): causal, the shared prefix (in the row or
+        `prefix_cols` of cached keys before it), the token's own tree's context and own branch."""
+        B, S = self.seg.shape
+        si, sj = self.seg.unsqueeze(2), self.seg.unsqueeze(1)
+        k = self.n + 1
+        same_tree = torch.div(si - 1, k, rounding_mode="floor") == torch.div(sj - 1, k, rounding_mode="floor")
+        allowed = torch.ones(S, S, dtype=torch.bool).tril() & (si >= 0) & (sj >= 0)
+        allowed &= (sj == 0) | (same_tree & (((sj - 1) % k == 0) | (sj == si)))
+        allowed |= torch.eye(S, dtype=torch.bool)  # padding rows see themselves: no all-masked row
+        if prefix_cols:
+            allowed = torch.cat([torch.ones(B, S, prefix_cols, dtype=torch.bool), allowed], dim=2)
+        return allowed.unsqueeze(1)
+
+
+def tree_rows(contexts: Sequence[Sequence[int]], branches: Sequence[Sequence[Sequence[int]]], pad_id: int, *,
+              prefix: int = 0, prefix_in_row: bool = False, cap: int | None = None, pack: bool = True) -> TreeRows:
+    """Lay trees out in packed rows: each context from token `prefix` on, then its branches.
+
+    The first `prefix` tokens (which every context shares) are either held once at the start of
+    each row (prefix_in_row: training, whose gradients reach them) or left out for the caller to
+    supply as cached keys (scoring). Positions continue each context's own, so every branch
+    sees what it would see in its own (context, branch) sequence. Rows hold at most `cap` tokens
+    besides the prefix (default: the longest tree); pack=False: one row per tree.
+    """
+    if any(not c for c in contexts):
+        raise ValueError("a context must hold at least one token")
+    n = max(len(b) for b in branches)
+    sizes = [len(c) - prefix + sum(map(len, b)) for c, b in zip(contexts, branches)]
+    rows = pack_rows(sizes, cap) if pack else [[i] for i in range(len(contexts))]
+    head = prefix if prefix_in_row else 0
+    S = head + max(sum(sizes[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), S), dtype=torch.long)
+    seg = torch.full((len(rows), S), -1, dtype=torch.long)
+    picks: list[tuple[int, int, int, int]] = []
+    for b, row in enumerate(rows):
+        if head:
+            ids[b, :head] = torch.tensor(list(contexts[row[0]][:head]), dtype=torch.long)
+            seg[b, :head], pos[b, :head] = 0, torch.arange(head)
+        at = head
         for slot, t in enumerate(row):
-            c, rs = trees[t]
-            n = len(c) - L
-            ids[b, at:at + n] = torch.tensor(list(c[L:]))
-            pos[b, at:at + n] = torch.arange(L, len(c))
-            seg[b, at:at + n] = slot * K
-            last = at + n - 1  # the context token that predicts each branch's first token
-            at += n
-            for k, r in enumerate(rs):
+            ctx, base = contexts[t], 1 + slot * (n + 1)
+            m = len(ctx) - prefix
+            ids[b, at:at + m] = torch.tensor(list(ctx[prefix:]), dtype=torch.long)
+            seg[b, at:at + m], pos[b, at:at + m] = base, torch.arange(prefix, len(ctx))
+            last = at + m - 1  # the context token that predicts every branch's first token
+            at += m
+            for k, r in enumerate(branches[t]):
                 m = len(r)
                 if m:
-                    ids[b, at:at + m] = torch.tensor(list(r))
-                    pos[b, at:at + m] = torch.arange(len(c), len(c) + m)
-                    seg[b, at:at + m] = slot * K + k + 1
-                    picks.extend((b, last if j == 0 else at + j - 1, r[j], t, k) for j in range(m))
-                at += m
-    return ids, pos, seg, picks, K
+                    ids[b, at:at + m] = torch.tensor(list(r), dtype=torch.long)
+                    seg[b, at:at + m], pos[b, at:at + m] = base + 1 + k, torch.arange(len(ctx), len(ctx) + m)
+                    picks.extend((b, last if j == 0 else at + j - 1, int(r[j]), t * n + k) for j in range(m))
+                    at += m
+    return TreeRows(ids, pos, seg, picks, n)
 
 
-def _block_mask(seg: torch.Tensor, L: int, dtype: torch.dtype, K: int) -> torch.Tensor:
-    """Additive (B, 1, S, L+S) mask: the shared prefix, own tree's context, own branch, causal."""
-    B, S = seg.shape
-    si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    same_tree = torch.div(si, K, rounding_mode="floor") == torch.div(sj, K, rounding_mode="floor")
-    allowed = causal & same_tree & ((sj % K == 0) | (sj == si)) & (si >= 0) & (sj >= 0)
-    allowed |= torch.eye(S, dtype=torch.bool)  # padding rows see themselves (no all-masked row)
-    allowed = torch.cat([torch.ones(B, S, L, dtype=torch.bool), allowed], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one eager attention adds to its scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+ROW_TOKENS = 2048  # packed rows grow to this length (or the longest tree): attention cost stays small beside the layers
+
+
+def common_prefix(contexts: Sequence[Sequence[int]], min_prefix: int = 4) -> int:
+    """Length of the token prefix every context shares (the chat template's system turn), leaving
+    each context at least one token of its own; 0 when shorter than min_prefix."""
+    n = min([min(map(len, contexts)) - 1] + [_lcp(contexts[0], c) for c in contexts[1:]])
+    return n if n >= min_prefix else 0
+
+
+def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
+                    device, *, pack: bool = True, row_tokens: int = ROW_TOKENS) -> tuple[torch.Tensor, int]:
+    """Differentiable summed log-probs (B, N) of N responses per example that share their context.
+
+    The prefix all contexts share (`common_prefix`: the system turn of a chat template) is
+    computed once per row; each example follows with the rest of its context and then its
+    responses, packed without padding into rows of up to `row_tokens` (`tree_rows`). Every sum
+    equals the (context, response) row of `sequence_logprobs` up to kernel rounding, and so do
+    the gradients (the prefix's sums every example's). Goes through the model's own forward
+    (DDP/FSDP wrappers keep working); only the predicting positions go through the output layer,
+    float32 log-softmax as everywhere here. Also returns the positions computed. pack=False: one
+    padded row per example, nothing shared between examples (the layout before packing;
+    benchmarks compare).
+    """
+    P = common_prefix(contexts) if pack and all(contexts) else 0
+    rows = tree_rows(contexts, branches, pad_id, prefix=P, prefix_in_row=True, cap=row_tokens - P, pack=pack)
+    mask = rows.mask().to(device)
+    # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
+    # mask to the scores, so a boolean mask must become an additive one there too.
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        mask = additive(mask, torch.float32)
+    row_of, at_of, target, owner = (torch.tensor(x, dtype=torch.long) for x in zip(*rows.picks))
+    keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
+    col = torch.searchsorted(keep, at_of)
+    logits = model(input_ids=rows.ids.to(device), attention_mask=mask, position_ids=rows.pos.to(device),
+                   use_cache=False, logits_to_keep=keep.to(device)).logits
+    lp = token_logprobs(logits[row_of.to(device), col.to(device)], target.to(device))
+    sums = torch.zeros(len(contexts) * rows.n, dtype=lp.dtype, device=lp.device).index_add(0, owner.to(device), lp)
+    return sums.view(len(contexts), rows.n), int((rows.seg >= 0).sum())
 
 
 class _Projection:
@@ -458,9 +530,10 @@ def score_trees(
                 stats["positions"] += L
             if kv is False:
                 L, kv = 0, None
-        ids, pos, seg, picks, K = _tree_rows(group, L, pad_id)
-        stats["positions"] += int((seg >= 0).sum())
-        mask = _block_mask(seg, L, dtype, K)
+        lay = tree_rows([t[0] for t in group], [t[1] for t in group], pad_id, prefix=L)
+        ids, pos, picks, n = lay.ids, lay.pos, lay.picks, lay.n
+        stats["positions"] += int((lay.seg >= 0).sum())
+        mask = additive(lay.mask(L), dtype)
         past = None
         if kv is not None:
             B = ids.shape[0]
@@ -478,13 +551,14 @@ def score_trees(
                 logits = head(hidden[rows[s:s + head_chunk], cols[s:s + head_chunk]])
                 lps.append(logits.gather(-1, tgt[s:s + head_chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
             lp = torch.cat(lps).double().cpu().tolist()
-            acc: dict[tuple[int, int], list] = {}
-            for (_, _, _, b, k), v in zip(picks, lp):
-                a = acc.setdefault((b, k), [0.0, 0])
+            acc: dict[int, list] = {}
+            for (_, _, _, owner), v in zip(picks, lp):
+                a = acc.setdefault(owner, [0.0, 0])
                 a[0] += v
                 a[1] += 1
-            for (b, k), (s_, n_) in acc.items():
-                out[idx[b]][k] = (s_, n_)
+            for owner, (s_, n_) in acc.items():
+                t, k = divmod(owner, n)
+                out[idx[t]][k] = (s_, n_)
         if on_batch:
             on_batch(len(idx))
     return out

@@ -50,7 +50,7 @@ from . import losses as L
 from .config import ModelConfig, TrainConfig
 from .data import read_pairs, write_json, write_text
 from .errors import DlmaError
-from .logprobs import _lcp, collate, pack_rows, score_sequences, sequence_logprobs, token_logprobs
+from .logprobs import branch_logprobs, collate, score_sequences, sequence_logprobs
 from .machine import param_count
 
 if TYPE_CHECKING:
@@ -287,84 +287,6 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int,
     branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) for e in examples]
     sums, n = branch_logprobs(model, [e.context for e in examples], branches, pad_id, device)
     return sums[:, 0], sums[:, 1], n, (sums[:, 2] if extra else None)
-
-
-ROW_TOKENS = 2048  # packed rows grow to this length (or the longest example): attention cost stays small beside the layers
-
-
-def common_prefix(contexts: Sequence[Sequence[int]], min_prefix: int = 4) -> int:
-    """Length of the token prefix every context shares (the chat template's system turn), leaving
-    each context at least one token of its own; 0 when shorter than min_prefix."""
-    n = min([min(map(len, contexts)) - 1] + [_lcp(contexts[0], c) for c in contexts[1:]])
-    return n if n >= min_prefix else 0
-
-
-def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
-                    device, *, pack: bool = True, row_tokens: int = ROW_TOKENS) -> tuple[torch.Tensor, int]:
-    """Differentiable summed log-probs (B, N) of N responses per example that share their context.
-
-    The prefix all contexts share (`common_prefix`: the system turn of a chat template) is
-    computed once; each example follows in the same row as the rest of its context and then its
-    responses, packed without padding into rows of up to `row_tokens`. A block attention mask
-    lets a token see the shared prefix, its own example's context and its own response, and
-    positions restart where each context ends, so every sum equals the (context, response)
-    row of `sequence_logprobs` up to kernel rounding, and so do the gradients (the prefix's
-    sums every example's). Goes through the model's own forward (DDP/FSDP wrappers keep
-    working); only the predicting positions go through the output layer, float32 log-softmax
-    as in `logprobs`. Also returns the positions computed. pack=False: one padded row per
-    example, nothing shared between examples (the layout before packing; benchmarks compare).
-    """
-    if any(not c for c in contexts):
-        raise ValueError("a context must hold at least one token")
-    B, N = len(contexts), max(len(b) for b in branches)
-    P = common_prefix(contexts) if pack else 0
-    sizes = [len(c) - P + sum(map(len, b)) for c, b in zip(contexts, branches)]
-    rows = pack_rows(sizes, row_tokens - P) if pack else [[i] for i in range(B)]
-    T = P + max(sum(sizes[i] for i in row) for row in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), T), dtype=torch.long)
-    # -1 padding, 0 the shared prefix; example slot s: 1 + s * (N + 1) its context, + 1 + k its response k
-    seg = torch.full((len(rows), T), -1, dtype=torch.long)
-    picks: list[tuple[int, int, int, int]] = []  # (row, predicting position, target id, example * N + response)
-    for b, row in enumerate(rows):
-        ids[b, :P] = torch.tensor(list(contexts[row[0]][:P]), dtype=torch.long)
-        seg[b, :P], pos[b, :P] = 0, torch.arange(P)
-        at = P
-        for s, e in enumerate(row):
-            ctx, base = contexts[e], 1 + s * (N + 1)
-            n = len(ctx)
-            ids[b, at:at + n - P] = torch.tensor(list(ctx[P:]), dtype=torch.long)
-            seg[b, at:at + n - P], pos[b, at:at + n - P] = base, torch.arange(P, n)
-            last = at + n - P - 1  # the context token that predicts every response's first token
-            at += n - P
-            for k, r in enumerate(branches[e]):
-                m = len(r)
-                if not m:
-                    continue
-                ids[b, at:at + m] = torch.tensor(list(r), dtype=torch.long)
-                seg[b, at:at + m], pos[b, at:at + m] = base + 1 + k, torch.arange(n, n + m)
-                picks.extend((b, last if j == 0 else at + j - 1, int(r[j]), e * N + k) for j in range(m))
-                at += m
-    si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
-    same = torch.div(si - 1, N + 1, rounding_mode="floor") == torch.div(sj - 1, N + 1, rounding_mode="floor")
-    ctx_j = (sj - 1) % (N + 1) == 0
-    allowed = torch.ones(T, T, dtype=torch.bool).tril() & (sj >= 0) & (si >= 0)
-    allowed &= (sj == 0) | (same & (ctx_j | (sj == si)))
-    allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves: no all-masked row
-    mask = allowed.unsqueeze(1).to(device)
-    # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
-    # mask to the scores, so a boolean mask must become an additive one there too.
-    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    row_of, at_of, target, owner = (torch.tensor(x, dtype=torch.long) for x in zip(*picks))
-    keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
-    col = torch.searchsorted(keep, at_of)
-    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False,
-                   logits_to_keep=keep.to(device)).logits
-    lp = token_logprobs(logits[row_of.to(device), col.to(device)], target.to(device))
-    sums = torch.zeros(B * N, dtype=lp.dtype, device=lp.device).index_add(0, owner.to(device), lp)
-    return sums.view(B, N), int((seg >= 0).sum())
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
