@@ -37,10 +37,10 @@ import torch  # noqa: E402
 
 from dlma import losses as L  # noqa: E402
 from dlma.data import ReadStats, read_prompts  # noqa: E402
+from dlma.logprobs import branch_logprobs  # noqa: E402
 from dlma.machine import cpu_kind  # noqa: E402
 from dlma.models import load_model  # noqa: E402
 from dlma.prompts import Renderer  # noqa: E402
-from dlma.logprobs import branch_logprobs  # noqa: E402
 from dlma.train import Example, build_examples  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that. Is there something else I can do for you?"

@@ -288,10 +288,9 @@ def test_shared_context_row_matches_two_rows():
     two-row log-probs and gradients, float32; a row cap splits them over rows, same numbers."""
     import torch
 
-    from dlma.logprobs import collate, sequence_logprobs
+    from dlma.logprobs import branch_logprobs, collate, common_prefix, sequence_logprobs
     from dlma.models import load_model
     from dlma.prompts import Renderer
-    from dlma.logprobs import branch_logprobs, common_prefix
     from dlma.train import Example, shared_context_logprobs
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
@@ -327,9 +326,8 @@ def test_branches_of_one_row_match_separate_rows():
     """Four responses sharing one context (listwise training) give each response's own log-prob."""
     import torch
 
-    from dlma.logprobs import collate, sequence_logprobs
+    from dlma.logprobs import branch_logprobs, collate, sequence_logprobs
     from dlma.models import load_model
-    from dlma.logprobs import branch_logprobs
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
     model.config.use_cache = False
