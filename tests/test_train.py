@@ -283,6 +283,39 @@ def test_lora_adapter_saved_and_loadable(scored, tmp_path):
     assert any("lora" in n for n, _ in model.named_parameters())
 
 
+def test_interpolate_saves_the_weights_that_fraction_of_the_way_from_the_start(scored, tmp_path):
+    """--interpolate 0.5 saves the midpoint of the starting and the trained weights (same run
+    otherwise); ratio 0 gives the starting weights exactly. LoRA: the adapter's B, so its update, halves."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dlma.models import embedded_model_dir
+    from dlma.train import interpolated, train_model
+
+    def run(name, **kw):
+        cfg = TrainConfig(max_steps=1, warmup_ratio=0, batch_size=4, lr=1e-4, limit=4, mixed_precision="no", save_steps=0, **kw)
+        s = train_model(ModelConfig(dtype="float32", device="cpu"), cfg, str(scored[0]), str(tmp_path / name), progress=False)
+        assert s["interpolate"] == cfg.interpolate
+        return tmp_path / name
+
+    start = load_file(str(embedded_model_dir() / "model.safetensors"))
+    full, half = (load_file(str(run(n, interpolate=r) / "model.safetensors")) for n, r in (("full", 1.0), ("half", 0.5)))
+    moved = [k for k in full if not torch.equal(full[k], start[k])]
+    assert moved, "a step at lr 1e-4 should move the weights"
+    none = interpolated(full, start, 0.0)
+    for k in moved:
+        assert torch.allclose(half[k], (start[k] + full[k]) / 2, atol=1e-6), k
+        assert torch.equal(none[k], start[k]), k
+    pytest.importorskip("peft")
+    lora = dict(lora_r=4, save_merged=False)
+    a1, a2 = (load_file(str(run(n, interpolate=r, **lora) / "adapter_model.safetensors"))
+              for n, r in (("lora1", 1.0), ("lora05", 0.5)))
+    b = [k for k in a1 if "lora_B" in k]
+    assert b and any(a1[k].abs().sum() > 0 for k in b)
+    for k in a1:
+        assert torch.allclose(a2[k], a1[k] * (0.5 if "lora_B" in k else 1.0), atol=1e-7), k
+
+
 def test_shared_context_row_matches_two_rows():
     """Pairs packed in one row, the system turn their chat contexts share computed once, give the
     two-row log-probs and gradients, float32; a row cap splits them over rows, same numbers."""

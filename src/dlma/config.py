@@ -124,6 +124,7 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout")
     lora_target: typing.List[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA adapts (or all-linear)")
     save_merged: bool = opt(True, "with LoRA: save the merged model (else the adapter only)")
+    interpolate: float = opt(1.0, "save untouched + INTERPOLATE x (trained - untouched), weight by weight: 1 = the trained weights; below 1 moves back towards the starting model, which keeps answers closer to its own (perplexity) at part of the trained effect (WiSE-FT, Wortsman et al. 2022; model averaging against the alignment tax, Lin et al. 2024); above 1 extrapolates. With LoRA it scales the adapter's update")
     save_steps: int = opt(100, "save a resumable checkpoint every N steps (0 = only at the end)")
     save_total_limit: int = opt(2, "keep at most this many checkpoints")
     log_steps: int = opt(1, "write a metrics.jsonl line every N steps")
@@ -141,7 +142,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
-               weight_decay=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1), micro_tokens=(">=", 0),
+               weight_decay=(">=", 0), interpolate=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1), micro_tokens=(">=", 0),
                grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
                limit=(">=", 1), response_tokens=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
                select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))

@@ -1025,7 +1025,7 @@ def _finish(run: _Run, log: _Log) -> dict:
     accelerator.wait_for_everyone()
     if run.selector is not None:
         run.selector.restore(accelerator.unwrap_model(run.model), run.step)
-    _save_final(accelerator, run.model, run.tok, run.out, run.cfg)
+    _save_final(accelerator, run.model, run.tok, run.out, run.cfg, run.model_cfg)
     summary = _summary(run)
     if accelerator.is_main_process:
         write_json(run.out / SUMMARY, summary)
@@ -1037,11 +1037,36 @@ def _finish(run: _Run, log: _Log) -> dict:
     return summary
 
 
-def _save_final(accelerator, model, tok, out: Path, cfg: TrainConfig) -> None:
-    """A directory AutoModelForCausalLM/AutoTokenizer load: full or merged weights, or a LoRA adapter."""
+def interpolated(state: dict, start: dict, ratio: float) -> dict:
+    """start + ratio * (state - start) per tensor, computed in float32 and stored in each
+    tensor's own dtype (ratio 0 gives `start` exactly, 1 gives `state`)."""
+    if set(state) - set(start):
+        raise DlmaError(f"--interpolate: the starting model has no weights {sorted(set(state) - set(start))[:3]}")
+    out = {}
+    for name, v in state.items():
+        s0 = start[name].to(device=v.device, dtype=torch.float32)
+        out[name] = (s0 + ratio * (v.float() - s0)).to(v.dtype)
+    return out
+
+
+def _save_final(accelerator, model, tok, out: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """A directory AutoModelForCausalLM/AutoTokenizer load: full or merged weights, or a LoRA
+    adapter, moved `cfg.interpolate` of the way from the starting weights."""
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
     if accelerator.is_main_process:
+        if cfg.interpolate != 1 and cfg.lora_r > 0:
+            # the update is B @ A * scale: scaling B scales it exactly, merged or not
+            with torch.no_grad():
+                for name, p in unwrapped.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(cfg.interpolate)
+        elif cfg.interpolate != 1:
+            from .models import load_weights
+
+            start = load_weights(model_cfg.model, _weights_dtype(model_cfg)).state_dict()
+            state = interpolated(state, start, cfg.interpolate)
+            del start
         if cfg.lora_r > 0 and cfg.save_merged:
             unwrapped = unwrapped.merge_and_unload()
             state = None
@@ -1076,6 +1101,7 @@ def _summary(run: _Run) -> dict:
         "tokens_per_s": round(run.tokens / run.seconds, 2) if run.seconds else None,
         # forward + backward of the policy, 6 N per position (the reference is not counted)
         "model_flops": 6 * param_count(run.model) * run.positions,
+        "interpolate": cfg.interpolate,
         "resume_key": run.key,
     }
     if run.selector is not None:
