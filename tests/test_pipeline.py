@@ -279,6 +279,7 @@ def test_train_defaults_are_the_run_defaults():
     assert not {"lr", "max_grad_norm"} & set(yaml_train)
     assert TrainConfig().rpo_alpha == by_hand.rpo_alpha == 0.0  # by hand: the paper's loss alone
     assert (shipped.rpo_alpha, shipped.rpo_presets) == (0.2, ["no-overrefusal"])
+    assert TrainConfig().interpolate == by_hand.interpolate == 1.0 and shipped.interpolate == 0.5  # by hand: as trained
 
 
 def test_shipped_run_config_names_the_presets_it_trains_on():
