@@ -300,6 +300,7 @@ def test_interpolate_saves_the_weights_that_fraction_of_the_way_from_the_start(s
 
     start = load_file(str(embedded_model_dir() / "model.safetensors"))
     full, half = (load_file(str(run(n, interpolate=r) / "model.safetensors")) for n, r in (("full", 1.0), ("half", 0.5)))
+    assert set(half) == set(full)  # tied weights stay tied: written once, as without --interpolate
     moved = [k for k in full if not torch.equal(full[k], start[k])]
     assert moved, "a step at lr 1e-4 should move the weights"
     none = interpolated(full, start, 0.0)

@@ -1039,13 +1039,17 @@ def _finish(run: _Run, log: _Log) -> dict:
 
 def interpolated(state: dict, start: dict, ratio: float) -> dict:
     """start + ratio * (state - start) per tensor, computed in float32 and stored in each
-    tensor's own dtype (ratio 0 gives `start` exactly, 1 gives `state`)."""
+    tensor's own dtype (ratio 0 gives `start` exactly, 1 gives `state`). Tensors that share
+    storage in `state` (tied embeddings) share their result, so saving still writes them once."""
     if set(state) - set(start):
         raise DlmaError(f"--interpolate: the starting model has no weights {sorted(set(state) - set(start))[:3]}")
-    out = {}
+    out, done = {}, {}
     for name, v in state.items():
-        s0 = start[name].to(device=v.device, dtype=torch.float32)
-        out[name] = (s0 + ratio * (v.float() - s0)).to(v.dtype)
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in done:
+            s0 = start[name].to(device=v.device, dtype=torch.float32)
+            done[key] = (s0 + ratio * (v.float() - s0)).to(v.dtype)
+        out[name] = done[key]
     return out
 
 
