@@ -101,3 +101,22 @@ def test_listwise_gradient_raises_the_ranked_order():
     L.listwise_loss(pi, ref, torch.tensor([[3.0, 1.0, -1.0, -3.0]])).losses.sum().backward()
     assert pi.grad[0, 0] < 0 and pi.grad[0, -1] > 0
     assert torch.all(pi.grad[0, :-1] < pi.grad[0, 1:])  # the higher the rank, the stronger the push up
+
+
+def test_kl_to_reference_is_the_kl_of_the_top_k_and_a_tail_bucket():
+    """Zero where the policy is the reference, the exact KL when K covers the vocabulary, and
+    otherwise the KL of the two distributions with the tokens outside the top K lumped together."""
+    torch.manual_seed(0)
+    ref = torch.randn(5, 11).log_softmax(-1)
+    pi = (ref + 0.7 * torch.randn(5, 11)).log_softmax(-1)
+    top = ref.topk(11, -1)
+    exact = (ref.exp() * (ref - pi)).sum(-1)
+    assert torch.allclose(L.kl_to_reference(pi, top.indices, top.values), exact, atol=1e-5)
+    k = ref.topk(3, -1)
+    assert torch.allclose(L.kl_to_reference(ref, k.indices, k.values), torch.zeros(5), atol=1e-5)
+    got = L.kl_to_reference(pi, k.indices, k.values)
+    rest = torch.ones(5, 11, dtype=torch.bool).scatter(-1, k.indices, False)
+    lump = lambda d: torch.cat([d.gather(-1, k.indices), d.masked_fill(~rest, -1e9).logsumexp(-1, keepdim=True)], -1)  # noqa: E731
+    coarse_ref, coarse_pi = lump(ref), lump(pi)
+    assert torch.allclose(got, (coarse_ref.exp() * (coarse_ref - coarse_pi)).sum(-1), atol=1e-5)
+    assert (got > 0).all() and (got <= exact + 1e-6).all()  # lumping never adds divergence

@@ -224,6 +224,24 @@ def test_two_processes_match_one(scored, single_run, tmp_path):
         assert abs(a["reward_margin"] - b["reward_margin"]) < 1e-3
 
 
+def test_two_processes_match_one_with_the_kl_term(scored, tmp_path):
+    """--kl-alpha under two processes: the main process makes the untouched model's answers, the
+    other waits and reads them; per-step losses and KL match one process."""
+    kl = ["--kl-alpha", "1", "--kl-tokens", "4", "--max-steps", "2", "--save-steps", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = _dlma(*COMMON, *kl, "--data", str(scored[0]), "--out", str(one), "--batch-size", "4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+           "-m", "dlma.cli", "train", "--no-progress", *COMMON, *kl, "--data", str(scored[0]), "--out", str(two),
+           "--batch-size", "2"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert len(a) == len(b) == 2 and json.loads((two / "train_summary.json").read_text())["kl_pairs"] == 16
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-3 and abs(x["kl"] - y["kl"]) < 1e-4, (a, b)
+
+
 def test_kill_and_resume_reproduces_final_loss(scored, single_run, tmp_path):
     out = tmp_path / "resumed"
     args = [sys.executable, "-m", "dlma.cli", "train", "--no-progress", *COMMON, "--data", str(scored[1]), "--out", str(out),
@@ -336,7 +354,7 @@ def test_shared_context_row_matches_two_rows():
           Example("c", ctx("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
     P = common_prefix([e.context for e in ex])
     assert P >= 10 and tok.decode(ex[0].context[:P]).startswith("<|im_start|>system")
-    c, r, ntok, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    c, r, ntok, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     (c.sum() - 2 * r.sum()).backward()
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -446,7 +464,7 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     with torch.no_grad():
         base, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
         rpo, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
-        pi_c, _, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+        pi_c, _, _, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
     assert (nll > 0).all()
     assert torch.allclose(rpo.losses, base.losses + 0.5 * nll, atol=1e-4), (rpo.losses, base.losses, nll)
@@ -476,6 +494,67 @@ def test_rpo_presets_must_name_a_preset_of_the_pairs(scored, tmp_path):
     with pytest.raises(DlmaError, match="--rpo-presets no-overrefusal names no preset of the pairs"):
         train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(rpo_alpha=0.5, rpo_presets=["no-overrefusal"]),
                     str(scored[0]), str(tmp_path / "out"), progress=False)
+
+
+def test_kl_alpha_holds_the_untouched_models_own_answers(scored, embedded, tmp_path):
+    """--kl-alpha: the untouched model's greedy answers (transformers' own greedy decoding agrees)
+    and their reference distributions are made once and cached; the term is a_kl x the mean
+    per-token KL, 0 before the first update; trained hard, the model stays closer to those
+    answers with the term than without it."""
+    import torch
+
+    from dlma.errors import DlmaError
+    from dlma.train import KL_REFERENCE, micro_batch_losses, train_model
+
+    model, tok = embedded
+    base = dict(max_steps=6, batch_size=4, lr=3e-4, warmup_ratio=0.0, lr_schedule="constant", limit=16,
+                save_steps=0, response_tokens=4, kl_tokens=6)
+    mc = ModelConfig(dtype="float32", device="cpu")
+    free = train_model(mc, TrainConfig(**base), str(scored[0]), str(tmp_path / "free"), progress=False)
+    held = train_model(mc, TrainConfig(kl_alpha=20.0, **base), str(scored[0]), str(tmp_path / "held"), progress=False)
+    m = _metrics(tmp_path / "held")
+    assert held["kl_pairs"] == 16 and free["kl_pairs"] == 0 and "kl" not in _metrics(tmp_path / "free")[0]
+    assert abs(m[0]["kl"]) < 1e-5 and m[-1]["kl"] > 0  # the first step's forward is the untouched model's
+
+    saved = torch.load(tmp_path / "held" / KL_REFERENCE, weights_only=True)
+    ctx, answer = next((eval(c), a) for c, a in saved["answers"].items() if a)
+    greedy = model.generate(torch.tensor([list(ctx)]), attention_mask=torch.ones(1, len(ctx), dtype=torch.long),
+                            max_new_tokens=6, do_sample=False)[0, len(ctx):].tolist()
+    assert answer == greedy[:len(answer)] and len(answer) == 6 and saved["ids"][str(ctx)].shape == (6, 20)
+
+    # the KL of each trained model on the untouched answers, through the loss itself
+    from dlma.prompts import Renderer
+    from dlma.train import _kl_reference, build_examples
+    from dlma.data import read_pairs
+
+    ex = build_examples(read_pairs(str(scored[0]), 16), Renderer(tok, None, 1024), response_tokens=4)
+
+    class Main:  # what _kl_reference asks of an Accelerator, on one process
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    _kl_reference(Main(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "held")
+    for e in ex:
+        e.ref_chosen = e.ref_rejected = 0.0
+
+    def kl_of(path):
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            out, _, _ = micro_batch_losses(trained, ex, TrainConfig(kl_alpha=1.0), tok.pad_token_id, "cpu")
+        return float(out.kl.mean())
+
+    assert kl_of(tmp_path / "held") < 0.5 * kl_of(tmp_path / "free")
+    with torch.no_grad():
+        a, _, _ = micro_batch_losses(model, ex[:4], TrainConfig(kl_alpha=2.0), tok.pad_token_id, "cpu")
+        b, _, _ = micro_batch_losses(model, ex[:4], TrainConfig(), tok.pad_token_id, "cpu")
+    assert torch.allclose(a.losses, b.losses + 2.0 * a.kl, atol=1e-6)
+    with pytest.raises(DlmaError, match="--kl-presets no-overrefusal names no preset of the pairs"):
+        train_model(mc, TrainConfig(kl_alpha=1.0, kl_presets=["no-overrefusal"]), str(scored[0]), str(tmp_path / "x"),
+                    progress=False)
 
 
 def test_nonfinite_numbers_in_a_pair_file_are_input_errors(tmp_path, capsys):

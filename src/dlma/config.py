@@ -85,6 +85,9 @@ class GenerateConfig:
                             f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
 
 
+PAIR_LOSSES = ("dlma", "dpo", "ipo")  # one chosen and one rejected response per pair: the losses --rpo-whole and --kl-alpha extend
+
+
 @dataclass
 class TrainConfig:
     loss: str = opt("dlma", "objective: dlma (DPO shifted by the self-reward), dpo (RLCD baseline; on human labels the upper reference), ipo, sft (context distillation on the chosen response), listwise (Plackett-Luce over all 2K responses of a --num-samples K pair file, ranked by their self-reward log-ratio; shifted by w as dlma)")
@@ -98,6 +101,9 @@ class TrainConfig:
     rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
     rpo_whole: bool = opt(False, "the NLL term covers the whole chosen response even where --response-tokens cuts the pair loss to the openings (keeps what follows an opening like the model's own where o+ is the model's own answer, e.g. `positive: bare`)")
     rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty: every pair")
+    kl_alpha: float = opt(0.0, "weight of a KL term that keeps the answers to the --kl-presets pairs' prompts the untouched model's: per-token KL(untouched || model) on the untouched model's greedy answer to each such prompt, computed once before the first step (a retain term; e.g. no-overrefusal: answer harmless questions as before while the pair loss teaches refusing harmful ones). 0 = off")
+    kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty: every pair")
+    kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term covers")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
     reward_norm: str = opt("none", "none, or preset: divide each pair's R by the median |R| of its preset's pairs and multiply by the median over all pairs, so presets whose R runs larger neither dominate the margin nor pass --min-reward more easily")
@@ -141,7 +147,7 @@ class TrainConfig:
     select_batch_size: int = opt(32, "answers generated together in a probe")
 
     def __post_init__(self) -> None:
-        _check(self, beta=(">", 0), rpo_alpha=(">=", 0), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
+        _check(self, beta=(">", 0), rpo_alpha=(">=", 0), kl_alpha=(">=", 0), kl_tokens=(">=", 1), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
                weight_decay=(">=", 0), interpolate=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1), micro_tokens=(">=", 0),
                grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
                limit=(">=", 1), response_tokens=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),

@@ -376,6 +376,52 @@ def common_prefix(contexts: Sequence[Sequence[int]], min_prefix: int = 4) -> int
     return n if n >= min_prefix else 0
 
 
+@dataclass
+class BranchLogits:
+    """Logits (float, differentiable) at every position that predicts a branch token, one row
+    per target of `tree_rows`' picks, with whose branch each target is (tree * n + branch)."""
+
+    logits: torch.Tensor  # (targets, vocab)
+    target: torch.Tensor  # (targets,)
+    owner: torch.Tensor   # (targets,)
+    n: int                # branches per tree
+    trees: int
+    positions: int        # positions computed
+
+    def sums(self) -> torch.Tensor:
+        """Summed float32 log-probs (trees, n) of every branch."""
+        lp = token_logprobs(self.logits, self.target)
+        sums = torch.zeros(self.trees * self.n, dtype=lp.dtype, device=lp.device).index_add(0, self.owner, lp)
+        return sums.view(self.trees, self.n)
+
+    def distributions(self, tree: int, branch: int) -> torch.Tensor:
+        """Float32 log-softmax (len(branch), vocab) of the next token at each of that branch's
+        positions, in order: the whole distribution, for a KL term, not only the taken token's."""
+        at = torch.nonzero(self.owner == tree * self.n + branch).squeeze(-1)
+        return self.logits[at].float().log_softmax(-1)
+
+
+def branch_logits(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
+                  device, *, pack: bool = True, row_tokens: int = ROW_TOKENS) -> BranchLogits:
+    """One forward of N responses per example that share their context (see `branch_logprobs`),
+    kept as the logits of the predicting positions so callers can take sums or distributions."""
+    P = common_prefix(contexts) if pack and all(contexts) else 0
+    rows = tree_rows(contexts, branches, pad_id, prefix=P, prefix_in_row=True, cap=row_tokens - P, pack=pack)
+    mask = rows.mask().to(device)
+    # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
+    # mask to the scores, so a boolean mask must become an additive one there too.
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        mask = additive(mask, torch.float32)
+    row_of, at_of, target, owner = (torch.tensor(x, dtype=torch.long) for x in zip(*rows.picks))
+    keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
+    col = torch.searchsorted(keep, at_of)
+    logits = model(input_ids=rows.ids.to(device), attention_mask=mask, position_ids=rows.pos.to(device),
+                   use_cache=False, logits_to_keep=keep.to(device)).logits
+    picked = logits[row_of.to(device), col.to(device)]
+    return BranchLogits(picked, target.to(device), owner.to(device), rows.n, len(contexts), int((rows.seg >= 0).sum()))
+
+
 def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
                     device, *, pack: bool = True, row_tokens: int = ROW_TOKENS) -> tuple[torch.Tensor, int]:
     """Differentiable summed log-probs (B, N) of N responses per example that share their context.
@@ -390,22 +436,8 @@ def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Seq
     padded row per example, nothing shared between examples (the layout before packing;
     benchmarks compare).
     """
-    P = common_prefix(contexts) if pack and all(contexts) else 0
-    rows = tree_rows(contexts, branches, pad_id, prefix=P, prefix_in_row=True, cap=row_tokens - P, pack=pack)
-    mask = rows.mask().to(device)
-    # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
-    # mask to the scores, so a boolean mask must become an additive one there too.
-    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
-        mask = additive(mask, torch.float32)
-    row_of, at_of, target, owner = (torch.tensor(x, dtype=torch.long) for x in zip(*rows.picks))
-    keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
-    col = torch.searchsorted(keep, at_of)
-    logits = model(input_ids=rows.ids.to(device), attention_mask=mask, position_ids=rows.pos.to(device),
-                   use_cache=False, logits_to_keep=keep.to(device)).logits
-    lp = token_logprobs(logits[row_of.to(device), col.to(device)], target.to(device))
-    sums = torch.zeros(len(contexts) * rows.n, dtype=lp.dtype, device=lp.device).index_add(0, owner.to(device), lp)
-    return sums.view(len(contexts), rows.n), int((rows.seg >= 0).sum())
+    out = branch_logits(model, contexts, branches, pad_id, device, pack=pack, row_tokens=row_tokens)
+    return out.sums(), out.positions
 
 
 class _Projection:

@@ -16,6 +16,10 @@ knows the global batch size across processes and accumulation steps.
           each logit z_i = beta * (lp_pi(o_i) - lp_ref(o_i) - w * clamp(s_i - mean s, lo/2, hi/2)):
           mean over k < N of [logsumexp(z_k..z_N) - z_k]. For N = 2 it is the dlma loss.
 
+    kl:   KL(pi_ref || pi) per token on the untouched model's own greedy answer to a prompt,
+          over the reference's top-K tokens and one bucket for the rest (a retain term,
+          as in unlearning's KL on a retain set; here: answer harmless prompts as before)
+
 Label smoothing eps (conservative DPO, Mitchell 2023) assumes a label is flipped with
 probability eps: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z).
 """
@@ -35,6 +39,7 @@ class PairLoss:
     losses: torch.Tensor            # (B,) per-pair loss
     chosen_rewards: torch.Tensor    # (B,) beta * (lp_pi - lp_ref) of o+, detached
     rejected_rewards: torch.Tensor  # (B,) same for o-, detached
+    kl: torch.Tensor | None = None  # (B,) the KL term of each pair (0 where it has none), detached
 
 
 def _rewards(beta: float, pi_c, pi_r, ref_c, ref_r) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,3 +107,23 @@ def listwise_loss(pi: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, *, 
     tail = torch.logcumsumexp(z.flip(-1), -1).flip(-1)
     losses = (tail - z)[:, :-1].mean(-1)
     return PairLoss(losses, *_rewards(beta, pi[:, 0], pi[:, -1], ref[:, 0], ref[:, -1]))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, kept finite where x reaches 0 (all mass in the top K)."""
+    return torch.log(-torch.expm1(x.clamp(max=-1e-7)))
+
+
+def kl_to_reference(pi_logprobs: torch.Tensor, ref_ids: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(ref || pi) (T,) over the reference's top-K tokens and a tail bucket.
+
+    pi_logprobs: (T, V) the policy's log-softmax; ref_ids, ref_logprobs: (T, K) the reference's
+    top-K tokens and their log-probs. Lumping the tokens outside the top K into one bucket on
+    both sides keeps it a true KL divergence (>= 0, 0 exactly when the two agree on the top K),
+    and K numbers per position are all the reference has to keep.
+    """
+    ref_lp = ref_logprobs.to(pi_logprobs.dtype)
+    pi_top = pi_logprobs.gather(-1, ref_ids.long())
+    ref_tail = _log1mexp(torch.logsumexp(ref_lp, -1))
+    pi_tail = _log1mexp(torch.logsumexp(pi_top, -1))
+    return (ref_lp.exp() * (ref_lp - pi_top)).sum(-1) + ref_tail.exp() * (ref_tail - pi_tail)

@@ -7,14 +7,16 @@ processes under `accelerate launch` (DDP, FSDP, DeepSpeed ZeRO). What it does, i
    self-reward R, and render token ids through `prompts.Renderer` (bare context);
 2. reference log-probs: from the scored file when every pair carries them, else computed
    once from the initial weights (and saved in the output directory, so a resumed run
-   reuses them). No reference model is held while training;
+   reuses them). No reference model is held while training; with --kl-alpha, also the
+   initial weights' greedy answers to the --kl-presets pairs' prompts and their top-K
+   next-token log-probs, the target of the KL term (cached the same way);
 3. a deterministic plan of optimizer steps: shuffled per epoch from --seed, length-bucketed
    inside windows of 16 global batches, every global batch split into
    processes x grad_accum micro-batches. The plan depends only on (seed, epoch, global
    batch), so a resumed run and a run on more processes see the same pairs per step;
 4. per micro-batch, chosen and rejected responses in ONE forward pass (by default each
    context computed once and the prefix all contexts share, the chat template's system turn,
-   once per micro-batch, pairs packed into rows without padding: `branch_logprobs`), the loss of each
+   once per micro-batch, pairs packed into rows without padding: `branch_logits`), the loss of each
    pair, summed and scaled by 1 / (pairs in the global step): results do not depend on how
    the global batch is split across processes or accumulation steps;
 5. AdamW with linear warm-up and cosine/linear decay (lr is a function of the step, so
@@ -47,10 +49,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from . import losses as L
-from .config import ModelConfig, TrainConfig
-from .data import read_pairs, write_json, write_text
+from .config import PAIR_LOSSES, ModelConfig, TrainConfig
+from .data import read_pairs, replacing, write_json, write_text
 from .errors import DlmaError
-from .logprobs import branch_logprobs, collate, score_sequences, sequence_logprobs
+from .logprobs import branch_logits, branch_logprobs, collate, score_sequences, sequence_logprobs
 from .machine import param_count
 
 if TYPE_CHECKING:
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
 
 SUMMARY = "train_summary.json"
 REFERENCE = "reference_logprobs.json"
+KL_REFERENCE = "kl_reference.pt"
+KL_TOP_K = 20  # reference tokens kept per answer position; the rest are one bucket (losses.kl_to_reference)
+KL_BATCH = 64  # answers decoded together when the untouched model's answers are made
 METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
 BUCKET_WINDOW = 16  # global batches sorted by length together
@@ -89,6 +94,11 @@ class Example:
     ref_middle: list[float] | None = None
     scores: list[float] | None = None
     whole_chosen: list[int] | None = None  # the uncut chosen response, for --rpo-whole's NLL term
+    # --kl-alpha: the untouched model's greedy answer to this prompt, and its top-K next-token
+    # ids and log-probs (K per answer token) along it
+    kl_answer: list[int] | None = None
+    kl_ref_ids: torch.Tensor | None = None
+    kl_ref_lp: torch.Tensor | None = None
 
     @property
     def length(self) -> int:  # padded length of this pair's row in a batch
@@ -97,7 +107,7 @@ class Example:
     @property
     def tokens(self) -> int:  # what the packed layout computes for it: its context once, every response
         return (len(self.context) + len(self.chosen) + len(self.rejected) + sum(map(len, self.middle))
-                + len(self.whole_chosen or []))
+                + len(self.whole_chosen or []) + len(self.kl_answer or []))
 
 
 # -- pairs -> examples ---------------------------------------------------------
@@ -278,15 +288,25 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 # -- the loss of a micro-batch ---------------------------------------------------
-def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int,
-                            device) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-    """Differentiable (chosen sums, rejected sums, positions computed, uncut chosen sums or None):
-    each pair's context once, the prefix all the micro-batch's contexts share once
-    (`branch_logprobs`); a pair's uncut chosen response (--rpo-whole) is a third branch."""
+def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, device
+                            ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+    """Differentiable (chosen sums, rejected sums, positions computed, uncut chosen sums or None,
+    per-pair mean KL to the untouched model's answer or None): each pair's context once, the
+    prefix all the micro-batch's contexts share once (`branch_logits`); a pair's uncut chosen
+    response (--rpo-whole) and the untouched model's answer (--kl-alpha) are further branches."""
     extra = any(e.whole_chosen for e in examples)
-    branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) for e in examples]
-    sums, n = branch_logprobs(model, [e.context for e in examples], branches, pad_id, device)
-    return sums[:, 0], sums[:, 1], n, (sums[:, 2] if extra else None)
+    retain = any(e.kl_answer for e in examples)
+    branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) + ([e.kl_answer or []] if retain else [])
+                for e in examples]
+    out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
+    sums = out.sums()
+    kl = None
+    if retain:
+        k = out.n - 1
+        zero = sums.new_zeros(())
+        kl = torch.stack([L.kl_to_reference(out.distributions(i, k), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
+                          if e.kl_answer else zero for i, e in enumerate(examples)])
+    return sums[:, 0], sums[:, 1], out.positions, (sums[:, 2] if extra else None), kl
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
@@ -304,10 +324,11 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         return _listwise_losses(model, examples, cfg, pad_id, device)
     # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
     ntok = positions = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected)
-                           + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0) for e in examples)
-    whole = None
+                           + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0)
+                           + (len(e.context) + len(e.kl_answer) if e.kl_answer else 0) for e in examples)
+    whole = kl = None
     if cfg.share_context:
-        pi_c, pi_r, positions, whole = shared_context_logprobs(model, examples, pad_id, device)
+        pi_c, pi_r, positions, whole, kl = shared_context_logprobs(model, examples, pad_id, device)
     else:
         batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
         sums, _ = sequence_logprobs(model, batch)
@@ -323,6 +344,9 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
     else:
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
     _add_nll(out, pi_c, examples, cfg, device, whole)
+    if kl is not None:
+        out.losses = out.losses + cfg.kl_alpha * kl
+        out.kl = kl.detach()
     return out, ntok, positions
 
 
@@ -349,11 +373,15 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
 
 def _rpo_whole(cfg: TrainConfig) -> bool:
     """Whether pairs carry their whole chosen response: the NLL term is on and a pair loss uses it."""
-    return cfg.rpo_whole and cfg.rpo_alpha > 0 and cfg.response_tokens is not None and cfg.loss in ("dlma", "dpo", "ipo")
+    return cfg.rpo_whole and cfg.rpo_alpha > 0 and cfg.response_tokens is not None and cfg.loss in PAIR_LOSSES
 
 
 def _nll_on(cfg: TrainConfig, preset: str | None) -> bool:
     return not cfg.rpo_presets or preset in cfg.rpo_presets
+
+
+def _kl_on(cfg: TrainConfig, preset: str | None) -> bool:
+    return not cfg.kl_presets or preset in cfg.kl_presets
 
 
 def _add_nll(out: L.PairLoss, pi_c: torch.Tensor, examples: Sequence[Example], cfg: TrainConfig, device,
@@ -382,6 +410,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.rpo_whole and cfg.rpo_alpha and (not cfg.share_context or cfg.loss == "listwise"):
         raise DlmaError("--rpo-whole needs --share-context (each whole response is a third branch of its pair's "
                         "context) and a pair loss, not listwise")
+    if cfg.kl_alpha and (not cfg.share_context or cfg.loss not in PAIR_LOSSES):
+        raise DlmaError("--kl-alpha needs --share-context (the untouched model's answer is a further branch of its "
+                        "pair's context) and a pair loss (dlma, dpo, ipo)")
     if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0 or cfg.micro_tokens > 0):
         raise DlmaError("--step-in-backward on is exact only with --grad-accum 1, --max-grad-norm 0 and --micro-tokens 0 "
                         "(clipping needs the global norm of every gradient first; passes add up gradients)")
@@ -714,6 +745,10 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
         have = sorted({str(rec.get("preset")) for rec in pairs})
         raise DlmaError(f"--rpo-presets {','.join(cfg.rpo_presets)} names no preset of the pairs in {data} (they have: "
                         f"{', '.join(have)}), so the NLL term would be off; name one of theirs")
+    if cfg.kl_alpha and cfg.kl_presets and not any(_kl_on(cfg, rec.get("preset")) for rec in pairs):
+        have = sorted({str(rec.get("preset")) for rec in pairs})
+        raise DlmaError(f"--kl-presets {','.join(cfg.kl_presets)} names no preset of the pairs in {data} (they have: "
+                        f"{', '.join(have)}), so the KL term would be off; name one of theirs")
     examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise", response_tokens=cfg.response_tokens,
                               whole_chosen=(lambda rec: _nll_on(cfg, rec.get("preset"))) if _rpo_whole(cfg) else None)
 
@@ -724,6 +759,7 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     model.config.use_cache = False
     ref_path, ref_seconds = _reference(accelerator, model, tok.pad_token_id, examples, pairs, model_cfg, cfg,
                                        data, out, ckpt)
+    ref_seconds += _kl_reference(accelerator, model, tok, examples, model_cfg, cfg, out)
     model, params = _trainable(model, cfg)
     optimizer = _adamw(params, cfg)
     if cfg.micro_tokens and accelerator.state.deepspeed_plugin is not None:
@@ -792,6 +828,77 @@ def _reference(accelerator: Accelerator, model: torch.nn.Module, pad_id: int, ex
     return ref_path, ref_seconds
 
 
+def _kl_reference(accelerator: Accelerator, model: torch.nn.Module, tok, examples: list[Example],
+                  model_cfg: ModelConfig, cfg: TrainConfig, out: Path) -> float:
+    """--kl-alpha: give every --kl-presets example the untouched model's greedy answer to its
+    prompt and the reference's top-K next-token log-probs along it. Made once by the main process
+    (the only one holding weights under FSDP's lazy loading) from the initial weights, cached in
+    `out` for a resumed run; returns the seconds spent making them."""
+    if not cfg.kl_alpha:
+        return 0.0
+    wanted = [e for e in examples if _kl_on(cfg, e.preset)]
+    key = {"model": model_cfg.model, "dtype": model_cfg.dtype, "kl_tokens": cfg.kl_tokens, "top_k": KL_TOP_K}
+    cache = out / KL_REFERENCE
+    t0 = time.perf_counter()
+
+    def cached() -> dict | None:
+        if not cache.is_file():
+            return None
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        ok = saved.get("key") == key and all(str(tuple(e.context)) in saved["answers"] for e in wanted)
+        return saved if ok else None
+
+    saved = cached() if accelerator.is_main_process else None
+    if accelerator.is_main_process and saved is None:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = _untouched_answers(model, tok, [e.context for e in wanted], cfg.kl_tokens, key)
+        with replacing(cache) as tmp:
+            torch.save(saved, tmp)
+    accelerator.wait_for_everyone()
+    saved = saved or cached()
+    if saved is None:
+        raise DlmaError(f"{cache}: the untouched model's answers for --kl-alpha could not be read back")
+    for e in wanted:
+        c = str(tuple(e.context))
+        if saved["answers"][c]:
+            e.kl_answer, e.kl_ref_ids, e.kl_ref_lp = saved["answers"][c], saved["ids"][c], saved["lp"][c]
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def _untouched_answers(model: torch.nn.Module, tok, contexts: list[list[int]], max_new_tokens: int, key: dict) -> dict:
+    """Greedy answers of `model` (the starting weights) to the distinct contexts, their stop token
+    kept where they finished, and the top-K log-probs of the next token at each answer position,
+    both through the same routines generation and training use."""
+    from .generate import SamplingParams, TransformersBackend
+
+    distinct = list(dict.fromkeys(tuple(c) for c in contexts))
+    was_training = model.training
+    model.eval()
+    try:
+        samples = TransformersBackend(model, tok, KL_BATCH).sample([list(c) for c in distinct],
+                                                                    SamplingParams(max_new_tokens, 0.0, 1.0, 0))
+        answers = [(s.ids + ([s.stop_id] if s.finished and s.stop_id is not None else []))[:max_new_tokens]
+                   for s in samples]
+        saved: dict = {"key": key, "answers": {}, "ids": {}, "lp": {}}
+        device = next(model.parameters()).device
+        for start in range(0, len(distinct), KL_BATCH // 4):
+            part = [i for i in range(start, min(start + KL_BATCH // 4, len(distinct))) if answers[i]]
+            if not part:
+                continue
+            res = branch_logits(model, [list(distinct[i]) for i in part], [[answers[i]] for i in part],
+                                tok.pad_token_id, device)
+            for j, i in enumerate(part):
+                top = res.distributions(j, 0).topk(KL_TOP_K, dim=-1)
+                c = str(distinct[i])
+                saved["ids"][c], saved["lp"][c] = top.indices.to("cpu", torch.int32), top.values.float().cpu()
+        for c, a in zip(distinct, answers):
+            saved["answers"][str(c)] = a if str(c) in saved["ids"] else []
+    finally:
+        model.train(was_training)
+    return saved
+
+
 def _trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """The model in training mode, with checkpointing and LoRA where asked, and the parameters it trains."""
     if cfg.gradient_checkpointing:
@@ -837,7 +944,7 @@ class _Step:
     """What one optimizer step leaves for the log, summed over every process."""
 
     lr: float
-    stats: torch.Tensor  # float64: loss sum, margin sum, correct, pairs, tokens, positions
+    stats: torch.Tensor  # float64: loss sum, margin sum, correct, pairs, tokens, positions, KL sum, pairs with KL
     grad_norm: torch.Tensor | None  # where gradients were clipped
     bad: bool  # a NaN/inf loss or gradient: the update was skipped
     seconds: float
@@ -855,7 +962,7 @@ def _train_step(run: _Run, micros: list[list[int]], lr: float) -> _Step:
     for group in optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
-    stats = torch.zeros(6, dtype=torch.float64)
+    stats = torch.zeros(8, dtype=torch.float64)
     grad_norm = None
     bad = False
     # sum / (pairs in the global step), times the factors that DDP averaging and accelerate's
@@ -897,8 +1004,9 @@ def _backward_pass(run: _Run, chunk: list[int], scale: float) -> tuple[torch.Ten
     if run.stepper is None or finite:
         run.accelerator.backward(total * scale)
     margin = (res.chosen_rewards - res.rejected_rewards).detach()
+    kl_sum, kl_n = (float(res.kl.sum()), sum(bool(run.examples[i].kl_answer) for i in chunk)) if res.kl is not None else (0.0, 0)
     row = torch.tensor([float(res.losses.detach().sum()), float(margin.sum()), float((margin > 0).sum()),
-                        len(chunk), ntok, positions], dtype=torch.float64)
+                        len(chunk), ntok, positions, kl_sum, kl_n], dtype=torch.float64)
     return row, finite
 
 
@@ -929,6 +1037,8 @@ def _account(run: _Run, epoch: int, result: _Step) -> dict:
            "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / result.seconds}
     if run.cfg.loss != "sft":
         row.update(reward_margin=_finite(float(stats[1] / stats[3])), reward_accuracy=float(stats[2] / stats[3]))
+    if stats[7] > 0:  # mean per-token KL to the untouched model on its own answers (--kl-alpha)
+        row["kl"] = _finite(float(stats[6] / stats[7]))
     if result.grad_norm is not None:
         row["grad_norm"] = _finite(float(result.grad_norm))
     if result.bad:
@@ -1106,6 +1216,8 @@ def _summary(run: _Run) -> dict:
         # forward + backward of the policy, 6 N per position (the reference is not counted)
         "model_flops": 6 * param_count(run.model) * run.positions,
         "interpolate": cfg.interpolate,
+        "kl_pairs": sum(bool(e.kl_answer) for e in run.examples),
+        "kl": last.get("kl") if last else None,
         "resume_key": run.key,
     }
     if run.selector is not None:

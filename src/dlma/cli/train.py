@@ -15,6 +15,10 @@ it to --out, a directory AutoModelForCausalLM / AutoTokenizer load.
 
 Reference log-probs come from the scored file, else they are computed once from the
 initial weights before the first step: no reference model is held during training.
+--kl-alpha A holds the answers to some prompts where they were: the untouched model answers
+each --kl-presets pair's prompt greedily (--kl-tokens long) before the first step, and the
+loss adds A x the mean per-token KL(untouched || model) along that answer (the untouched
+model's top-20 next tokens and a bucket for the rest, kept in --out/kl_reference.pt).
 --out also gets metrics.jsonl (loss, reward margin/accuracy, lr, tokens/s), checkpoints
 every --save-steps, and train_summary.json. Rerun the same command to resume after a kill.
 
@@ -32,6 +36,7 @@ examples:
   dlma train --data scored.jsonl --out ckpt
   dlma train --data scored.jsonl --out ckpt --loss dpo --lr 5e-7 --batch-size 8 --grad-accum 8
   dlma train --data scored.jsonl --out ckpt --lora-r 16 --no-save-merged
+  dlma train --data scored.jsonl --out ckpt --response-tokens 8 --kl-alpha 1 --kl-presets no-overrefusal
 """
 
 
