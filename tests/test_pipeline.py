@@ -20,7 +20,7 @@ DLMA = [sys.executable, "-m", "dlma.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--set", "generate.limit=5", "--set", "generate.num_pairs=1", "--set", "generate.max_new_tokens=12",
         "--set", "generate.batch_size=4",
-        "--set", "score.batch_size=1", "--set", "train.max_steps=6", "--set", "train.batch_size=2",
+        "--set", "score.batch_size=1", "--set", "train.max_steps=6", "--set", "train.batch_size=2", "--set", "train.kl_tokens=8",
         "--set", "train.save_steps=2", "--set", "evaluate.limit=2", "--set", "evaluate.max_new_tokens=8",
         "--set", "model.dtype=float32"]
 
@@ -279,17 +279,19 @@ def test_train_defaults_are_the_run_defaults():
     assert not {"lr", "max_grad_norm"} & set(yaml_train)
     assert TrainConfig().rpo_alpha == by_hand.rpo_alpha == 0.0  # by hand: the paper's loss alone
     assert (shipped.rpo_alpha, shipped.rpo_presets) == (0.2, ["no-overrefusal"])
-    assert TrainConfig().interpolate == by_hand.interpolate == 1.0 and shipped.interpolate == 0.5  # by hand: as trained
+    assert TrainConfig().kl_alpha == by_hand.kl_alpha == 0.0 and (shipped.kl_alpha, shipped.kl_presets) == (1.0, ["no-overrefusal"])
+    assert TrainConfig().interpolate == by_hand.interpolate == 1.0 and shipped.interpolate == 0.75  # by hand: as trained
 
 
 def test_shipped_run_config_names_the_presets_it_trains_on():
-    """The default run's NLL term names presets its generate stage uses (a name matching no pair turns it off)."""
+    """The default run's NLL and KL terms name presets its generate stage uses (a name matching no pair is an error)."""
     from dlma.cli.run import shipped_defaults
     from dlma.prompts import load_preset
 
     cfg = shipped_defaults()
     presets = cfg.generate.preset.split(",")
     assert cfg.train.rpo_alpha > 0 and set(cfg.train.rpo_presets) <= set(presets)
+    assert cfg.train.kl_alpha > 0 and set(cfg.train.kl_presets) <= set(presets)
     assert all(load_preset(p).name == p for p in presets + ["no-overrefusal-bare"])
 
 
