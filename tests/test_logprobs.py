@@ -165,3 +165,19 @@ def test_score_trees_counts_a_cached_prefix_once(embedded):
     score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=8, share_prefix=False, stats=alone)
     assert alone["positions"] == flat
     assert shared["positions"] <= flat - 2 * len(prefix)
+
+
+def test_branch_sums_of_chosen_branches_leave_the_others_at_zero(embedded):
+    import torch
+
+    from dlma.logprobs import branch_logits
+
+    model, tok = embedded
+    trees = _cases(tok)[:3]
+    out = branch_logits(model, [c for c, _ in trees], [rs for _, rs in trees], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        every, first = out.sums(), out.sums([0])
+        # the taken token's log-prob, read off the whole distribution, sums to the same branch total
+        taken = out.distributions(1, 0).gather(-1, torch.tensor(trees[1][1][0]).unsqueeze(-1)).sum()
+    assert torch.equal(first[:, 0], every[:, 0]) and not first[:, 1].any() and every[:, 1].ne(0).all()
+    assert abs(float(taken) - float(every[1, 0])) < 1e-4

@@ -239,6 +239,9 @@ def test_compare_puts_methods_side_by_side(tmp_path):
     made = [json.loads((run_dir / m / f"seed-{seed}" / "round-1" / "evaluate" / "metrics.json").read_text())
             ["prompts"]["answers_generated"]["baseline"] for m in methods for seed in (0, 1)]
     assert made[0] == 2 and not any(made[1:])
+    # so do the untouched answers the KL term holds (the pair losses carry it; SFT has no pairs)
+    kl_runs = [m for m in methods if METHODS[m]["loss"] in ("dlma", "dpo")]
+    assert res.stderr.count("[round 1 train] the KL term's untouched answers copied from") == 2 * len(kl_runs) - 1
     rlcd = json.loads((run_dir / "rlcd" / "seed-1" / "round-1" / "train" / "model" / "train_summary.json").read_text())
     assert rlcd["resume_key"]["train"]["lr"] == 3.0e-6 and rlcd["resume_key"]["train"]["seed"] == 1  # its own lr, the seed
     spread = json.loads((run_dir / "compare.json").read_text())

@@ -388,10 +388,15 @@ class BranchLogits:
     trees: int
     positions: int        # positions computed
 
-    def sums(self) -> torch.Tensor:
-        """Summed float32 log-probs (trees, n) of every branch."""
-        lp = token_logprobs(self.logits, self.target)
-        sums = torch.zeros(self.trees * self.n, dtype=lp.dtype, device=lp.device).index_add(0, self.owner, lp)
+    def sums(self, branches: Sequence[int] | None = None) -> torch.Tensor:
+        """Summed float32 log-probs (trees, n) of every branch, or of `branches` only (the others
+        0): a branch used for its distributions alone need not be log-softmaxed twice."""
+        logits, target, owner = self.logits, self.target, self.owner
+        if branches is not None:
+            at = torch.nonzero(torch.isin(owner % self.n, torch.tensor(list(branches), device=owner.device))).squeeze(-1)
+            logits, target, owner = logits[at], target[at], owner[at]
+        lp = token_logprobs(logits, target)
+        sums = torch.zeros(self.trees * self.n, dtype=lp.dtype, device=lp.device).index_add(0, owner, lp)
         return sums.view(self.trees, self.n)
 
     def distributions(self, tree: int, branch: int) -> torch.Tensor:

@@ -185,6 +185,27 @@ class Pipeline:
                 return True
         return False
 
+    def _reuse_kl_answers(self, rnd: int, out: Path) -> None:
+        """Copy a sibling run's untouched answers for the KL term (train.kl_alpha) into `out`.
+
+        They are the starting model's greedy answers, the same for every method of a comparison; the
+        trainer uses a copied file only where its key (model, dtype, kl_tokens) and prompts match, and
+        makes them anew otherwise, so a copy can save minutes and cannot change a result.
+        """
+        from .train import KL_REFERENCE
+
+        if (out / KL_REFERENCE).exists():
+            return
+        for sib in self.siblings:
+            src = sib / f"round-{rnd}" / "train" / "model" / KL_REFERENCE
+            if src.is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                tmp = out / (KL_REFERENCE + ".copy")
+                shutil.copy(src, tmp)
+                os.replace(tmp, out / KL_REFERENCE)  # a kill mid-copy leaves no half file to trust
+                self.log(f"[round {rnd} train] the KL term's untouched answers copied from {sib} (used where they match)")
+                return
+
     def _reuse_baseline_answers(self, rnd: int, eval_key: str, sdir: Path) -> None:
         """Copy the untouched model's answers from a sibling run evaluated with the same settings.
 
@@ -282,6 +303,8 @@ class Pipeline:
         def train(d: Path) -> dict:
             from .train import train_model
 
+            if tcfg.kl_alpha:
+                self._reuse_kl_answers(rnd, d / "model")
             return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress)
 
         self._stage("train", rnd, train_key, train)

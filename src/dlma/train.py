@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,7 +300,7 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
     branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) + ([e.kl_answer or []] if retain else [])
                 for e in examples]
     out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
-    sums = out.sums()
+    sums = out.sums(range(out.n - 1) if retain else None)
     kl = None
     if retain:
         k = out.n - 1
@@ -382,6 +383,14 @@ def _nll_on(cfg: TrainConfig, preset: str | None) -> bool:
 
 def _kl_on(cfg: TrainConfig, preset: str | None) -> bool:
     return not cfg.kl_presets or preset in cfg.kl_presets
+
+
+def _check_presets_named(pairs: list[dict], data: str, flag: str, named: list[str], term: str) -> None:
+    """A term limited to presets that none of the pairs has would silently be off: say so instead."""
+    have = sorted({str(rec.get("preset")) for rec in pairs})
+    if named and not set(named) & set(have):
+        raise DlmaError(f"{flag} {','.join(named)} names no preset of the pairs in {data} (they have: "
+                        f"{', '.join(have)}), so the {term} term would be off; name one of theirs")
 
 
 def _add_nll(out: L.PairLoss, pi_c: torch.Tensor, examples: Sequence[Example], cfg: TrainConfig, device,
@@ -741,14 +750,8 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    if cfg.rpo_alpha and cfg.rpo_presets and not any(_nll_on(cfg, rec.get("preset")) for rec in pairs):
-        have = sorted({str(rec.get("preset")) for rec in pairs})
-        raise DlmaError(f"--rpo-presets {','.join(cfg.rpo_presets)} names no preset of the pairs in {data} (they have: "
-                        f"{', '.join(have)}), so the NLL term would be off; name one of theirs")
-    if cfg.kl_alpha and cfg.kl_presets and not any(_kl_on(cfg, rec.get("preset")) for rec in pairs):
-        have = sorted({str(rec.get("preset")) for rec in pairs})
-        raise DlmaError(f"--kl-presets {','.join(cfg.kl_presets)} names no preset of the pairs in {data} (they have: "
-                        f"{', '.join(have)}), so the KL term would be off; name one of theirs")
+    _check_presets_named(pairs, data, "--rpo-presets", cfg.rpo_presets if cfg.rpo_alpha else [], "NLL")
+    _check_presets_named(pairs, data, "--kl-presets", cfg.kl_presets if cfg.kl_alpha else [], "KL")
     examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise", response_tokens=cfg.response_tokens,
                               whole_chosen=(lambda rec: _nll_on(cfg, rec.get("preset"))) if _rpo_whole(cfg) else None)
 
@@ -851,6 +854,8 @@ def _kl_reference(accelerator: Accelerator, model: torch.nn.Module, tok, example
     saved = cached() if accelerator.is_main_process else None
     if accelerator.is_main_process and saved is None:
         out.mkdir(parents=True, exist_ok=True)
+        print(f"dlma train: the untouched model answers the {len(wanted)} --kl-presets prompts (greedy, "
+              f"{cfg.kl_tokens} tokens) for the KL term, once; cached in {cache}", file=sys.stderr, flush=True)
         saved = _untouched_answers(model, tok, [e.context for e in wanted], cfg.kl_tokens, key)
         with replacing(cache) as tmp:
             torch.save(saved, tmp)
