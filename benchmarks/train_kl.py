@@ -33,7 +33,7 @@ from train_layout import model_and_examples, step_benchmark_args, verdict  # noq
 
 from dlma.config import TrainConfig  # noqa: E402
 from dlma.machine import cpu_kind  # noqa: E402
-from dlma.train import _untouched_answers, micro_batch_losses  # noqa: E402
+from dlma.train import _untouched_answers, attach_kl_answers, micro_batch_losses  # noqa: E402
 
 RETAIN = "no-overrefusal"
 
@@ -60,10 +60,7 @@ def main() -> None:
     t0 = time.perf_counter()
     saved = _untouched_answers(model, tok, [e.context for e in wanted], args.kl_tokens, {})
     answers_s = time.perf_counter() - t0
-    for e in wanted:
-        c = str(tuple(e.context))
-        if saved["answers"][c]:
-            e.kl_answer, e.kl_ref_ids, e.kl_ref_lp = saved["answers"][c], saved["ids"][c], saved["lp"][c]
+    attach_kl_answers(wanted, saved)
     off = TrainConfig(lr=args.lr, response_tokens=args.response_tokens, rpo_alpha=0.2, rpo_presets=[RETAIN])
     cfgs = {"baseline": off, "kl": dataclasses.replace(off, kl_alpha=1.0, kl_presets=[RETAIN], kl_tokens=args.kl_tokens)}
     data = {"baseline": base, "kl": held}

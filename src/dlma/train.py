@@ -385,10 +385,12 @@ def _kl_on(cfg: TrainConfig, preset: str | None) -> bool:
     return not cfg.kl_presets or preset in cfg.kl_presets
 
 
-def _check_presets_named(pairs: list[dict], data: str, flag: str, named: list[str], term: str) -> None:
-    """A term limited to presets that none of the pairs has would silently be off: say so instead."""
-    have = sorted({str(rec.get("preset")) for rec in pairs})
-    if named and not set(named) & set(have):
+def _check_presets_named(pairs: list[dict], data: str, flag: str, named: list[str], term: str,
+                         on: Callable[[str | None], bool]) -> None:
+    """A term limited to presets (`on`: the term's own test) that none of the pairs has would
+    silently be off: say so instead."""
+    if named and not any(on(rec.get("preset")) for rec in pairs):
+        have = sorted({str(rec.get("preset")) for rec in pairs})
         raise DlmaError(f"{flag} {','.join(named)} names no preset of the pairs in {data} (they have: "
                         f"{', '.join(have)}), so the {term} term would be off; name one of theirs")
 
@@ -750,8 +752,10 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    _check_presets_named(pairs, data, "--rpo-presets", cfg.rpo_presets if cfg.rpo_alpha else [], "NLL")
-    _check_presets_named(pairs, data, "--kl-presets", cfg.kl_presets if cfg.kl_alpha else [], "KL")
+    _check_presets_named(pairs, data, "--rpo-presets", cfg.rpo_presets if cfg.rpo_alpha else [], "NLL",
+                         lambda preset: _nll_on(cfg, preset))
+    _check_presets_named(pairs, data, "--kl-presets", cfg.kl_presets if cfg.kl_alpha else [], "KL",
+                         lambda preset: _kl_on(cfg, preset))
     examples = build_examples(pairs, renderer, listwise=cfg.loss == "listwise", response_tokens=cfg.response_tokens,
                               whole_chosen=(lambda rec: _nll_on(cfg, rec.get("preset"))) if _rpo_whole(cfg) else None)
 
@@ -863,11 +867,17 @@ def _kl_reference(accelerator: Accelerator, model: torch.nn.Module, tok, example
     saved = saved or cached()
     if saved is None:
         raise DlmaError(f"{cache}: the untouched model's answers for --kl-alpha could not be read back")
-    for e in wanted:
+    attach_kl_answers(wanted, saved)
+    return time.perf_counter() - t0
+
+
+def attach_kl_answers(examples: Sequence[Example], saved: dict) -> None:
+    """Give each example its prompt's untouched answer and reference log-probs from `saved`
+    (`_untouched_answers`' output); an empty answer leaves the example without the KL branch."""
+    for e in examples:
         c = str(tuple(e.context))
         if saved["answers"][c]:
             e.kl_answer, e.kl_ref_ids, e.kl_ref_lp = saved["answers"][c], saved["ids"][c], saved["lp"][c]
-    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
