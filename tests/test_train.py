@@ -7,6 +7,7 @@ a short instruction-only contrastive preset: rows stay ~45 tokens, so steps are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -395,6 +396,8 @@ def test_branches_of_one_row_match_separate_rows():
 
 
 def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
+    import torch
+
     from dlma.config import GenerateConfig
     from dlma.errors import DlmaError
     from dlma.generate import TransformersBackend, generate_pairs
@@ -414,6 +417,35 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
     # rewards are 0, so the references belong to the responses as ranked
     rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert abs(rows[0]["reward_margin"]) < 1e-4 and rows[0]["loss"] > 0
+    # --kl-alpha on the listwise loss: the untouched answer is one more branch of the list's
+    # context; 0 before the first update (so the first loss is the one without the term), then
+    # added as a_kl x the mean per-token KL
+    held = train_model(ModelConfig(dtype="float32", device="cpu"), dataclasses.replace(cfg, kl_alpha=5.0, kl_tokens=6),
+                       str(data), str(tmp_path / "kl"), progress=False)
+    kl_rows = _metrics(tmp_path / "kl")
+    assert held["kl_pairs"] == 4 and abs(kl_rows[0]["kl"]) < 1e-5 and kl_rows[-1]["kl"] > 0
+    assert kl_rows[0]["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    from dlma.data import read_pairs
+    from dlma.prompts import Renderer
+    from dlma.train import _kl_reference, build_examples, micro_batch_losses
+
+    ex = build_examples(read_pairs(str(data), None), Renderer(tok, None, 1024), listwise=True)
+    _kl_reference(_MainProcess(), model, tok, ex, ModelConfig(dtype="float32", device="cpu"),
+                  TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "kl")
+    for e in ex:
+        e.ref_chosen, e.ref_rejected, e.ref_middle = 0.0, 0.0, [0.0] * len(e.middle)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "kl", dtype=torch.float32)
+    with torch.no_grad():
+        a, _, _ = micro_batch_losses(trained, ex, dataclasses.replace(cfg, kl_alpha=2.0), tok.pad_token_id, "cpu")
+        b, _, _ = micro_batch_losses(trained, ex, cfg, tok.pad_token_id, "cpu")
+    assert (a.kl > 0).all() and torch.allclose(a.losses, b.losses + 2.0 * a.kl, atol=1e-5)
+    assert torch.allclose(a.chosen_rewards, b.chosen_rewards, atol=1e-5)  # the extra branch leaves the list's sums alone
+    from dlma.train import validate
+
+    with pytest.raises(DlmaError, match="kl-alpha needs .* listwise"):  # context distillation samples nothing to hold
+        validate(TrainConfig(loss="sft", kl_alpha=1.0))
     # a pair file without candidates is refused with the reason
     plain = tmp_path / "k1.jsonl"
     generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, max_new_tokens=6, batch_size=8), str(plain),
@@ -496,6 +528,13 @@ def test_rpo_presets_must_name_a_preset_of_the_pairs(scored, tmp_path):
                     str(scored[0]), str(tmp_path / "out"), progress=False)
 
 
+class _MainProcess:  # what _kl_reference asks of an Accelerator, on one process
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
 def test_kl_alpha_holds_the_untouched_models_own_answers(scored, embedded, tmp_path):
     """--kl-alpha: the untouched model's greedy answers (transformers' own greedy decoding agrees)
     and their reference distributions are made once and cached; the term is a_kl x the mean
@@ -529,13 +568,7 @@ def test_kl_alpha_holds_the_untouched_models_own_answers(scored, embedded, tmp_p
 
     ex = build_examples(read_pairs(str(scored[0]), 16), Renderer(tok, None, 1024), response_tokens=4)
 
-    class Main:  # what _kl_reference asks of an Accelerator, on one process
-        is_main_process = True
-
-        def wait_for_everyone(self):
-            pass
-
-    _kl_reference(Main(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "held")
+    _kl_reference(_MainProcess(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "held")
     for e in ex:
         e.ref_chosen = e.ref_rejected = 0.0
 

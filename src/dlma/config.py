@@ -85,7 +85,8 @@ class GenerateConfig:
                             f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
 
 
-PAIR_LOSSES = ("dlma", "dpo", "ipo")  # one chosen and one rejected response per pair: the losses --rpo-whole and --kl-alpha extend
+PAIR_LOSSES = ("dlma", "dpo", "ipo")  # one chosen and one rejected response per pair: the losses --rpo-whole extends
+KL_LOSSES = PAIR_LOSSES + ("listwise",)  # the losses over sampled responses, which --kl-alpha extends
 
 
 @dataclass

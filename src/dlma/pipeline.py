@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import PAIR_LOSSES, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
+from .config import KL_LOSSES, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import read_jsonl, write_json
 from .errors import DlmaError, os_error_message
 
@@ -339,14 +339,15 @@ def train_config(cfg: RunConfig) -> TrainConfig:
 
     min_reward, flip_negative, reward_norm and shuffle_reward act on the self-reward R, so they apply only to methods that
     compute it; context distillation scores nothing and RLAIF's text judge orients its pairs. The KL term
-    (kl_alpha) is a branch of a pair's packed context, so it is on for the pair losses only.
+    (kl_alpha) is a branch of a pair's packed context, so it is on for the losses over sampled responses only
+    (not context distillation's).
     """
     spec = METHODS[cfg.method]
     single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
     tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
     if spec["judge"] not in ("self-reward", "both"):
         tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
-    if spec["loss"] not in PAIR_LOSSES:
+    if spec["loss"] not in KL_LOSSES:
         tcfg = dataclasses.replace(tcfg, kl_alpha=0.0)
     return tcfg
 

@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from . import losses as L
-from .config import PAIR_LOSSES, ModelConfig, TrainConfig
+from .config import KL_LOSSES, PAIR_LOSSES, ModelConfig, TrainConfig
 from .data import read_pairs, replacing, write_json, write_text
 from .errors import DlmaError
-from .logprobs import branch_logits, branch_logprobs, collate, score_sequences, sequence_logprobs
+from .logprobs import BranchLogits, branch_logits, collate, score_sequences, sequence_logprobs
 from .machine import param_count
 
 if TYPE_CHECKING:
@@ -301,13 +301,17 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
                 for e in examples]
     out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
     sums = out.sums(range(out.n - 1) if retain else None)
-    kl = None
-    if retain:
-        k = out.n - 1
-        zero = sums.new_zeros(())
-        kl = torch.stack([L.kl_to_reference(out.distributions(i, k), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
-                          if e.kl_answer else zero for i, e in enumerate(examples)])
+    kl = _retain_kl(out, examples, device) if retain else None
     return sums[:, 0], sums[:, 1], out.positions, (sums[:, 2] if extra else None), kl
+
+
+def _retain_kl(out: BranchLogits, examples: Sequence[Example], device) -> torch.Tensor:
+    """Per-example mean KL(untouched || model) along the untouched answer, the last branch of
+    each tree (0 for an example without one): the --kl-alpha term of every loss that has it."""
+    k = out.n - 1
+    zero = torch.zeros((), device=device)
+    return torch.stack([L.kl_to_reference(out.distributions(i, k), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
+                        if e.kl_answer else zero for i, e in enumerate(examples)])
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
@@ -345,9 +349,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
     else:
         out = L.ipo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta)
     _add_nll(out, pi_c, examples, cfg, device, whole)
-    if kl is not None:
-        out.losses = out.losses + cfg.kl_alpha * kl
-        out.kl = kl.detach()
+    _add_kl(out, kl, cfg)
     return out, ntok, positions
 
 
@@ -357,11 +359,16 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
     if len({len(r) for r in ranked}) > 1:
         raise DlmaError("--loss listwise needs the same number of candidates in every record; "
                         "generate the pair file with one --num-samples")
-    ntok = positions = sum(len(e.context) * len(r) + sum(map(len, r)) for e, r in zip(examples, ranked))
+    retain = any(e.kl_answer for e in examples)
+    ntok = positions = sum(len(e.context) * len(r) + sum(map(len, r)) + (len(e.context) + len(e.kl_answer) if e.kl_answer else 0)
+                           for e, r in zip(examples, ranked))
+    kl, N = None, len(ranked[0])
     if cfg.share_context:
-        pi, positions = branch_logprobs(model, [e.context for e in examples], ranked, pad_id, device)
+        out = branch_logits(model, [e.context for e in examples],
+                            [r + [e.kl_answer or []] if retain else r for e, r in zip(examples, ranked)], pad_id, device)
+        pi, positions = out.sums(range(N) if retain else None)[:, :N], out.positions
+        kl = _retain_kl(out, examples, device) if retain else None
     else:
-        N = len(ranked[0])
         batch = collate([e.context for e in examples for _ in range(N)], [r for rs in ranked for r in rs], pad_id).to(device)
         pi = sequence_logprobs(model, batch)[0].view(len(examples), N)
     ref = torch.tensor([[e.ref_chosen, *e.ref_middle, e.ref_rejected] for e in examples], dtype=torch.float32, device=device)
@@ -369,7 +376,14 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
     out = L.listwise_loss(pi, ref, scores, beta=cfg.beta, margin_weight=cfg.margin_weight,
                           margin_clip=tuple(cfg.margin_clip))
     _add_nll(out, pi[:, 0], examples, cfg, device)
+    _add_kl(out, kl, cfg)
     return out, ntok, positions
+
+
+def _add_kl(out: L.PairLoss, kl: torch.Tensor | None, cfg: TrainConfig) -> None:
+    if kl is not None:
+        out.losses = out.losses + cfg.kl_alpha * kl
+        out.kl = kl.detach()
 
 
 def _rpo_whole(cfg: TrainConfig) -> bool:
@@ -421,9 +435,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.rpo_whole and cfg.rpo_alpha and (not cfg.share_context or cfg.loss == "listwise"):
         raise DlmaError("--rpo-whole needs --share-context (each whole response is a third branch of its pair's "
                         "context) and a pair loss, not listwise")
-    if cfg.kl_alpha and (not cfg.share_context or cfg.loss not in PAIR_LOSSES):
+    if cfg.kl_alpha and (not cfg.share_context or cfg.loss not in KL_LOSSES):
         raise DlmaError("--kl-alpha needs --share-context (the untouched model's answer is a further branch of its "
-                        "pair's context) and a pair loss (dlma, dpo, ipo)")
+                        f"pair's context) and a loss over sampled responses ({', '.join(KL_LOSSES)})")
     if cfg.step_in_backward == "on" and (cfg.grad_accum > 1 or cfg.max_grad_norm > 0 or cfg.micro_tokens > 0):
         raise DlmaError("--step-in-backward on is exact only with --grad-accum 1, --max-grad-norm 0 and --micro-tokens 0 "
                         "(clipping needs the global norm of every gradient first; passes add up gradients)")
