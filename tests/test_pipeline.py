@@ -196,6 +196,9 @@ def test_every_method_can_train_on_what_its_scoring_gives():
         kept, _ = select_pairs([pair], tcfg)
         assert len(kept) == 1, method
     assert train_config(shipped).min_reward == shipped.train.min_reward  # dlma keeps its filter
+    assert shipped.train.kl_alpha > 0  # the KL term: kept by every loss over sampled responses, dropped by SFT's
+    kept_kl = {m: train_config(dataclasses.replace(shipped, method=m)).kl_alpha for m in METHODS}
+    assert kept_kl["dlma-listwise"] == kept_kl["dlma"] == shipped.train.kl_alpha and kept_kl["context-distillation"] == 0.0
 
 
 def test_rlaif_orientation_moves_every_per_side_field(tmp_path):
