@@ -53,7 +53,7 @@ from . import losses as L
 from .config import KL_LOSSES, PAIR_LOSSES, ModelConfig, TrainConfig
 from .data import read_pairs, replacing, write_json, write_text
 from .errors import DlmaError
-from .logprobs import BranchLogits, branch_logits, collate, score_sequences, sequence_logprobs
+from .logprobs import branch_logits, collate, score_sequences, sequence_logprobs
 from .machine import param_count
 
 if TYPE_CHECKING:
@@ -296,22 +296,33 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
     prefix all the micro-batch's contexts share once (`branch_logits`); a pair's uncut chosen
     response (--rpo-whole) and the untouched model's answer (--kl-alpha) are further branches."""
     extra = any(e.whole_chosen for e in examples)
-    retain = any(e.kl_answer for e in examples)
-    branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) + ([e.kl_answer or []] if retain else [])
-                for e in examples]
-    out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
-    sums = out.sums(range(out.n - 1) if retain else None)
-    kl = _retain_kl(out, examples, device) if retain else None
-    return sums[:, 0], sums[:, 1], out.positions, (sums[:, 2] if extra else None), kl
+    branches = [[e.chosen, e.rejected] + ([e.whole_chosen or []] if extra else []) for e in examples]
+    sums, positions, kl = _branches_with_kl(model, examples, branches, pad_id, device)
+    return sums[:, 0], sums[:, 1], positions, (sums[:, 2] if extra else None), kl
 
 
-def _retain_kl(out: BranchLogits, examples: Sequence[Example], device) -> torch.Tensor:
-    """Per-example mean KL(untouched || model) along the untouched answer, the last branch of
-    each tree (0 for an example without one): the --kl-alpha term of every loss that has it."""
-    k = out.n - 1
+def _branches_with_kl(model, examples: Sequence[Example], branches: Sequence[Sequence[list[int]]], pad_id: int,
+                     device) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """Differentiable summed log-probs (B, N) of each example's N `branches` after its context
+    (`branch_logits`), the positions computed, and, where an example carries the untouched
+    model's answer (--kl-alpha), the per-example mean KL(untouched || model) along it (0 for one
+    without; None when none has one): the answer rides as one more branch of the same context and
+    goes through log-softmax for its distributions only. Every loss with the KL term uses this."""
+    n = len(branches[0])
+    if not any(e.kl_answer for e in examples):
+        out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
+        return out.sums(), out.positions, None
+    out = branch_logits(model, [e.context for e in examples], [list(b) + [e.kl_answer or []] for e, b in zip(examples, branches)],
+                        pad_id, device)
     zero = torch.zeros((), device=device)
-    return torch.stack([L.kl_to_reference(out.distributions(i, k), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
-                        if e.kl_answer else zero for i, e in enumerate(examples)])
+    kl = torch.stack([L.kl_to_reference(out.distributions(i, n), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
+                      if e.kl_answer else zero for i, e in enumerate(examples)])
+    return out.sums(range(n))[:, :n], out.positions, kl
+
+
+def _kl_row_tokens(e: Example) -> int:
+    """Tokens of the KL branch as a (context, answer) row counts them: tokens/s compares across layouts."""
+    return len(e.context) + len(e.kl_answer) if e.kl_answer else 0
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
@@ -330,7 +341,7 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
     # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
     ntok = positions = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected)
                            + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0)
-                           + (len(e.context) + len(e.kl_answer) if e.kl_answer else 0) for e in examples)
+                           + _kl_row_tokens(e) for e in examples)
     whole = kl = None
     if cfg.share_context:
         pi_c, pi_r, positions, whole, kl = shared_context_logprobs(model, examples, pad_id, device)
@@ -359,15 +370,10 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
     if len({len(r) for r in ranked}) > 1:
         raise DlmaError("--loss listwise needs the same number of candidates in every record; "
                         "generate the pair file with one --num-samples")
-    retain = any(e.kl_answer for e in examples)
-    ntok = positions = sum(len(e.context) * len(r) + sum(map(len, r)) + (len(e.context) + len(e.kl_answer) if e.kl_answer else 0)
-                           for e, r in zip(examples, ranked))
+    ntok = positions = sum(len(e.context) * len(r) + sum(map(len, r)) + _kl_row_tokens(e) for e, r in zip(examples, ranked))
     kl, N = None, len(ranked[0])
     if cfg.share_context:
-        out = branch_logits(model, [e.context for e in examples],
-                            [r + [e.kl_answer or []] if retain else r for e, r in zip(examples, ranked)], pad_id, device)
-        pi, positions = out.sums(range(N) if retain else None)[:, :N], out.positions
-        kl = _retain_kl(out, examples, device) if retain else None
+        pi, positions, kl = _branches_with_kl(model, examples, ranked, pad_id, device)
     else:
         batch = collate([e.context for e in examples for _ in range(N)], [r for rs in ranked for r in rs], pad_id).to(device)
         pi = sequence_logprobs(model, batch)[0].view(len(examples), N)
