@@ -1,8 +1,10 @@
 """benchmarks/gpu.py at its tiny CPU shape: the script a GPU run uses, exercised end to end here.
 
 Every stage (dlma's generate, score and train on a random model saved like a user's) must report a
-positive finite tokens/s and a peak memory; the ratio lines against TRL come last (nan where TRL
-is not installed), and the work directory (model, pairs, trained weights) is removed afterwards.
+positive finite tokens/s and a peak memory, training also its steps after the first; the random
+model's next-token entropy is brought to a trained model's; --profile prints each stage's top
+operators; the ratio lines against TRL come last (nan where TRL is not installed), and the work
+directory (model, pairs, trained weights) is removed afterwards.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ STAGE = re.compile(r"^stage=(\w+) tokens_per_s=(\S+) mfu=(\S+) peak_memory_mb=(\
 
 def test_gpu_benchmark_tiny_runs_every_stage(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
-    res = subprocess.run([sys.executable, str(SCRIPT), "--tiny"], env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--profile"], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     lines = res.stdout.strip().splitlines()
     stages = {m[1]: m for m in map(STAGE.match, lines) if m}
-    assert {"generate", "score", "train"} <= set(stages), res.stdout
+    assert {"generate", "score", "train", "train_steady"} <= set(stages), res.stdout
+    m = re.search(r"next-token entropy (\S+) nats at temperature 0.7, a trained model's \((\S+)\)", res.stdout)
+    assert m and abs(float(m[1]) - float(m[2])) < 0.05, res.stdout[:2000]
+    for stage in ("generate", "score", "train"):
+        assert f"profile of {stage} (torch.profiler" in res.stdout and "aten::mm" in res.stdout, stage
     for name, m in stages.items():
         tps, mfu, mem = (float(x) for x in m.groups()[1:])
         assert math.isfinite(tps) and tps > 0, (name, m[0])

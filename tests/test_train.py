@@ -791,3 +791,29 @@ def test_response_tokens_trains_on_the_openings_with_their_own_reference(scored,
         assert abs(rec["ref_lp_rejected_first"] - ref[rec["id"]][-1]) < 1e-3
         assert rec["ref_lp_chosen"] != rec["ref_lp_chosen_first"] or len(ex.chosen) <= 3
     assert all(ex.ref_chosen is None for ex in build_examples(again, renderer, response_tokens=4))  # another cut
+
+
+def test_backward_stepper_skips_a_nonfinite_gradient_on_the_device():
+    """The fused kernel's found_inf leaves the NaN tensor and its moments untouched (no host read
+    per tensor); the finite tensor gets exactly a whole-optimizer AdamW step; the count is read once."""
+    import torch
+
+    from dlma.train import BackwardStepper
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    twin = torch.nn.Parameter(a.detach().clone())
+    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.01, fused=True)
+    stepper = BackwardStepper(opt, [a, b])
+    assert stepper.on_device
+    ref = torch.optim.AdamW([twin], lr=0.1, weight_decay=0.01, fused=True)
+    b0 = b.detach().clone()
+    x = torch.randn(3)
+    ((a @ x).sum() + (b * float("nan")).sum()).backward()
+    (twin @ x).sum().backward()
+    ref.step()
+    assert torch.equal(a.detach(), twin.detach()) and a.grad is None
+    assert torch.equal(b.detach(), b0) and b.grad is None
+    assert not opt.state.get(b) or (opt.state[b]["exp_avg"] == 0).all() and float(opt.state[b]["step"]) == 0
+    assert stepper.take_nonfinite() == 1 and stepper.take_nonfinite() == 0
+    stepper.remove()

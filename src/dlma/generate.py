@@ -167,11 +167,13 @@ class RowSampler:
         # Inverse-CDF draw, all rows at once: one uniform per row from its generator. A token
         # of probability 0 spans an empty interval of the CDF and is never picked.
         # (torch.multinomial called once per row over the whole vocabulary was much slower.)
-        cdf = self.warp(input_ids, scores).double().softmax(-1).cpu().cumsum(-1)
-        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.gens]) * cdf[:, -1]
-        picks = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
+        # Only the B uniforms come from the host; the CDF stays where the scores are (a GPU's
+        # [B, vocab] float64 CDF is ~25 MB a step to copy out at batch 64).
+        cdf = self.warp(input_ids, scores).double().softmax(-1).cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.gens]).to(cdf.device)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
         out = torch.full_like(scores, -float("inf"))
-        return out.scatter_(-1, picks.to(scores.device), 0.0)
+        return out.scatter_(-1, picks, 0.0)
 
 
 # generation-config fields that make `generate` add a logits processor even to greedy decoding

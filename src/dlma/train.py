@@ -565,7 +565,11 @@ class BackwardStepper:
 
     The update is the same fused AdamW as a whole-model step (per-parameter, there is no
     cross-parameter coupling without clipping); the moments live in `optimizer.state`, so
-    checkpoints save and resume them unchanged.
+    checkpoints save and resume them unchanged. A gradient holding NaN/inf is not applied. With
+    the fused kernel the check stays on the device: the kernel's own `found_inf` input (what
+    GradScaler uses) skips the update, so backward never waits for the host; reading the flag
+    once per step (`take_nonfinite`) is the only synchronisation. Without it (an optimizer built
+    unfused) each hook asks the host.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]):
@@ -577,19 +581,29 @@ class BackwardStepper:
         accepted = inspect.signature(type(inner).__init__).parameters
         defaults = {k: v for k, v in inner.defaults.items() if k in accepted and k != "params"}
         self.single = {p: type(inner)([p], **defaults) for p in params}
+        self.on_device = bool(defaults.get("fused"))
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
-        self.nonfinite = 0  # gradients dropped for holding NaN/inf since the caller last reset it
+        self.nonfinite: torch.Tensor | int = 0  # gradients dropped for NaN/inf since take_nonfinite
 
     def _hook(self, p: torch.nn.Parameter) -> None:
-        if not bool(torch.isfinite(p.grad).all()):
+        opt = self.single[p]
+        if self.on_device:
+            found = (~torch.isfinite(p.grad).all()).float()  # 1: the fused kernel leaves p and its moments
+            opt.found_inf = found
+            self.nonfinite = self.nonfinite + found
+        elif not bool(torch.isfinite(p.grad).all()):
             p.grad = None
             self.nonfinite += 1
             return
-        opt = self.single[p]
         opt.state = self.inner.state  # re-linked every time: load_state_dict replaces the dict
         opt.param_groups[0]["lr"] = self.inner.param_groups[0]["lr"]
         opt.step()
         p.grad = None
+
+    def take_nonfinite(self) -> int:
+        """How many gradients were dropped since the last call (one host read)."""
+        n, self.nonfinite = int(self.nonfinite), 0
+        return n
 
     def remove(self) -> None:
         for h in self.handles:
@@ -1013,8 +1027,7 @@ def _train_step(run: _Run, micros: list[list[int]], lr: float) -> _Step:
                 stats += row
                 bad |= not finite
             if stepper is not None:
-                bad |= stepper.nonfinite > 0
-                stepper.nonfinite = 0
+                bad |= stepper.take_nonfinite() > 0
             else:  # else every weight was already updated inside backward
                 if accelerator.sync_gradients:
                     bad = _nonfinite_gradients(model, accelerator, bad)
@@ -1047,8 +1060,9 @@ def _backward_pass(run: _Run, chunk: list[int], scale: float) -> tuple[torch.Ten
 
 def _nonfinite_gradients(model, accelerator, bad: bool) -> bool:
     """Whether this step must be skipped: a NaN/inf loss here, or a NaN/inf gradient on any process."""
-    if not bad:
-        bad = not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not bad and grads:  # one host read for the whole model, not one per tensor
+        bad = not bool(torch.stack([torch.isfinite(g).all().to(accelerator.device) for g in grads]).all())
     if accelerator.num_processes > 1:  # every process must make the same choice (FSDP shards differ)
         flag = torch.tensor([float(bad)], device=accelerator.device)
         bad = bool(accelerator.reduce(flag, "sum").item() > 0)
