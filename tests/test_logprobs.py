@@ -180,4 +180,5 @@ def test_branch_sums_of_chosen_branches_leave_the_others_at_zero(embedded):
         # the taken token's log-prob, read off the whole distribution, sums to the same branch total
         taken = out.distributions(1, 0).gather(-1, torch.tensor(trees[1][1][0]).unsqueeze(-1)).sum()
     assert torch.equal(first[:, 0], every[:, 0]) and not first[:, 1].any() and every[:, 1].ne(0).all()
-    assert abs(float(taken) - float(every[1, 0])) < 1e-4
+    # two float32 routes (log_softmax then gather; gather minus logsumexp): 1.6e-4 apart on an AVX2 EPYC
+    assert abs(float(taken) - float(every[1, 0])) < 1e-3

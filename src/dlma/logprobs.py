@@ -294,27 +294,31 @@ class TreeRows:
 
     seg codes each token: -1 padding, 0 a prefix every tree shares held in the row itself, and
     for the tree in row slot s, 1 + s * (n + 1) its context and 1 + s * (n + 1) + 1 + k its
-    branch k. picks lists (row, predicting index, target id, tree * n + branch) per target.
+    branch k. picks holds (row, predicting index, target id, tree * n + branch) per target, a
+    (targets, 4) long tensor.
     """
 
     ids: torch.Tensor
     pos: torch.Tensor
     seg: torch.Tensor
-    picks: list[tuple[int, int, int, int]]
+    picks: torch.Tensor
     n: int  # branches per tree (the most any tree has)
 
-    def mask(self, prefix_cols: int = 0) -> torch.Tensor:
+    def mask(self, prefix_cols: int = 0, device=None) -> torch.Tensor:
         """Boolean (B, 1, S, prefix_cols + S): causal, the shared prefix (in the row or
-        `prefix_cols` of cached keys before it), the token's own tree's context and own branch."""
-        B, S = self.seg.shape
-        si, sj = self.seg.unsqueeze(2), self.seg.unsqueeze(1)
+        `prefix_cols` of cached keys before it), the token's own tree's context and own branch.
+        Built on `device` from the small seg codes (a GPU then never waits for the host to
+        build and copy B x S x S elements)."""
+        seg = self.seg.to(device) if device is not None else self.seg
+        B, S = seg.shape
+        si, sj = seg.unsqueeze(2), seg.unsqueeze(1)
         k = self.n + 1
         same_tree = torch.div(si - 1, k, rounding_mode="floor") == torch.div(sj - 1, k, rounding_mode="floor")
-        allowed = torch.ones(S, S, dtype=torch.bool).tril() & (si >= 0) & (sj >= 0)
+        allowed = torch.ones(S, S, dtype=torch.bool, device=seg.device).tril() & (si >= 0) & (sj >= 0)
         allowed &= (sj == 0) | (same_tree & (((sj - 1) % k == 0) | (sj == si)))
-        allowed |= torch.eye(S, dtype=torch.bool)  # padding rows see themselves: no all-masked row
+        allowed |= torch.eye(S, dtype=torch.bool, device=seg.device)  # padding rows see themselves: no all-masked row
         if prefix_cols:
-            allowed = torch.cat([torch.ones(B, S, prefix_cols, dtype=torch.bool), allowed], dim=2)
+            allowed = torch.cat([torch.ones(B, S, prefix_cols, dtype=torch.bool, device=seg.device), allowed], dim=2)
         return allowed.unsqueeze(1)
 
 
@@ -338,7 +342,7 @@ def tree_rows(contexts: Sequence[Sequence[int]], branches: Sequence[Sequence[Seq
     ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), S), dtype=torch.long)
     seg = torch.full((len(rows), S), -1, dtype=torch.long)
-    picks: list[tuple[int, int, int, int]] = []
+    picks: list[torch.Tensor] = []  # one (m, 4) block per branch, not a tuple per token
     for b, row in enumerate(rows):
         if head:
             ids[b, :head] = torch.tensor(list(contexts[row[0]][:head]), dtype=torch.long)
@@ -356,9 +360,13 @@ def tree_rows(contexts: Sequence[Sequence[int]], branches: Sequence[Sequence[Seq
                 if m:
                     ids[b, at:at + m] = torch.tensor(list(r), dtype=torch.long)
                     seg[b, at:at + m], pos[b, at:at + m] = base + 1 + k, torch.arange(len(ctx), len(ctx) + m)
-                    picks.extend((b, last if j == 0 else at + j - 1, int(r[j]), t * n + k) for j in range(m))
+                    block = torch.empty((m, 4), dtype=torch.long)
+                    block[:, 0], block[:, 2], block[:, 3] = b, ids[b, at:at + m], t * n + k
+                    block[0, 1] = last
+                    block[1:, 1] = torch.arange(at, at + m - 1)
+                    picks.append(block)
                     at += m
-    return TreeRows(ids, pos, seg, picks, n)
+    return TreeRows(ids, pos, seg, torch.cat(picks) if picks else torch.empty((0, 4), dtype=torch.long), n)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -412,19 +420,19 @@ def branch_logits(model, contexts: Sequence[list[int]], branches: Sequence[Seque
     kept as the logits of the predicting positions so callers can take sums or distributions."""
     P = common_prefix(contexts) if pack and all(contexts) else 0
     rows = tree_rows(contexts, branches, pad_id, prefix=P, prefix_in_row=True, cap=row_tokens - P, pack=pack)
-    mask = rows.mask().to(device)
+    mask = rows.mask(device=device)
     # Under DDP `model` is the wrapper, whose config is its module's: eager attention adds the
     # mask to the scores, so a boolean mask must become an additive one there too.
     config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
     if getattr(config, "_attn_implementation", "sdpa") == "eager":
         mask = additive(mask, torch.float32)
-    row_of, at_of, target, owner = (torch.tensor(x, dtype=torch.long) for x in zip(*rows.picks))
+    row_of, at_of, target, owner = rows.picks.to(device).unbind(1)
     keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
     col = torch.searchsorted(keep, at_of)
     logits = model(input_ids=rows.ids.to(device), attention_mask=mask, position_ids=rows.pos.to(device),
-                   use_cache=False, logits_to_keep=keep.to(device)).logits
-    picked = logits[row_of.to(device), col.to(device)]
-    return BranchLogits(picked, target.to(device), owner.to(device), rows.n, len(contexts), int((rows.seg >= 0).sum()))
+                   use_cache=False, logits_to_keep=keep).logits
+    picked = logits[row_of, col]
+    return BranchLogits(picked, target, owner, rows.n, len(contexts), int((rows.seg >= 0).sum()))
 
 
 def branch_logprobs(model, contexts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]], pad_id: int,
@@ -570,7 +578,7 @@ def score_trees(
         lay = tree_rows([t[0] for t in group], [t[1] for t in group], pad_id, prefix=L)
         ids, pos, picks, n = lay.ids, lay.pos, lay.picks, lay.n
         stats["positions"] += int((lay.seg >= 0).sum())
-        mask = additive(lay.mask(L), dtype)
+        mask = additive(lay.mask(L, device=device), dtype)
         past = None
         if kv is not None:
             B = ids.shape[0]
@@ -579,23 +587,19 @@ def score_trees(
         with torch.autocast(device.type, dtype=body_dtype or torch.bfloat16, enabled=body_dtype is not None):
             hidden = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
                           use_cache=past is not None, **kw).last_hidden_state
-        if picks:
-            rows = torch.tensor([p[0] for p in picks], device=device)
-            cols = torch.tensor([p[1] for p in picks], device=device)
-            tgt = torch.tensor([p[2] for p in picks], device=device)
+        if len(picks):
+            rows, cols, tgt, owner = picks.to(device).unbind(1)
             lps = []
             for s in range(0, len(picks), head_chunk):
                 logits = head(hidden[rows[s:s + head_chunk], cols[s:s + head_chunk]])
                 lps.append(logits.gather(-1, tgt[s:s + head_chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
-            lp = torch.cat(lps).double().cpu().tolist()
-            acc: dict[int, list] = {}
-            for (_, _, _, owner), v in zip(picks, lp):
-                a = acc.setdefault(owner, [0.0, 0])
-                a[0] += v
-                a[1] += 1
-            for owner, (s_, n_) in acc.items():
-                t, k = divmod(owner, n)
-                out[idx[t]][k] = (s_, n_)
+            # float64 sums in pick order (on a CPU the same additions as a Python loop), one copy to the host
+            sums = torch.zeros(len(group) * n, dtype=torch.float64, device=device).index_add_(0, owner, torch.cat(lps).double())
+            counts = torch.bincount(owner, minlength=len(group) * n)
+            for o, (s_, n_) in enumerate(zip(sums.cpu().tolist(), counts.cpu().tolist())):
+                if n_:
+                    t, k = divmod(o, n)
+                    out[idx[t]][k] = (s_, n_)
         if on_batch:
             on_batch(len(idx))
     return out
