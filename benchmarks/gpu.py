@@ -235,11 +235,12 @@ def worker_score(a) -> dict:
     from dlma.config import ScoreConfig
     from dlma.machine import param_count
     from dlma.models import load_model
-    from dlma.reward import score_file
+    from dlma.reward import score_file, scoring_precision
 
     mc = _model_cfg(a)
-    model, tok = load_model(mc.model, mc.dtype, mc.device)  # loaded outside score_file's clock
     cfg = ScoreConfig(batch_size=a.score_batch_size)
+    precision, dtype = scoring_precision(cfg.precision, mc)  # what score_file would load: float32 for mixed
+    model, tok = load_model(mc.model, dtype, mc.device)  # loaded outside score_file's clock
     warm = a.work / "warmup-pairs.jsonl"  # generate's warm-up pairs: an untimed first pass
     score_file(mc, cfg, str(warm), str(a.work / "warmup-scored.jsonl"), model=model, tokenizer=tok, progress=False)
     with _profiling(a, "score"):
@@ -247,7 +248,8 @@ def worker_score(a) -> dict:
                        progress=False)
     flops = s.get("model_flops", 0)
     return {"pairs": s["scored"], "tokens": round(flops / (2 * param_count(model))), "seconds": s["seconds"],
-            "flops": flops, "reused": s.get("reused_generation_logprobs", 0)}
+            "flops": flops, "reused": s.get("reused_generation_logprobs", 0), "precision": f"{precision}, weights {dtype}",
+            "rechecked": s.get("mixed_rechecked", 0)}
 
 
 def _import_trl() -> str | None:
@@ -392,8 +394,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, help="longest response (default 64; tiny 16)")
     ap.add_argument("--batch-size", type=int, help="pairs per training step, both trainers (default 8; tiny 4)")
     ap.add_argument("--steps", type=int, help="training steps, both trainers (default: one pass over the pairs)")
-    ap.add_argument("--dtype", default="auto", help="dlma's --dtype: auto (GPU: bf16 generate/score, float32 master "
-                    "weights + bf16 autocast in training; CPU: float32), float32, bfloat16")
+    ap.add_argument("--dtype", default="auto", help="dlma's --dtype: auto (GPU: bf16 generate; score float32 weights "
+                    "with a bf16 body, near-ties recomputed (precision auto = mixed); float32 master weights + bf16 "
+                    "autocast in training; CPU: float32), float32, bfloat16")
     ap.add_argument("--gen-batch-size", type=int, help="generate --batch-size (default 64; tiny 16)")
     ap.add_argument("--score-batch-size", type=int, help="score --batch-size (default 32; tiny 8)")
     ap.add_argument("--lora-r", type=int, help="LoRA rank for both trainers (default: 16 for llama-8b, else 0 = full)")
@@ -453,7 +456,7 @@ def run(a) -> None:
           f"/ {c['num_key_value_heads']} kv, intermediate {c['intermediate_size']}, vocab {c['vocab_size']}, "
           f"tied {c['tie_word_embeddings']}; N = {b['params'] / 1e6:,.1f} M parameters (all, embeddings included)")
     print(f"device {b['device']}; MFU divides by {b['peak_flops'] / 1e12:,.3f} TFLOP/s: {b['peak_source']}")
-    print(f"dtype {a.dtype}: generate/score in {b['compute_dtype']}; training weights {b['weights_dtype']}, "
+    print(f"dtype {a.dtype}: generate in {b['compute_dtype']}; training weights {b['weights_dtype']}, "
           f"autocast {b['mixed_precision']}; model built and saved in {time.perf_counter() - t0:.1f} s")
     print(f"final norm x {b['logit_scale']:.2f}: next-token entropy {b['entropy']:.2f} nats at temperature 0.7, a trained "
           f"model's ({TARGET_ENTROPY}), so top-p keeps a few candidates, not most of the vocabulary")
@@ -472,7 +475,8 @@ def run(a) -> None:
     report("score", f"dlma score_file (self-reward R + reference), batch {a.score_batch_size}", s, peak,
            "2 N per position",
            [("pairs", str(s["pairs"])), ("positions", f"{s['tokens']:,}"),
-            ("reused", f"{s['reused']} pairs' generation log-probs")])
+            ("reused", f"{s['reused']} pairs' generation log-probs"),
+            ("precision", f"{s['precision']}; {s['rechecked']} near-ties recomputed in float32")])
     scored = (a.work / "scored.jsonl").read_text().splitlines()
     if len(scored) < a.steps * a.batch_size:
         sys.exit(f"{len(scored)} scored pairs are fewer than --steps x --batch-size = {a.steps * a.batch_size}")

@@ -192,3 +192,23 @@ def test_generation_logprobs_reused_for_a_preset_given_as_a_file(tmp_path):
     assert _reusable(dict(rec, preset="mine"), load_preset(str(f)), "float32", "embedded", ctx)
     assert not _reusable(rec, load_preset("harmless"), "float32", "embedded", ctx)
     assert not _reusable(dict(rec, generation=dict(gen, dtype="bfloat16")), load_preset(str(f)), "float32", "embedded", ctx)
+
+
+def test_scoring_precision_auto_is_exact_on_a_cpu_and_mixed_on_a_bf16_gpu(monkeypatch):
+    """A GPU cannot run here, so the device checks are stood in for; the choice itself is real."""
+    import torch
+
+    import dlma.models as M
+    from dlma.config import ModelConfig, ScoreConfig
+    from dlma.reward import scoring_precision
+
+    assert ScoreConfig().precision == "auto"
+    assert scoring_precision("auto", ModelConfig(device="cpu")) == ("exact", "auto")
+    assert scoring_precision("mixed", ModelConfig(dtype="float32")) == ("mixed", "float32")
+    monkeypatch.setattr(M, "resolve_device", lambda device="auto": torch.device("cuda", 0))
+    monkeypatch.setattr(M, "bf16_supported", lambda device: True)
+    assert scoring_precision("auto", ModelConfig()) == ("mixed", "float32")  # float32 weights, bf16 body
+    assert scoring_precision("auto", ModelConfig(dtype="bfloat16")) == ("exact", "bfloat16")  # the user's choice
+    assert scoring_precision("exact", ModelConfig()) == ("exact", "auto")
+    monkeypatch.setattr(M, "bf16_supported", lambda device: False)  # e.g. a V100
+    assert scoring_precision("auto", ModelConfig()) == ("exact", "auto")

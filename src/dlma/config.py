@@ -201,7 +201,7 @@ class ScoreConfig:
     batch_size: int = opt(8, "contexts per forward pass")
     reference: bool = opt(True, "also store ref_lp_chosen/ref_lp_rejected under the bare context (training needs them)")
     reuse_generation: bool = opt(True, "take lp(o+|p+) and lp(o-|p-) from generation's raw log-probs when model and preset match and both ran in float32")
-    precision: str = opt("exact", "exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
+    precision: str = opt("auto", "auto (mixed on a GPU with --dtype auto: pure bf16 flips the sign of ~9% of generated pairs' R; exact on a CPU), exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
     ensemble: bool = opt(False, "average R over every demonstration set of the preset (one scoring pass per set) instead of the set each query's hash picks")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
@@ -276,7 +276,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, "", [], ()) else "")
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext.replace("%", "%%"))  # argparse %-formats help
         origin = typing.get_origin(tp)
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -323,6 +323,24 @@ def _per_token(r: dict) -> float:
 
 
 # -- files -------------------------------------------------------------------------------
+def scoring_precision(precision: str, model_cfg: ModelConfig) -> tuple[str, str]:
+    """(precision, dtype to load the model in) for `--precision auto` and the rest.
+
+    auto: on a GPU that runs bf16, with --dtype auto, "mixed" over float32 weights: the bf16
+    body gives the speed, and near-ties are recomputed in float32, because a bf16 model flips
+    the sign of R on ~9% of generated pairs (benchmarks/score.py), against the >= 99.5% the
+    GPU path must keep. Everywhere else "exact" in the model's dtype (float32 on a CPU: the
+    default run's numbers are unchanged)."""
+    from .models import bf16_supported, resolve_device
+
+    if precision != "auto":
+        return precision, model_cfg.dtype
+    device = resolve_device(model_cfg.device)
+    if model_cfg.dtype == "auto" and device.type != "cpu" and bf16_supported(device):
+        return "mixed", "float32"
+    return "exact", model_cfg.dtype
+
+
 def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *, model=None, tokenizer=None,
                progress: bool = True, summary_path: str | None = None) -> dict:
     """Score a pair file into `out` (JSONL, resumable), returning the summary of the whole output.
@@ -341,9 +359,12 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     pairs = read_pairs(data, cfg.limit)
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
+    precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
+    if model is not None and precision == "mixed" and _dtype_name(model) != "float32":
+        precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
-        "reference": cfg.reference, "precision": cfg.precision, "max_context": cfg.max_context,
+        "reference": cfg.reference, "precision": precision, "max_context": cfg.max_context,
         **({"ensemble": True} if cfg.ensemble else {}),
         **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {})})
     todo = [p for p in pairs if p["id"] not in writer.done]
@@ -352,7 +373,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     try:
         if todo:
             if model is None:
-                model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
+                model, tokenizer = load_model(model_cfg.model, load_dtype, model_cfg.device, attn=model_cfg.attn_implementation)
             bar = tqdm(total=len(todo), desc=f"score ({judge})", unit="pair", disable=not progress, dynamic_ncols=True)
             chunk = max(cfg.batch_size * 4, 16)
             done = 0
@@ -368,12 +389,12 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
                     group = score_ensemble(model, tokenizer, preset, group, batch_size=cfg.batch_size,
                                            reference=cfg.reference, max_context=cfg.max_context,
                                            response_tokens=cfg.response_tokens,
-                                           precision=cfg.precision, model_name=model_cfg.model, stats=stats)
+                                           precision=precision, model_name=model_cfg.model, stats=stats)
                 elif judge in ("self-reward", "both"):
                     group = score_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, reference=cfg.reference,
                                         response_tokens=cfg.response_tokens,
                                         reuse_generation=cfg.reuse_generation, max_context=cfg.max_context,
-                                        precision=cfg.precision, model_name=model_cfg.model, stats=stats)
+                                        precision=precision, model_name=model_cfg.model, stats=stats)
                 if judge in ("text", "both"):
                     group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
                 new = [rec for rec in group if rec["id"] not in writer.done]
