@@ -131,7 +131,7 @@ def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
         raise DlmaError(f"unknown precision {precision!r}; choose exact or mixed")
     kw = dict(batch_size=batch_size, reference=reference, max_context=max_context, progress=progress,
               model_name=model_name, response_tokens=response_tokens)
-    if precision == "exact" or _dtype_name(model) != "float32":
+    if not _runs_mixed(precision, model):
         return _score_pairs(model, tokenizer, preset, pairs, reuse_generation=reuse_generation, stats=stats, **kw)
     stats = stats if stats is not None else {}
     out = _score_pairs(model, tokenizer, preset, pairs, reuse_generation=False, stats=stats, body=torch.bfloat16, **kw)
@@ -323,6 +323,11 @@ def _per_token(r: dict) -> float:
 
 
 # -- files -------------------------------------------------------------------------------
+def _runs_mixed(precision: str, model) -> bool:
+    """Whether score_pairs runs `precision` as mixed on this model (mixed needs float32 weights)."""
+    return precision == "mixed" and _dtype_name(model) == "float32"
+
+
 def scoring_precision(precision: str, model_cfg: ModelConfig) -> tuple[str, str]:
     """(precision, dtype to load the model in) for `--precision auto` and the rest.
 
@@ -360,7 +365,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
-    if model is not None and precision == "mixed" and _dtype_name(model) != "float32":
+    if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
