@@ -10,8 +10,9 @@ steps x batch scored pairs). `--tiny` runs the same on the CPU with a 2-layer mo
 
 When `trl` (and `datasets`) import, TRL's DPOTrainer trains on the same pairs (bare chat context as
 prompt text; complete responses end with the end-of-turn token, as dlma's do) with the same batch,
-steps, lr, beta, weights dtype, autocast, gradient checkpointing and no gradient clipping, its
-reference model as TRL makes it (a copy; with LoRA, the adapters switched off). Get TRL with
+steps, lr, beta, weights dtype, autocast, gradient checkpointing, torch.compile (`--torch-compile`)
+and no gradient clipping, its reference model as TRL makes it (a copy; with LoRA, the adapters
+switched off). Get TRL with
 `pip install 'dlma[bench]'`, or carry trl/datasets wheels to a machine without an index.
 
 Per stage: tokens/s, MFU and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS).
@@ -272,7 +273,8 @@ def worker_train(a) -> dict:
         s = train_model(_model_cfg(a), TrainConfig(loss="dpo", rpo_alpha=0.0, beta=0.1, batch_size=a.batch_size,
                                                    max_steps=a.steps, lr=1e-6, max_grad_norm=0.0, save_steps=0, seed=0,
                                                    gradient_checkpointing=a.gradient_checkpointing, lora_r=a.lora_r,
-                                                   save_merged=False, micro_tokens=a.micro_tokens),
+                                                   save_merged=False, micro_tokens=a.micro_tokens,
+                                                   torch_compile=a.torch_compile),
                         str(a.work / "train.jsonl"), str(a.work / "dlma-out"), progress=False)
     rows = [json.loads(x) for x in (a.work / "dlma-out" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     first = next(r["tokens"] / r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
@@ -281,7 +283,8 @@ def worker_train(a) -> dict:
             "reference": s["reference"], "flops": s["model_flops"],
             "settings": f"mixed precision {s['mixed_precision']}, weights {s['weights_dtype']}, gradient checkpointing "
                         f"{a.gradient_checkpointing}, step in backward {s['step_in_backward']}, shared context "
-                        f"{s['share_context']}, LoRA r {a.lora_r}, micro tokens {a.micro_tokens}"}
+                        f"{s['share_context']}, LoRA r {a.lora_r}, micro tokens {a.micro_tokens}, torch.compile "
+                        f"{s['torch_compile']}"}
 
 
 def worker_trl(a) -> dict:
@@ -332,7 +335,8 @@ def worker_trl(a) -> dict:
                      learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], bf16=a.mixed_precision == "bf16",
                      max_grad_norm=0.0, gradient_checkpointing=a.gradient_checkpointing, logging_steps=1,
                      save_strategy="no", report_to=[], use_cpu=a.device == "cpu", seed=0, dataloader_num_workers=0,
-                     max_length=None, disable_tqdm=True, model_init_kwargs={"dtype": a.weights_dtype})
+                     max_length=None, disable_tqdm=True, model_init_kwargs={"dtype": a.weights_dtype},
+                     torch_compile=a.torch_compile)
     trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[Clock()], peft_config=peft)
     with _profiling(a, "trl_train"):
@@ -341,7 +345,7 @@ def worker_trl(a) -> dict:
     return {"tokens": tokens, "seconds": sum(Clock.steps), "first_step_seconds": Clock.steps[0], "steps": len(Clock.steps),
             "flops": 6 * param_count(trainer.model) * tokens,
             "settings": f"bf16 {args.bf16}, weights {a.weights_dtype}, gradient checkpointing {args.gradient_checkpointing}, "
-                        f"reference {'adapters off' if peft else 'a copy of the model'}"}
+                        f"reference {'adapters off' if peft else 'a copy of the model'}, torch.compile {args.torch_compile}"}
 
 
 WORKERS = {"build": worker_build, "generate": worker_generate, "score": worker_score, "train": worker_train,
@@ -404,6 +408,10 @@ def main() -> None:
                     help="dlma's --micro-tokens: backward passes of at most this many tokens within a step "
                          "(a large --batch-size without running out of memory; default 0 = one pass)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="for both trainers (default off for both)")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="for both trainers: dlma's --torch-compile (its decoder layers, in place) and TRL's "
+                         "torch_compile (the whole model); the first step then includes compiling, so read the "
+                         "steady lines")
     ap.add_argument("--tokenizer", default="embedded", help="the embedded model, or a directory of its tokenizer files")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler around each stage: top operators and the device's busy share, printed "

@@ -1,8 +1,9 @@
 """The training-step benchmarks at their smallest: each must pass its own check and end with a ratio.
 
 benchmarks/train_layout.py fails where the packed layout trains another model than one row per
-pair; benchmarks/train_kl.py fails where the KL term is not 0 at the untouched weights. Both run
-the trainer's real code on the embedded model, so a change that breaks either check shows here.
+pair; benchmarks/train_kl.py fails where the KL term is not 0 at the untouched weights;
+benchmarks/compile.py fails where --torch-compile's layers train another model than eager ones. All run
+the trainer's real code on the embedded model, so a change that breaks any check shows here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script, extra", [("train_layout.py", []), ("train_kl.py", ["--kl-tokens", "6"])])
+@pytest.mark.parametrize("script, extra", [("train_layout.py", []), ("train_kl.py", ["--kl-tokens", "6"]), ("compile.py", [])])
 def test_step_benchmark_passes_its_check_and_prints_a_ratio(script, extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, str(BENCH / script), "--steps", "3", "--batch-size", "4", *extra],

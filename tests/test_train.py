@@ -243,11 +243,10 @@ def test_two_processes_match_one_with_the_kl_term(scored, tmp_path):
         assert abs(x["loss"] - y["loss"]) < 1e-3 and abs(x["kl"] - y["kl"]) < 1e-4, (a, b)
 
 
-def test_kill_and_resume_reproduces_final_loss(scored, single_run, tmp_path):
-    out = tmp_path / "resumed"
-    args = [sys.executable, "-m", "dlma.cli", "train", "--no-progress", *COMMON, "--data", str(scored[1]), "--out", str(out),
-            "--batch-size", "4", "--save-steps", "2"]
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _kill_after_step_2(args: list[str], out: Path) -> None:
+    """Start `dlma train ARGS` (--save-steps 2) and SIGKILL it once step 2's checkpoint is complete."""
+    proc = subprocess.Popen([sys.executable, "-m", "dlma.cli", "train", "--no-progress", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marker = out / "checkpoints" / "step-2" / "trainer_state.json"
     deadline = time.time() + 900
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -256,7 +255,13 @@ def test_kill_and_resume_reproduces_final_loss(scored, single_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "train_summary.json").exists()
-    res = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def test_kill_and_resume_reproduces_final_loss(scored, single_run, tmp_path):
+    out = tmp_path / "resumed"
+    args = [*COMMON, "--data", str(scored[1]), "--out", str(out), "--batch-size", "4", "--save-steps", "2"]
+    _kill_after_step_2(args, out)
+    res = _dlma(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     full, resumed = _metrics(single_run), _metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
@@ -817,3 +822,54 @@ def test_backward_stepper_skips_a_nonfinite_gradient_on_the_device():
     assert not opt.state.get(b) or (opt.state[b]["exp_avg"] == 0).all() and float(opt.state[b]["step"]) == 0
     assert stepper.take_nonfinite() == 1 and stepper.take_nonfinite() == 0
     stepper.remove()
+
+
+def test_torch_compile_trains_the_same_steps_and_its_checkpoints_resume_without_it(scored, single_run, tmp_path):
+    """--torch-compile compiles the decoder layers in place: the same losses as eager up to kernel
+    rounding, and a checkpoint it wrote resumes in an eager run (state-dict keys unchanged)."""
+    full = tmp_path / "compiled"
+    args = [*COMMON, "--data", str(scored[1]), "--batch-size", "4", "--save-steps", "2"]
+    res = _dlma(*args, "--out", str(full), "--torch-compile")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((full / "train_summary.json").read_text())["torch_compile"] is True
+    eager, compiled = _metrics(single_run), _metrics(full)
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4]
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
+    assert compiled[-1]["loss"] != compiled[0]["loss"]
+    # killed after its step-2 checkpoint, then resumed without compiling: the checkpoint must load
+    out = tmp_path / "resumed"
+    _kill_after_step_2([*args, "--out", str(out), "--torch-compile"], out)
+    before = _metrics(out)
+    res = _dlma(*args, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = _metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[:2] == before[:2]  # steps 1-2 came from the checkpoint, not from a second run
+    assert resumed[-1]["loss"] == pytest.approx(eager[-1]["loss"], abs=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(full)  # no `_orig_mod.` keys, nothing missing
+    assert not any("_orig_mod" in k for k in saved.state_dict())
+
+
+def test_compile_layers_compiles_under_gradient_checkpointing():
+    """Under checkpointing dynamo refuses a transformers layer's output-recording side effect and
+    would run every layer eagerly; compile_layers must leave a compiled layer graph, same logits."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from dlma.models import load_model
+    from dlma.train import compile_layers
+
+    model, _ = load_model("embedded", dtype="float32", device="cpu", train=True)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(100, 40000, (2, 24), generator=torch.Generator().manual_seed(0))
+    eager = model(input_ids=ids).logits.detach()
+    counters.clear()
+    assert compile_layers(model) == model.config.num_hidden_layers
+    logits = model(input_ids=ids).logits
+    logits.sum().backward()
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.allclose(logits.detach(), eager, atol=1e-3)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -124,6 +124,7 @@ class TrainConfig:
     micro_tokens: int = opt(0, "run each micro-batch as forward/backward passes of at most this many tokens (context + both responses per pair; at least one pair), gradients accumulated exactly: memory bounded by tokens, not pairs, so --batch-size can follow what the optimizer needs (0 = one pass)")
     mixed_precision: str = opt("auto", "autocast: auto (bf16 on a GPU that runs it, none on CPUs), bf16, fp16, no")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    torch_compile: bool = opt(False, "compile each decoder layer in place with torch.compile (dynamic shapes; the layers share one compiled graph): fused kernels for the elementwise work between the matmuls, the same losses up to rounding; the first step pays the compilation (about half a minute for the embedded model on a CPU, which needs a C++ compiler), so it is off by default; one process or DDP (under FSDP/DeepSpeed use accelerate's dynamo_config)")
     step_in_backward: str = opt("auto", "apply AdamW to each weight as soon as its gradient is ready, then free the gradient (less memory): auto = where that is exact (one process, --grad-accum 1, --max-grad-norm 0), on, off")
     share_context: bool = opt(True, "each context once, followed by its responses, and the prefix all contexts of a micro-batch share (the system turn) once, pairs packed into rows without padding (block attention mask); off: one padded row per response")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")

@@ -426,7 +426,7 @@ def branch_logits(model, contexts: Sequence[list[int]], branches: Sequence[Seque
     config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
     if getattr(config, "_attn_implementation", "sdpa") == "eager":
         mask = additive(mask, torch.float32)
-    row_of, at_of, target, owner = rows.picks.to(device).unbind(1)
+    row_of, at_of, target, owner = rows.picks.to(device).t().contiguous()  # contiguous columns: searchsorted copies others
     keep = torch.unique(at_of)  # sorted: the positions whose logits any response needs
     col = torch.searchsorted(keep, at_of)
     logits = model(input_ids=rows.ids.to(device), attention_mask=mask, position_ids=rows.pos.to(device),
@@ -588,7 +588,7 @@ def score_trees(
             hidden = base(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
                           use_cache=past is not None, **kw).last_hidden_state
         if len(picks):
-            rows, cols, tgt, owner = picks.to(device).unbind(1)
+            rows, cols, tgt, owner = picks.to(device).t().contiguous()
             lps = []
             for s in range(0, len(picks), head_chunk):
                 logits = head(hidden[rows[s:s + head_chunk], cols[s:s + head_chunk]])

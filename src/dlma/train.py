@@ -71,7 +71,7 @@ METRICS = "metrics.jsonl"
 STATE = "trainer_state.json"
 BUCKET_WINDOW = 16  # global batches sorted by length together
 # Fields that may change between a run and its resume without changing the result.
-RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to", "step_in_backward")
+RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to", "step_in_backward", "torch_compile")
 # Steps whose loss or gradient is NaN/inf are skipped (the weights never see them); this many
 # in a row stop training with an error.
 MAX_NONFINITE_STEPS = 3
@@ -774,7 +774,7 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
            key: dict) -> _Run:
     """Everything before the first step: examples, weights and their reference log-probs, the
     prepared model and optimizer, the plan's length, and the state of a checkpoint to resume."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from .models import load_tokenizer, load_weights
     from .prompts import Renderer, load_preset
@@ -801,6 +801,11 @@ def _setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, d
     ref_path, ref_seconds = _reference(accelerator, model, tok.pad_token_id, examples, pairs, model_cfg, cfg,
                                        data, out, ckpt)
     ref_seconds += _kl_reference(accelerator, model, tok, examples, model_cfg, cfg, out)
+    if cfg.torch_compile and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise DlmaError("--torch-compile compiles the layers before accelerate wraps them, which FSDP and DeepSpeed "
+                        "shard afterwards; under those set accelerate's own dynamo options in the config file "
+                        "(dynamo_config: dynamo_backend INDUCTOR, dynamo_use_regional_compilation true), which "
+                        "compile after wrapping")
     model, params = _trainable(model, cfg)
     optimizer = _adamw(params, cfg)
     if cfg.micro_tokens and accelerator.state.deepspeed_plugin is not None:
@@ -961,7 +966,28 @@ def _trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Modul
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=target, task_type="CAUSAL_LM"))
     model.train()
+    if cfg.torch_compile:
+        compile_layers(model)
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """--torch-compile: compile each decoder layer in place (torch's regional compilation: the
+    layers share one compiled graph, so compiling costs one layer's time, not the model's), with
+    dynamic shapes because packed rows change length every batch. In place, the module tree,
+    its state-dict keys and its hooks stay as they were: checkpoints load either way."""
+    names = set(getattr(model, "_no_split_modules", None) or getattr(getattr(model, "base_model", None), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DlmaError(f"--torch-compile: {type(model).__name__} names no decoder layer class (_no_split_modules) to compile")
+    if getattr(model, "is_gradient_checkpointing", False):
+        # transformers' layers record outputs (for output_hidden_states, which training never
+        # asks for) in a context variable; dynamo refuses that side effect under checkpointing
+        # and would leave every layer uncompiled, unless told the recompute may skip it
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -1253,7 +1279,7 @@ def _summary(run: _Run) -> dict:
         "reference": run.ref_path, "reference_seconds": round(run.ref_seconds, 3),
         "steps": run.step, "epochs": round(run.step / run.per_epoch, 3), "global_batch": run.global_batch,
         "processes": run.world, "mixed_precision": run.accelerator.mixed_precision,
-        "step_in_backward": run.stepper is not None, "share_context": cfg.share_context and cfg.loss != "sft",
+        "step_in_backward": run.stepper is not None, "torch_compile": cfg.torch_compile, "share_context": cfg.share_context and cfg.loss != "sft",
         "weights_dtype": str(_weights_dtype(run.model_cfg)).replace("torch.", ""),
         "first_loss": next((r["loss"] for r in history if not r.get("skipped")), None) if history else run.first_loss,
         "final_loss": last["loss"] if last else None,

