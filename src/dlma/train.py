@@ -1176,7 +1176,10 @@ def _logged_step(line: str) -> float:
 
 def _probe(run: _Run, log: _Log) -> None:
     """--select-prompts: probe this step's weights; the selector keeps the best step's on disk."""
-    probe = run.selector.probe(run.step, run.accelerator.unwrap_model(run.model))
+    # a probe's few greedy answers run the layers eagerly: compiling their prefill and decode
+    # graphs (--torch-compile) would cost more than the probe
+    with torch.compiler.set_stance("force_eager") if run.cfg.torch_compile else contextlib.nullcontext():
+        probe = run.selector.probe(run.step, run.accelerator.unwrap_model(run.model))
     log.note(f"step {run.step}: {run.cfg.select_prompts} refused {probe.refusal:.1%} of unsafe, "
              f"{probe.over_refusal:.1%} of safe prompts; keeping step {run.selector.kept}")
 
