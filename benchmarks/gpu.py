@@ -22,10 +22,12 @@ initialise libraries); training also prints its steps after the first (`stage=tr
 - tokens: generate, new tokens sampled; score, positions computed (each context once with its
   responses); train, the non-padding tokens of chosen and rejected rows (context counted twice),
   the same count for both trainers.
-- MFU: model FLOPs per second over a peak. N = all parameters (embeddings included, tied ones
-  once; LoRA adapters included). Generate and score: 2 N per position run (prefill + decode;
-  scoring). Train: 6 N per position run through the policy (dlma runs each context once for
-  both responses, TRL twice; the reference forward is not counted). The peak is the datasheet
+- MFU: model FLOPs per second over a peak (dlma.machine.forward_flops): 2 per weight of the
+  decoder body (LoRA adapters included) per position run, plus 2 per weight of the output layer
+  per position whose logits are used (a new token; a response token). The input embedding is a
+  lookup and counts nothing. Generate and score: one forward. Train: three forwards' worth per
+  position run through the policy (dlma runs each context once for both responses, TRL twice;
+  the reference forward is not counted). The peak is the datasheet
   dense bf16 peak of the GPU (GPU_PEAKS; else a measured bf16 matmul), or on the CPU a matmul in
   the run's dtype measured here (dlma.machine.matmul_peak).
 Last lines: speed_ratio (dlma train tokens/s, its in-run reference pass included, over TRL's) and
@@ -178,7 +180,7 @@ def worker_build(a) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from dlma.config import ModelConfig, TrainConfig
-    from dlma.machine import cpu_kind, matmul_peak, param_count
+    from dlma.machine import cpu_kind, matmul_params, matmul_peak, param_count
     from dlma.models import load_tokenizer, resolve_device, resolve_dtype
     from dlma.train import _mixed_precision, _weights_dtype  # what train_model will choose for this dtype
 
@@ -194,7 +196,7 @@ def worker_build(a) -> dict:
     scale, entropy = _peak_like_a_trained_model(model, tok, dev)
     model.save_pretrained(a.work / "model")
     tok.save_pretrained(a.work / "model")
-    n = param_count(model)
+    n, (body, head) = param_count(model), matmul_params(model)
     del model
     compute = resolve_dtype(a.dtype, dev)
     if dev.type == "cuda":
@@ -208,7 +210,7 @@ def worker_build(a) -> dict:
         peak = matmul_peak(compute, dev)
         how = f"{name}: measured {_name(compute)} matmul peak (dlma.machine.matmul_peak)"
     mc = ModelConfig(dtype=a.dtype, device=a.device)
-    return {"params": n, "device": str(dev), "peak_flops": peak, "peak_source": how, "config": fields,
+    return {"params": n, "body": body, "head": head, "device": str(dev), "peak_flops": peak, "peak_source": how, "config": fields,
             "logit_scale": scale, "entropy": entropy,
             "compute_dtype": _name(compute), "mixed_precision": _mixed_precision(TrainConfig(), mc),
             "weights_dtype": _name(_weights_dtype(mc))}
@@ -234,7 +236,6 @@ def worker_generate(a) -> dict:
 
 def worker_score(a) -> dict:
     from dlma.config import ScoreConfig
-    from dlma.machine import param_count
     from dlma.models import load_model
     from dlma.reward import score_file, scoring_precision
 
@@ -247,9 +248,7 @@ def worker_score(a) -> dict:
     with _profiling(a, "score"):
         s = score_file(mc, cfg, str(a.work / "pairs.jsonl"), str(a.work / "scored.jsonl"), model=model, tokenizer=tok,
                        progress=False)
-    flops = s.get("model_flops", 0)
-    return {"pairs": s["scored"], "tokens": round(flops / (2 * param_count(model))), "seconds": s["seconds"],
-            "flops": flops, "reused": s.get("reused_generation_logprobs", 0), "precision": f"{precision}, weights {dtype}",
+    return {"pairs": s["scored"], "tokens": s.get("positions", 0), "seconds": s["seconds"], "flops": s.get("model_flops", 0), "reused": s.get("reused_generation_logprobs", 0), "precision": f"{precision}, weights {dtype}",
             "rechecked": s.get("mixed_rechecked", 0)}
 
 
@@ -274,7 +273,7 @@ def worker_train(a) -> dict:
                                                    max_steps=a.steps, lr=1e-6, max_grad_norm=0.0, save_steps=0, seed=0,
                                                    gradient_checkpointing=a.gradient_checkpointing, lora_r=a.lora_r,
                                                    save_merged=False, micro_tokens=a.micro_tokens,
-                                                   torch_compile=a.torch_compile),
+                                                   torch_compile=a.torch_compile, step_in_backward=a.step_in_backward),
                         str(a.work / "train.jsonl"), str(a.work / "dlma-out"), progress=False)
     rows = [json.loads(x) for x in (a.work / "dlma-out" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     first = next(r["tokens"] / r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
@@ -297,7 +296,7 @@ def worker_trl(a) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from dlma.data import read_pairs
-    from dlma.machine import param_count
+    from dlma.machine import forward_flops
     from dlma.models import load_tokenizer
     from dlma.prompts import Renderer
 
@@ -341,9 +340,11 @@ def worker_trl(a) -> dict:
                          callbacks=[Clock()], peft_config=peft)
     with _profiling(a, "trl_train"):
         trainer.train()
-    tokens = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in _examples(a.work / "train.jsonl", model_dir))
+    examples = _examples(a.work / "train.jsonl", model_dir)
+    tokens = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected) for e in examples)
+    head = sum(len(e.chosen) + len(e.rejected) for e in examples)  # the logits its loss uses, as dlma's count
     return {"tokens": tokens, "seconds": sum(Clock.steps), "first_step_seconds": Clock.steps[0], "steps": len(Clock.steps),
-            "flops": 6 * param_count(trainer.model) * tokens,
+            "flops": 3 * forward_flops(trainer.model, tokens, head),
             "settings": f"bf16 {args.bf16}, weights {a.weights_dtype}, gradient checkpointing {args.gradient_checkpointing}, "
                         f"reference {'adapters off' if peft else 'a copy of the model'}, torch.compile {args.torch_compile}"}
 
@@ -408,6 +409,9 @@ def main() -> None:
                     help="dlma's --micro-tokens: backward passes of at most this many tokens within a step "
                          "(a large --batch-size without running out of memory; default 0 = one pass)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="for both trainers (default off for both)")
+    ap.add_argument("--step-in-backward", default="auto", choices=["auto", "on", "off"],
+                    help="dlma's --step-in-backward (AdamW applied to each weight inside backward, a memory saving; "
+                         "off: one optimizer step after backward, to measure which is faster on this device)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="for both trainers: dlma's --torch-compile (its decoder layers, in place) and TRL's "
                          "torch_compile (the whole model); the first step then includes compiling, so read the "
@@ -416,6 +420,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler around each stage: top operators and the device's busy share, printed "
                          "after the stage (timings then include the profiler's overhead)")
+    ap.add_argument("--no-trl", action="store_true", help="leave TRL's DPOTrainer out even where it imports (dlma alone)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (model, pairs) instead of deleting it")
     for hidden in ("--worker", "--work", "--mixed-precision", "--weights-dtype", "--device"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -462,7 +467,8 @@ def run(a) -> None:
     c = b["config"]
     print(f"shape {a.shape}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads "
           f"/ {c['num_key_value_heads']} kv, intermediate {c['intermediate_size']}, vocab {c['vocab_size']}, "
-          f"tied {c['tie_word_embeddings']}; N = {b['params'] / 1e6:,.1f} M parameters (all, embeddings included)")
+          f"tied {c['tie_word_embeddings']}; {b['params'] / 1e6:,.1f} M parameters, of which FLOPs count the decoder body's "
+          f"{b['body'] / 1e6:,.1f} M at every position and the output layer's {b['head'] / 1e6:,.1f} M where logits are used")
     print(f"device {b['device']}; MFU divides by {b['peak_flops'] / 1e12:,.3f} TFLOP/s: {b['peak_source']}")
     print(f"dtype {a.dtype}: generate in {b['compute_dtype']}; training weights {b['weights_dtype']}, "
           f"autocast {b['mixed_precision']}; model built and saved in {time.perf_counter() - t0:.1f} s")
@@ -477,11 +483,11 @@ def run(a) -> None:
 
     g = need("generate")
     report("generate", f"dlma generate_pairs, transformers backend, batch {a.gen_batch_size}, {a.new_tokens} new tokens",
-           g, peak, "2 N per position prefilled or decoded", [("pairs", str(g["pairs"])), ("new tokens", f"{g['tokens']:,}"),
+           g, peak, "2 x body per position, 2 x output layer per new token", [("pairs", str(g["pairs"])), ("new tokens", f"{g['tokens']:,}"),
                      ("prefilled", f"{g['prefilled'] or 0:,} positions")])
     s = need("score")
     report("score", f"dlma score_file (self-reward R + reference), batch {a.score_batch_size}", s, peak,
-           "2 N per position",
+           "2 x body per position, 2 x output layer per response token",
            [("pairs", str(s["pairs"])), ("positions", f"{s['tokens']:,}"),
             ("reused", f"{s['reused']} pairs' generation log-probs"),
             ("precision", f"{s['precision']}; {s['rechecked']} near-ties recomputed in float32")])
@@ -492,12 +498,14 @@ def run(a) -> None:
 
     d = need("train", passing)
     dlma_tps = report("train", f"dlma train_model --loss dpo, {a.steps} steps x {a.batch_size} pairs", d, peak,
-                      "6 N per position through the policy",
+                      "6 x body per position through the policy, 6 x output layer per response token",
                       [("tokens", f"{d['tokens']:,} (chosen + rejected rows)"), ("settings", d["settings"]),
                        ("reference", f"{d['reference']} ({d['reference_seconds']:.2f} s)")])
     dlma_steady = report_steady("train", d, peak)
     whole = d["tokens"] / (d["seconds"] + d["reference_seconds"])
-    if importlib.util.find_spec("trl") is None:
+    if a.no_trl:
+        reason = "--no-trl"
+    elif importlib.util.find_spec("trl") is None:
         reason = "trl is not installed (pip install 'dlma[bench]', or carry trl/datasets wheels)"
     else:
         t = spawn("trl", a, passing)
@@ -508,7 +516,7 @@ def run(a) -> None:
         print("memory_ratio=nan")
         sys.exit(1 if reason.startswith("TRL failed") else 0)
     trl_tps = report("trl_train", f"TRL DPOTrainer, {a.steps} steps x {a.batch_size} pairs", t, peak,
-                     "6 N per position through the policy",
+                     "6 x body per position through the policy, 6 x output layer per response token",
                      [("tokens", f"{t['tokens']:,} (chosen + rejected rows)"), ("settings", t["settings"])])
     trl_steady = report_steady("trl_train", t, peak)
     print(f"\ndlma {dlma_tps:,.1f} tokens/s in its steps, {whole:,.1f} with its reference pass; TRL {trl_tps:,.1f}")

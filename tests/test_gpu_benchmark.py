@@ -44,3 +44,26 @@ def test_gpu_benchmark_tiny_runs_every_stage(tmp_path):
     else:
         assert "trl_train" in stages
     assert not list(tmp_path.glob("dlma-bench-gpu-*")), "work directory left behind"
+
+
+def test_gpu_session_script_runs_its_four_commands_at_the_tiny_shape(tmp_path):
+    """benchmarks/gpu_session.sh is the whole of a lent GPU's few minutes: tried here with --tiny, each
+    of its four gpu.py commands must finish (rc 0) and leave its stage lines in the summary."""
+    script = SCRIPT.parent / "gpu_session.sh"
+    logs = tmp_path / "logs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    res = subprocess.run(["bash", str(script), "--tiny", "embedded", str(logs)], cwd=SCRIPT.parents[1], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = (logs / "summary.txt").read_text()
+    runs = re.findall(r"^== (\S+) \(rc (\d+)\): gpu\.py (.*)$", summary, re.M)
+    assert [name for name, _, _ in runs] == ["smollm2-profile", "smollm2-compile", "llama8b", "smollm2-b32"], summary
+    for name, rc, _ in runs:
+        assert rc == "0", (name, (logs / f"{name}.log").read_text()[-3000:])
+        log = (logs / f"{name}.log").read_text()
+        assert {"generate", "score", "train"} <= {m[1] for m in map(STAGE.match, log.splitlines()) if m}, (name, log[-2000:])
+        assert re.search(r"^speed_ratio=", log, re.M) and re.search(r"^memory_ratio=", log, re.M), name
+    assert "torch.compile True" in (logs / "smollm2-compile.log").read_text()
+    assert "micro tokens 8192" in (logs / "smollm2-b32.log").read_text()
+    assert (logs / "versions.txt").read_text().count("\n") >= 7  # commit, then a line per package

@@ -165,6 +165,28 @@ def test_score_trees_counts_a_cached_prefix_once(embedded):
     score_trees(model, trees, pad_id=tok.pad_token_id, batch_size=8, share_prefix=False, stats=alone)
     assert alone["positions"] == flat
     assert shared["positions"] <= flat - 2 * len(prefix)
+    answers = sum(len(r) for _, rs in trees for r in rs)  # only response tokens go through the output layer
+    assert shared["head_positions"] == alone["head_positions"] == answers
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_flops_count_the_output_layer_only_where_logits_are_used(tied):
+    """The input embedding is a lookup; the output layer runs at the positions whose logits are used."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dlma.machine import forward_flops, matmul_params, param_count
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied))
+    linears = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    body, head = matmul_params(model)
+    assert head == 64 * 32 and body == linears + norms
+    assert param_count(model) == body + head * (1 if tied else 2)
+    assert forward_flops(model, 10, 3) == 2 * (10 * body + 3 * head)
 
 
 def test_branch_sums_of_chosen_branches_leave_the_others_at_zero(embedded):

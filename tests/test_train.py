@@ -360,7 +360,8 @@ def test_shared_context_row_matches_two_rows():
           Example("c", ctx("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
     P = common_prefix([e.context for e in ex])
     assert P >= 10 and tok.decode(ex[0].context[:P]).startswith("<|im_start|>system")
-    c, r, ntok, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    c, r, pos, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    ntok = pos.body
     (c.sum() - 2 * r.sum()).backward()
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -371,6 +372,7 @@ def test_shared_context_row_matches_two_rows():
     assert torch.allclose(c, sums[:3], atol=1e-3) and torch.allclose(r, sums[3:], atol=1e-3), (c, r, sums)
     # the positions computed: the shared prefix once, then each pair's own tokens
     assert ntok == P + sum(len(e.context) - P + len(e.chosen) + len(e.rejected) for e in ex)
+    assert pos.head == sum(len(e.chosen) + len(e.rejected) for e in ex)  # the output layer: response tokens only
     for a, p in zip(g1, model.parameters()):
         assert (a - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8
     with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 from .config import GenerateConfig, ModelConfig
 from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts, resume_chunks
 from .errors import DlmaError
-from .machine import param_count
+from .machine import forward_flops
 from .logprobs import length_buckets
 from .prompts import Renderer, end_of_turn_id, load_preset
 
@@ -671,7 +671,8 @@ def generate_pairs(
     for k in ("context_tokens", "prefilled_tokens"):  # how much of the contexts the shared prefixes saved
         if k in getattr(backend, "stats", {}):
             summary[k] = backend.stats[k] - stats0.get(k, 0)
-    if "prefilled_tokens" in summary:  # 2 N per position prefilled or decoded (N: parameters)
-        summary["model_flops"] = 2 * param_count(backend.model) * (summary["prefilled_tokens"] + summary["new_tokens"])
+    if "prefilled_tokens" in summary:  # every position prefilled or decoded; the output layer once per new token
+        summary["model_flops"] = forward_flops(backend.model, summary["prefilled_tokens"] + summary["new_tokens"],
+                                               summary["new_tokens"])
     summary["seconds"] = round(time.time() - t0, 2)
     return summary

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -384,6 +384,14 @@ def common_prefix(contexts: Sequence[Sequence[int]], min_prefix: int = 4) -> int
     return n if n >= min_prefix else 0
 
 
+class Positions(NamedTuple):
+    """Token positions a forward computed through the decoder body, and how many of them also went
+    through the output layer (what its FLOPs are counted from: machine.forward_flops)."""
+
+    body: int
+    head: int
+
+
 @dataclass
 class BranchLogits:
     """Logits (float, differentiable) at every position that predicts a branch token, one row
@@ -529,10 +537,12 @@ def score_trees(
     body_dtype (e.g. torch.bfloat16 with a float32 model) runs the decoder body under
     autocast in that dtype, keeping the residual stream, head and log-softmax in float32.
     stats["positions"] (when given) grows by the token positions the model computed: a shared
-    prefix read from the cache is not computed again, so it counts once (what MFU divides).
+    prefix read from the cache is not computed again, so it counts once (what MFU divides);
+    stats["head_positions"] by those that went through the output layer (response tokens).
     """
     stats = stats if stats is not None else {}
     stats.setdefault("positions", 0)
+    stats.setdefault("head_positions", 0)
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(t[1]) for t in trees]
     for t in trees:
         if not t[0]:
@@ -545,6 +555,7 @@ def score_trees(
         for (i, k), s, c in zip(flat, sums, counts):
             out[i][k] = (s, c)
         stats["positions"] += sum(len(trees[i][0]) + len(trees[i][1][k]) for i, k in flat)
+        stats["head_positions"] += sum(len(trees[i][1][k]) for i, k in flat)
         if on_batch:
             on_batch(len(trees))
         return out
@@ -578,6 +589,7 @@ def score_trees(
         lay = tree_rows([t[0] for t in group], [t[1] for t in group], pad_id, prefix=L)
         ids, pos, picks, n = lay.ids, lay.pos, lay.picks, lay.n
         stats["positions"] += int((lay.seg >= 0).sum())
+        stats["head_positions"] += len(picks)
         mask = additive(lay.mask(L, device=device), dtype)
         past = None
         if kv is not None:

@@ -24,7 +24,7 @@ from .config import ModelConfig, ScoreConfig
 from .data import JsonlWriter, check_finite, read_pairs
 from .errors import DlmaError
 from .logprobs import score_trees
-from .machine import param_count
+from .machine import forward_flops
 from .prompts import Preset, Renderer, as_messages, load_preset
 
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
@@ -140,7 +140,8 @@ def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
         redo: dict = {}
         again = _score_pairs(model, tokenizer, preset, [pairs[i] for i in near], reuse_generation=reuse_generation,
                              stats=redo, **kw)
-        stats["positions"] = stats.get("positions", 0) + redo.get("positions", 0)
+        for k in ("positions", "head_positions"):
+            stats[k] = stats.get(k, 0) + redo.get(k, 0)
         for i, o in zip(near, again):
             out[i] = o
     stats["mixed_rechecked"] = stats.get("mixed_rechecked", 0) + len(near)
@@ -411,8 +412,8 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             bar.close()
     finally:
         writer.close()
-    if stats.get("positions"):  # the positions the model computed (shared prefixes once): 2 N per position
-        stats["model_flops"] = 2 * param_count(model) * stats.pop("positions")
+    if stats.get("positions"):  # the positions the model computed (shared prefixes once)
+        stats["model_flops"] = forward_flops(model, stats["positions"], stats.get("head_positions", 0))
     summary = summarize_scores(read_jsonl(out))
     summary.update(judge=judge, already_done=len(pairs) - len(todo), scored=len(todo), output=str(out),
                    seconds=round(time.time() - t0, 2), **stats)

