@@ -404,6 +404,11 @@ class BranchLogits:
     trees: int
     positions: int        # positions computed
 
+    @property
+    def work(self) -> Positions:
+        """The positions computed, and those that went through the output layer (one per target)."""
+        return Positions(self.positions, len(self.target))
+
     def sums(self, branches: Sequence[int] | None = None) -> torch.Tensor:
         """Summed float32 log-probs (trees, n) of every branch, or of `branches` only (the others
         0): a branch used for its distributions alone need not be log-softmaxed twice."""

@@ -311,13 +311,13 @@ def _branches_with_kl(model, examples: Sequence[Example], branches: Sequence[Seq
     n = len(branches[0])
     if not any(e.kl_answer for e in examples):
         out = branch_logits(model, [e.context for e in examples], branches, pad_id, device)
-        return out.sums(), Positions(out.positions, len(out.target)), None
+        return out.sums(), out.work, None
     out = branch_logits(model, [e.context for e in examples], [list(b) + [e.kl_answer or []] for e, b in zip(examples, branches)],
                         pad_id, device)
     zero = torch.zeros((), device=device)
     kl = torch.stack([L.kl_to_reference(out.distributions(i, n), e.kl_ref_ids.to(device), e.kl_ref_lp.to(device)).mean()
                       if e.kl_answer else zero for i, e in enumerate(examples)])
-    return out.sums(range(n))[:, :n], Positions(out.positions, len(out.target)), kl
+    return out.sums(range(n))[:, :n], out.work, kl
 
 
 def _kl_row_tokens(e: Example) -> int:
