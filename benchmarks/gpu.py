@@ -248,7 +248,8 @@ def worker_score(a) -> dict:
     with _profiling(a, "score"):
         s = score_file(mc, cfg, str(a.work / "pairs.jsonl"), str(a.work / "scored.jsonl"), model=model, tokenizer=tok,
                        progress=False)
-    return {"pairs": s["scored"], "tokens": s.get("positions", 0), "seconds": s["seconds"], "flops": s.get("model_flops", 0), "reused": s.get("reused_generation_logprobs", 0), "precision": f"{precision}, weights {dtype}",
+    return {"pairs": s["scored"], "tokens": s.get("positions", 0), "seconds": s["seconds"], "flops": s.get("model_flops", 0),
+            "reused": s.get("reused_generation_logprobs", 0), "precision": f"{precision}, weights {dtype}",
             "rechecked": s.get("mixed_rechecked", 0)}
 
 
