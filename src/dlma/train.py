@@ -343,11 +343,11 @@ def micro_batch_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad
     ntok = sum(2 * len(e.context) + len(e.chosen) + len(e.rejected)
                + (len(e.context) + len(e.whole_chosen) if e.whole_chosen else 0)
                + _kl_row_tokens(e) for e in examples)
-    positions = Positions(ntok, sum(len(e.chosen) + len(e.rejected) for e in examples))
     whole = kl = None
     if cfg.share_context:
         pi_c, pi_r, positions, whole, kl = shared_context_logprobs(model, examples, pad_id, device)
     else:
+        positions = Positions(ntok, sum(len(e.chosen) + len(e.rejected) for e in examples))
         batch = collate(ctx + ctx, [e.chosen for e in examples] + [e.rejected for e in examples], pad_id).to(device)
         sums, _ = sequence_logprobs(model, batch)
         pi_c, pi_r = sums[:n], sums[n:]
@@ -373,11 +373,11 @@ def _listwise_losses(model, examples: Sequence[Example], cfg: TrainConfig, pad_i
         raise DlmaError("--loss listwise needs the same number of candidates in every record; "
                         "generate the pair file with one --num-samples")
     ntok = sum(len(e.context) * len(r) + sum(map(len, r)) + _kl_row_tokens(e) for e, r in zip(examples, ranked))
-    positions = Positions(ntok, sum(sum(map(len, r)) for r in ranked))
     kl, N = None, len(ranked[0])
     if cfg.share_context:
         pi, positions, kl = _branches_with_kl(model, examples, ranked, pad_id, device)
     else:
+        positions = Positions(ntok, sum(sum(map(len, r)) for r in ranked))
         batch = collate([e.context for e in examples for _ in range(N)], [r for rs in ranked for r in rs], pad_id).to(device)
         pi = sequence_logprobs(model, batch)[0].view(len(examples), N)
     ref = torch.tensor([[e.ref_chosen, *e.ref_middle, e.ref_rejected] for e in examples], dtype=torch.float32, device=device)
