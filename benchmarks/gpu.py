@@ -182,7 +182,7 @@ def worker_build(a) -> dict:
     from dlma.config import ModelConfig, TrainConfig
     from dlma.machine import cpu_kind, matmul_params, matmul_peak, param_count
     from dlma.models import load_tokenizer, resolve_device, resolve_dtype
-    from dlma.train import _mixed_precision, _weights_dtype  # what train_model will choose for this dtype
+    from dlma.train import mixed_precision, weights_dtype  # what train_model will choose for this dtype
 
     tok = load_tokenizer(a.tokenizer)
     fields = dict(SHAPES[a.shape])
@@ -212,8 +212,8 @@ def worker_build(a) -> dict:
     mc = ModelConfig(dtype=a.dtype, device=a.device)
     return {"params": n, "body": body, "head": head, "device": str(dev), "peak_flops": peak, "peak_source": how, "config": fields,
             "logit_scale": scale, "entropy": entropy,
-            "compute_dtype": _name(compute), "mixed_precision": _mixed_precision(TrainConfig(), mc),
-            "weights_dtype": _name(_weights_dtype(mc))}
+            "compute_dtype": _name(compute), "mixed_precision": mixed_precision(TrainConfig(), mc),
+            "weights_dtype": _name(weights_dtype(mc))}
 
 
 def worker_generate(a) -> dict:

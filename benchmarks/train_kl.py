@@ -4,7 +4,7 @@
 model's greedy answer to its prompt as one more branch of the pair's packed context, and a KL
 term along it. This measures what that costs a training step, side by side: two copies of the
 same weights train on the same micro-batches in the same order through the trainer's own
-`micro_batch_losses` (float32, the default run's DLMA loss and NLL term on the
+`train_step` (float32, the default run's DLMA loss and NLL term on the
 `no-overrefusal` pairs, reference log-probs from the initial weights, AdamW), one with the KL
 term and one without, alternating step by step so a shared machine slows both alike. The
 untouched answers are made once before the first step (as the trainer does, and caches); their
@@ -29,24 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 from train_layout import model_and_examples, step_benchmark_args, verdict  # noqa: E402
 
 from dlma.config import TrainConfig  # noqa: E402
 from dlma.machine import cpu_kind  # noqa: E402
-from dlma.train import _untouched_answers, attach_kl_answers, micro_batch_losses  # noqa: E402
+from dlma.train import attach_kl_answers, train_step, untouched_answers  # noqa: E402
 
 RETAIN = "no-overrefusal"
-
-
-def step(model, opt, batch, cfg: TrainConfig, pad_id: int) -> tuple[float, float]:
-    """One optimizer step on the micro-batch: (mean loss, seconds)."""
-    t = time.perf_counter()
-    out, _, _ = micro_batch_losses(model, batch, cfg, pad_id, "cpu")
-    loss = out.losses.mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach()), time.perf_counter() - t
 
 
 def main() -> None:
@@ -58,7 +48,7 @@ def main() -> None:
     held = copy.deepcopy(base)
     wanted = [e for e in held if e.preset == RETAIN]
     t0 = time.perf_counter()
-    saved = _untouched_answers(model, tok, [e.context for e in wanted], args.kl_tokens, {})
+    saved = untouched_answers(model, tok, [e.context for e in wanted], args.kl_tokens, {})
     answers_s = time.perf_counter() - t0
     attach_kl_answers(wanted, saved)
     off = TrainConfig(lr=args.lr, response_tokens=args.response_tokens, rpo_alpha=0.2, rpo_presets=[RETAIN])
@@ -67,14 +57,15 @@ def main() -> None:
     models = {"baseline": model, "kl": copy.deepcopy(model)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, fused=True) for k, m in models.items()}
     secs, losses = {k: 0.0 for k in models}, {k: [] for k in models}
+    accelerator = Accelerator(cpu=True)
     n_steps = min(args.steps, len(base) // args.batch_size)
     for n in range(n_steps):
         for k in (("baseline", "kl") if n % 2 == 0 else ("kl", "baseline")):
             batch = data[k][n * args.batch_size:(n + 1) * args.batch_size]
-            loss, s = step(models[k], opts[k], batch, cfgs[k], pad)
-            losses[k].append(loss)
+            res = train_step(models[k], opts[k], [batch], cfgs[k], pad, accelerator)
+            losses[k].append(res.loss)
             if n:  # the first step warms up allocators and kernels on both sides
-                secs[k] += s
+                secs[k] += res.seconds
     pairs = args.batch_size * (n_steps - 1)
     print(f"machine: {cpu_kind()}; float32")
     print(f"pairs: {len(base)} ({'file ' + args.data if args.data else 'bundled prompts, written responses'}), "

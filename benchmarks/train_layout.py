@@ -5,11 +5,12 @@ dlma's trainer puts each pair in one forward pass: its context once, then both r
 shares (the chat template's system turn, about half of a short bare context) is computed
 once per micro-batch, and the pairs follow each other in rows without padding. Baseline:
 the layout before packing, one padded row per pair (context once, both responses), nothing
-shared between pairs (`branch_logprobs(pack=False)`).
+shared between pairs (`--no-share-context`).
 
-Both train two copies of the same weights on the same micro-batches in the same order, float32,
-the DLMA loss with the reference from the initial weights, AdamW (fused where available), and
-alternate step by step, so a machine shared with other jobs slows both alike. Times are forward,
+Both train two copies of the same weights on the same micro-batches in the same order through
+the trainer's own `train_step`, float32, the DLMA loss with the reference from the initial
+weights, AdamW (fused where available), and alternate step by step, so a machine shared with
+other jobs slows both alike. Times are forward,
 backward and the optimizer step. Fails (exit 1) if the two layouts' losses differ by more than
 1e-3 at any step: they must train the same model up to kernel rounding.
 
@@ -28,20 +29,20 @@ import copy
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 
-from dlma import losses as L  # noqa: E402
+from dlma.config import TrainConfig  # noqa: E402
 from dlma.data import ReadStats, read_prompts  # noqa: E402
 from dlma.logprobs import branch_logprobs  # noqa: E402
 from dlma.machine import cpu_kind  # noqa: E402
 from dlma.models import load_model  # noqa: E402
 from dlma.prompts import Renderer  # noqa: E402
-from dlma.train import Example, build_examples  # noqa: E402
+from dlma.train import Example, build_examples, train_step  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that. Is there something else I can do for you?"
 ANSWER = "Sure! Here is a short, practical answer to your question, step by step."
@@ -77,20 +78,6 @@ def mixed_with_reference(model, ex: list[Example], batch_size: int, pad_id: int)
     return ex
 
 
-def step(model, opt, batch: list[Example], pad_id: int, pack: bool) -> tuple[float, int, float]:
-    """One optimizer step on the micro-batch: (loss, positions computed, seconds)."""
-    t = time.perf_counter()
-    sums, positions = branch_logprobs(model, [e.context for e in batch], [[e.chosen, e.rejected] for e in batch],
-                                      pad_id, "cpu", pack=pack)
-    ref = torch.tensor([[e.ref_chosen, e.ref_rejected] for e in batch])
-    out = L.dlma_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], torch.tensor([e.self_reward or 0.0 for e in batch]))
-    loss = out.losses.mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach()), positions, time.perf_counter() - t
-
-
 def step_benchmark_args(doc: str) -> argparse.ArgumentParser:
     """The options every training-step benchmark here takes."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,14 +109,16 @@ def main() -> None:
     models = {"baseline": model, "packed": copy.deepcopy(model)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, fused=True) for k, m in models.items()}
     secs, positions, losses = {k: 0.0 for k in models}, {k: 0 for k in models}, {k: [] for k in models}
+    cfgs = {k: TrainConfig(lr=args.lr, rpo_alpha=0.0, share_context=(k == "packed")) for k in models}
+    accelerator = Accelerator(cpu=True)
     batches = [ex[i:i + args.batch_size] for i in range(0, len(ex), args.batch_size)][:args.steps]
     for n, batch in enumerate(batches):
         for k in (("baseline", "packed") if n % 2 == 0 else ("packed", "baseline")):
-            loss, pos, s = step(models[k], opts[k], batch, tok.pad_token_id, pack=(k == "packed"))
-            losses[k].append(loss)
+            res = train_step(models[k], opts[k], [batch], cfgs[k], tok.pad_token_id, accelerator)
+            losses[k].append(res.loss)
             if n:  # the first step warms up allocators and kernels on both sides
-                secs[k] += s
-                positions[k] += pos
+                secs[k] += res.seconds
+                positions[k] += res.stats.positions
     pairs = sum(len(b) for b in batches[1:])
     print(f"machine: {cpu_kind()}; float32")
     print(f"pairs: {len(ex)} ({'file ' + args.data if args.data else 'bundled prompts, written responses'}), "

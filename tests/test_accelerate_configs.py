@@ -65,11 +65,11 @@ def test_fsdp_configs_wrap_the_models_own_decoder_layers(name, lora, monkeypatch
     # ranks > 0 load on meta: dlma must neither move the model nor compute the reference before prepare
     from types import SimpleNamespace
 
-    from dlma.train import _lazy_ranks
+    from dlma.train import lazy_ranks
 
     assert plugin.cpu_ram_efficient_loading
-    assert _lazy_ranks(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
-    assert not _lazy_ranks(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None)))
+    assert lazy_ranks(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert not lazy_ranks(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None)))
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2_8gpu.yaml", "deepspeed_zero3_8gpu.yaml"])

@@ -131,7 +131,6 @@ def test_split_head_follows_each_architecture(kind):
     """Scoring splits the output layer off the model; Cohere's logit_scale and Granite's
     logits_scaling are applied, and a model whose forward transforms its logits some other way
     is scored through its own forward. Either way: the model's own log-probs."""
-    import torch
 
     from dlma.logprobs import _head
 

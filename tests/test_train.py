@@ -119,15 +119,15 @@ def test_select_pairs_normalises_per_preset_and_shuffles():
 
 def test_reference_from_another_model_or_precision_is_not_trusted():
     from dlma.config import ModelConfig
-    from dlma.train import _stale_reference
+    from dlma.train import stale_reference
 
     rec = {"id": "a", "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0, "ref_from": {"model": "embedded", "dtype": "float32"}}
-    assert _stale_reference([rec], ModelConfig(model="embedded", dtype="float32")) is None
-    assert "bfloat16" in _stale_reference([rec], ModelConfig(model="embedded", dtype="bfloat16"))
-    assert "'other'" in _stale_reference([rec], ModelConfig(model="other", dtype="float32"))
+    assert stale_reference([rec], ModelConfig(model="embedded", dtype="float32")) is None
+    assert "bfloat16" in stale_reference([rec], ModelConfig(model="embedded", dtype="bfloat16"))
+    assert "'other'" in stale_reference([rec], ModelConfig(model="other", dtype="float32"))
     bf16 = dict(rec, ref_from={"model": "embedded", "dtype": "float32+bf16-body"})  # scored with --precision mixed
-    assert _stale_reference([rec, bf16], ModelConfig(model="embedded", dtype="float32"))
-    assert _stale_reference([{k: v for k, v in rec.items() if k != "ref_from"}], ModelConfig(model="other")) is None
+    assert stale_reference([rec, bf16], ModelConfig(model="embedded", dtype="float32"))
+    assert stale_reference([{k: v for k, v in rec.items() if k != "ref_from"}], ModelConfig(model="other")) is None
 
 
 def test_plan_balances_presets():
@@ -349,7 +349,8 @@ def test_shared_context_row_matches_two_rows():
     from dlma.logprobs import branch_logprobs, collate, common_prefix, sequence_logprobs
     from dlma.models import load_model
     from dlma.prompts import Renderer
-    from dlma.train import Example, shared_context_logprobs
+    from dlma.train import Example
+    from dlma.train.objective import branch_sums
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
     model.config.use_cache = False
@@ -360,7 +361,8 @@ def test_shared_context_row_matches_two_rows():
           Example("c", ctx("What is the capital of France?"), enc("Paris."), enc("No"), 1.0)]
     P = common_prefix([e.context for e in ex])
     assert P >= 10 and tok.decode(ex[0].context[:P]).startswith("<|im_start|>system")
-    c, r, pos, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+    sums, pos, _ = branch_sums(model, ex, [[e.chosen, e.rejected] for e in ex], tok.pad_token_id, "cpu")
+    c, r = sums[:, 0], sums[:, 1]
     ntok = pos.body
     (c.sum() - 2 * r.sum()).backward()
     g1 = [p.grad.clone() for p in model.parameters()]
@@ -436,10 +438,11 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
 
     from dlma.data import read_pairs
     from dlma.prompts import Renderer
-    from dlma.train import _kl_reference, build_examples, micro_batch_losses
+    from dlma.train import build_examples, micro_batch_losses
+    from dlma.train.reference import hold_answers
 
     ex = build_examples(read_pairs(str(data), None), Renderer(tok, None, 1024), listwise=True)
-    _kl_reference(_MainProcess(), model, tok, ex, ModelConfig(dtype="float32", device="cpu"),
+    hold_answers(_MainProcess(), model, tok, ex, ModelConfig(dtype="float32", device="cpu"),
                   TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "kl")
     for e in ex:
         e.ref_chosen, e.ref_rejected, e.ref_middle = 0.0, 0.0, [0.0] * len(e.middle)
@@ -450,10 +453,8 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
         b, _, _ = micro_batch_losses(trained, bare, cfg, tok.pad_token_id, "cpu")
     assert b.kl is None and (a.kl > 0).all() and torch.allclose(a.losses, b.losses + 2.0 * a.kl, atol=1e-4)
     assert torch.allclose(a.chosen_rewards, b.chosen_rewards, atol=1e-4)  # the extra branch leaves the list's sums alone
-    from dlma.train import validate
-
-    with pytest.raises(DlmaError, match="kl-alpha needs .* listwise"):  # context distillation samples nothing to hold
-        validate(TrainConfig(loss="sft", kl_alpha=1.0))
+    with pytest.raises(DlmaError, match="kl-alpha is not a term of --loss sft; it goes with .*listwise"):
+        TrainConfig(loss="sft", kl_alpha=1.0)  # context distillation samples nothing to hold
     # a pair file without candidates is refused with the reason
     plain = tmp_path / "k1.jsonl"
     generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, max_new_tokens=6, batch_size=8), str(plain),
@@ -494,7 +495,8 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
 
     from dlma.models import load_model
     from dlma.logprobs import collate, sequence_logprobs
-    from dlma.train import Example, micro_batch_losses, shared_context_logprobs
+    from dlma.train import Example, micro_batch_losses
+    from dlma.train.objective import branch_sums
 
     model, tok = load_model("embedded", dtype="float32", device="cpu", train=True)
     model.config.use_cache = False
@@ -504,7 +506,7 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token():
     with torch.no_grad():
         base, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.0), tok.pad_token_id, "cpu")
         rpo, _, _ = micro_batch_losses(model, ex, TrainConfig(loss="dlma", rpo_alpha=0.5), tok.pad_token_id, "cpu")
-        pi_c, _, _, _, _ = shared_context_logprobs(model, ex, tok.pad_token_id, "cpu")
+        pi_c = branch_sums(model, ex, [[e.chosen, e.rejected] for e in ex], tok.pad_token_id, "cpu")[0][:, 0]
     nll = -pi_c / torch.tensor([len(e.chosen) for e in ex])
     assert (nll > 0).all()
     assert torch.allclose(rpo.losses, base.losses + 0.5 * nll, atol=1e-4), (rpo.losses, base.losses, nll)
@@ -536,7 +538,7 @@ def test_rpo_presets_must_name_a_preset_of_the_pairs(scored, tmp_path):
                     str(scored[0]), str(tmp_path / "out"), progress=False)
 
 
-class _MainProcess:  # what _kl_reference asks of an Accelerator, on one process
+class _MainProcess:  # what hold_answers asks of an Accelerator, on one process
     is_main_process = True
 
     def wait_for_everyone(self):
@@ -571,12 +573,13 @@ def test_kl_alpha_holds_the_untouched_models_own_answers(scored, embedded, tmp_p
 
     # the KL of each trained model on the untouched answers, through the loss itself
     from dlma.prompts import Renderer
-    from dlma.train import _kl_reference, build_examples
+    from dlma.train import build_examples
+    from dlma.train.reference import hold_answers
     from dlma.data import read_pairs
 
     ex = build_examples(read_pairs(str(scored[0]), 16), Renderer(tok, None, 1024), response_tokens=4)
 
-    _kl_reference(_MainProcess(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "held")
+    hold_answers(_MainProcess(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "held")
     for e in ex:
         e.ref_chosen = e.ref_rejected = 0.0
 
@@ -621,7 +624,7 @@ def _poisoned(monkeypatch, bad_calls, kind):
     """Make micro_batch_losses give a NaN loss (kind 'loss') or a finite loss with NaN gradients ('grad') on some calls."""
     import torch
 
-    import dlma.train as T
+    import dlma.train.step as T
 
     real, calls = T.micro_batch_losses, []
 
@@ -674,7 +677,7 @@ def test_nonfinite_steps_in_a_row_stop_training(scored, tmp_path, monkeypatch):
 
 
 def test_probe_steps_and_the_kept_step_rule():
-    from dlma.selection import Probe, best, probe_steps
+    from dlma.train.selection import Probe, best, probe_steps
 
     assert probe_steps(73, 8, 0.5) == [41, 49, 57, 65, 73]
     assert probe_steps(4, 1, 0.5) == [2, 3, 4] and probe_steps(3, 8, 0.5) == [3]
@@ -691,7 +694,7 @@ def test_selection_probes_without_changing_the_run_and_keeps_the_chosen_weights(
     from dlma.errors import DlmaError
     from dlma.models import load_model
     from dlma.prompts import Renderer
-    from dlma.selection import HISTORY, WEIGHTS, Selector
+    from dlma.train.selection import HISTORY, WEIGHTS, Selector
     from dlma.train import train_model
 
     import torch
@@ -726,7 +729,7 @@ def test_selection_restores_the_kept_steps_weights(embedded, tmp_path):
 
     from dlma.errors import DlmaError
     from dlma.prompts import Renderer
-    from dlma.selection import WEIGHTS, Probe, Selector
+    from dlma.train.selection import WEIGHTS, Probe, Selector
 
     model, tok = embedded
     cfg = TrainConfig(select_prompts="safety-val", select_limit=4)

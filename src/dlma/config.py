@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from . import objectives
 from .errors import DlmaError, yaml_error
 
 
@@ -85,13 +86,9 @@ class GenerateConfig:
                             f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
 
 
-PAIR_LOSSES = ("dlma", "dpo", "ipo")  # one chosen and one rejected response per pair: the losses --rpo-whole extends
-KL_LOSSES = PAIR_LOSSES + ("listwise",)  # the losses over sampled responses, which --kl-alpha extends
-
-
 @dataclass
 class TrainConfig:
-    loss: str = opt("dlma", "objective: dlma (DPO shifted by the self-reward), dpo (RLCD baseline; on human labels the upper reference), ipo, sft (context distillation on the chosen response), listwise (Plackett-Luce over all 2K responses of a --num-samples K pair file, ranked by their self-reward log-ratio; shifted by w as dlma)")
+    loss: str = opt("dlma", objectives.loss_help())
     beta: float = opt(0.1, "strength of the KL tie to the reference (dlma, dpo, ipo)")
     margin_weight: float = opt(0.2, "dlma: weight w of the self-reward shift")
     margin_clip: typing.Tuple[float, float] = opt((-40.0, 40.0), "dlma: clamp range LO HI of the self-reward")
@@ -126,7 +123,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     torch_compile: bool = opt(False, "compile each decoder layer in place with torch.compile (dynamic shapes; the layers share one compiled graph): fused kernels for the elementwise work between the matmuls, the same losses up to rounding; the first step pays the compilation (about half a minute for the embedded model on a CPU, which needs a C++ compiler), so it is off by default; one process or DDP (under FSDP/DeepSpeed use accelerate's dynamo_config)")
     step_in_backward: str = opt("auto", "apply AdamW to each weight as soon as its gradient is ready, then free the gradient (less memory): auto = where that is exact (one process, --grad-accum 1, --max-grad-norm 0), on, off")
-    share_context: bool = opt(True, "each context once, followed by its responses, and the prefix all contexts of a micro-batch share (the system turn) once, pairs packed into rows without padding (block attention mask); off: one padded row per response")
+    share_context: bool = opt(True, "each context once, followed by its responses, and the prefix all contexts of a micro-batch share (the system turn) once, pairs packed into rows without padding (block attention mask); off: one padded row per pair (its context once, then its responses), nothing shared between pairs")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = opt(16, "LoRA scaling alpha")
     lora_dropout: float = opt(0.0, "LoRA dropout")
@@ -163,6 +160,19 @@ class TrainConfig:
         lo, hi = self.margin_clip
         if lo > hi:
             raise DlmaError(f"margin_clip (--margin-clip) LO HI needs LO <= HI, got {lo} {hi}")
+        for name, allowed in (("lr_schedule", ("cosine", "linear", "constant")), ("mixed_precision", ("auto", "bf16", "fp16", "no")),
+                              ("step_in_backward", ("auto", "on", "off"))):
+            if getattr(self, name) not in allowed:
+                raise _bad(name, " or ".join((", ".join(allowed[:-1]), allowed[-1])), getattr(self, name))
+        obj = objectives.objective(self.loss)
+        for term, on, flag in (("nll", self.rpo_alpha > 0, "--rpo-alpha"), ("nll_whole", self.rpo_whole and self.rpo_alpha > 0, "--rpo-whole"),
+                               ("kl", self.kl_alpha > 0, "--kl-alpha")):
+            if on and not obj.takes(term):
+                takers = [o.name for o in objectives.objectives().values() if o.takes(term)]
+                raise DlmaError(f"{flag} is not a term of --loss {self.loss}; it goes with {', '.join(takers) or 'no loss'}")
+        if self.step_in_backward == "on" and (self.grad_accum > 1 or self.max_grad_norm > 0 or self.micro_tokens > 0):
+            raise DlmaError("--step-in-backward on is exact only with --grad-accum 1, --max-grad-norm 0 and --micro-tokens 0 "
+                            "(clipping needs the global norm of every gradient first; passes add up gradients)")
 
 
 @dataclass
@@ -241,7 +251,7 @@ class RunConfig:
     """Everything `dlma run` does; the sections are the stage commands' options."""
 
     run_dir: str = opt("runs/default", "where stages, the final model and the report go")
-    method: str = opt("dlma", "dlma, rlcd (DPO on the pairs, no score), context-distillation (SFT on o+), rlaif (text-judge labels + DPO), dlma-listwise (Plackett-Luce over all 2K best-of-K responses; needs generate.num_samples >= 2)")
+    method: str = opt("dlma", "how pairs are scored and trained: " + objectives.method_help())
     rounds: int = opt(1, "generate -> score -> train repeats, the latest policy generating and serving as reference")
     model: ModelConfig = section(ModelConfig, "the starting model")
     generate: GenerateConfig = section(GenerateConfig, "contrastive generation")

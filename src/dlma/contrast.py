@@ -26,8 +26,12 @@ from typing import Callable
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
 from .data import read_jsonl, read_prompts, write_json
 from .errors import DlmaError
+from .generate import generate_pairs, make_backend
+from .models import load_model
 from .prompts import Preset, load_preset
 from .refusal import REFUSAL_PHRASES, is_refusal, wilson_interval
+from .report import COLORS, png_bytes, pyplot
+from .reward import score_file
 
 _WORD = re.compile(r"[a-z][a-z']{3,}")
 # Words of four letters or more that any answer may use: not a sign of copying a demonstration.
@@ -114,7 +118,8 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     return out
 
 
-def _pct(r: dict | None) -> str:
+def format_rate(r: dict | None) -> str:
+    """A rate record ({rate, ci, count, n}) as `12.5% [8-18] (25/200)`; `-` where there is none."""
     if not r or r.get("rate") is None:
         return "-"
     lo, hi = r["ci"]
@@ -126,36 +131,34 @@ def render_table(summary: dict) -> str:
     pos, neg, sr = summary["positive"], summary["negative"], summary["self_reward"]
     rows = []
     if "shows_attribute" in pos:
-        rows.append((f"shows the attribute ({summary['detector']} detector)", _pct(pos["shows_attribute"]),
-                     _pct(neg["shows_attribute"])))
-    rows += [("topic leakage from demonstrations", _pct(pos["leakage"]), _pct(neg["leakage"])),
+        rows.append((f"shows the attribute ({summary['detector']} detector)", format_rate(pos["shows_attribute"]),
+                     format_rate(neg["shows_attribute"])))
+    rows += [("topic leakage from demonstrations", format_rate(pos["leakage"]), format_rate(neg["leakage"])),
              ("leaked words", ", ".join(f"{w} {c}" for w, c in pos["leaked_words"][:5]) or "-",
               ", ".join(f"{w} {c}" for w, c in neg["leaked_words"][:5]) or "-"),
-             ("cut at max_new_tokens", _pct(pos["truncated"]), _pct(neg["truncated"])),
-             ("empty", _pct(pos["empty"]), _pct(neg["empty"]))]
+             ("cut at max_new_tokens", format_rate(pos["truncated"]), format_rate(neg["truncated"])),
+             ("empty", format_rate(pos["empty"]), format_rate(neg["empty"]))]
     lines = [f"## `dlma prompts check {summary['preset']}` on {summary['prompts']} ({summary['pairs']} pairs)", "",
              "| | o+ (under p+) | o- (under p-) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| pairs | value |", "|---|---|"]
     if "contrast" in summary:
-        lines.append(f"| contrast: o+ shows the attribute, o- does not | {_pct(summary['contrast'])} |")
+        lines.append(f"| contrast: o+ shows the attribute, o- does not | {format_rate(summary['contrast'])} |")
     lines.append(f"| R median (p10, p90) | {sr['median']:.2f} ({sr['p10']:.2f}, {sr['p90']:.2f}) |")
-    lines.append(f"| R > 0 | {_pct(sr['positive'])} |")
+    lines.append(f"| R > 0 | {format_rate(sr['positive'])} |")
     if "agrees_with_detector" in sr:
-        lines.append(f"| R's sign agrees with the detector (pairs it tells apart) | {_pct(sr['agrees_with_detector'])} |")
+        lines.append(f"| R's sign agrees with the detector (pairs it tells apart) | {format_rate(sr['agrees_with_detector'])} |")
         fmt = lambda v: "-" if v is None else f"{v:.2f}"
         lines.append(f"| R median: contrasting pairs / the others | {fmt(sr['median_contrasting'])} / {fmt(sr['median_other'])} |")
     if "labelled" in summary:
         lab = summary["labelled"]
-        lines.append(f"| R's accuracy on {lab['source']} (human-preferred side has R > 0) | {_pct(lab['accuracy'])} |")
+        lines.append(f"| R's accuracy on {lab['source']} (human-preferred side has R > 0) | {format_rate(lab['accuracy'])} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_contrast(summary: dict, rewards: list[float], contrasting: list[bool] | None) -> bytes:
     """Left: attribute and leakage rates per side; right: R's histogram (split by the detector)."""
-    from .report import COLORS, _plt, _png
-
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     keys = [k for k in ("shows_attribute", "leakage", "truncated") if k in summary["positive"]]
     x = range(len(keys))
@@ -175,7 +178,7 @@ def plot_contrast(summary: dict, rewards: list[float], contrasting: list[bool] |
     ax2.axvline(0, color="black", lw=0.8, ls=":")
     ax2.set_xlabel("self-rewarding score R")
     ax2.set_ylabel("pairs")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out: str, *, progress: bool = True,
@@ -185,11 +188,6 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     Files in out: pairs.jsonl and scored.jsonl (resumable, as in `dlma run`), check.json,
     check.md and check.png; with cfg.pairs also labelled-scored.jsonl.
     """
-    from .generate import generate_pairs, make_backend
-    from .models import load_model
-    from .report import _plt  # noqa: F401  (fail early if matplotlib is missing, not after sampling)
-    from .reward import score_file
-
     preset = load_preset(preset_name)
     prompts = cfg.prompts or preset.check_prompts
     if not prompts:

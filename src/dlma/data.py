@@ -33,6 +33,12 @@ BUNDLED = {BUNDLED_HH: "hh-rlhf-harmless-dev.jsonl.gz", BUNDLED_SAFETY: "safety-
            "harmful-train": "harmful-train.jsonl", "safety-val": "safety-val.jsonl", "safety-test": "safety-test.jsonl"}
 # The bundled HH file holds 1,000 records; the last 200 are held out for evaluation.
 HH_TEST_START = 800
+# The ways one request is asked (data/phrasings/SPEC.md). A prompt set whose records carry
+# `request` and `phrasing` fields can be read whole, or through a selector after a colon:
+# `:original` (each request's original wording), `:rotate` (one phrasing per request, dealt in
+# turn within each label and category, so the set carries no phrasing cue), or one phrasing.
+PHRASINGS = ("question", "imperative", "polite", "story", "casual")
+PHRASING_SELECTORS = ("original", "rotate") + PHRASINGS
 
 
 @dataclass
@@ -185,10 +191,13 @@ def _prompt_of(obj: dict, path: Path, lineno: int) -> Messages:
 
 
 def _resolve_source(source: str) -> tuple[Path | None, str | None]:
-    """(path, split) for files and bundled names; (None, None) for a HF dataset name."""
+    """(path, split or phrasing selector) for files and bundled names; (None, None) for a HF dataset name."""
     base, _, split = source.partition(":")
     if base in BUNDLED:
         return bundled_path(BUNDLED[base]), split or None
+    head, _, tail = source.rpartition(":")
+    if head and tail in PHRASING_SELECTORS and Path(head).is_file():
+        return Path(head), tail
     p = Path(source)
     if p.exists():
         return p, None
@@ -226,6 +235,8 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
     """
     stats = stats if stats is not None else ReadStats()
     path, split = _resolve_source(source)
+    if split in PHRASING_SELECTORS:
+        return select_phrasings(read_prompts(source.rpartition(":")[0], None, stats), split, source)[:limit]
     rows = _iter_records(path) if path is not None else _from_hf_dataset(source)
     where = path if path is not None else Path(source)
     out: list[PromptRecord] = []
@@ -257,6 +268,70 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def select_phrasings(prompts: list[PromptRecord], selector: str, source: str = "") -> list[PromptRecord]:
+    """The prompts `selector` keeps (PHRASING_SELECTORS) of a set whose records name their `request` and `phrasing`."""
+    if any("request" not in p.extra or p.extra.get("phrasing") not in PHRASINGS for p in prompts):
+        raise DlmaError(f"{source}: `:{selector}` needs every record to carry `request` and `phrasing` "
+                        f"(one of {', '.join(PHRASINGS)}); this set does not")
+    if selector == "original":
+        return [p for p in prompts if p.extra.get("original")]
+    if selector in PHRASINGS:
+        return [p for p in prompts if p.extra["phrasing"] == selector]
+    dealt: dict[tuple, int] = {}
+    order: dict[str, int] = {}
+    for p in prompts:
+        order.setdefault(p.extra["request"], len(order))
+    pick: dict[str, str] = {}
+    for request in order:
+        first = next(p for p in prompts if p.extra["request"] == request)
+        group = (first.label, first.extra.get("category"))
+        k = dealt.get(group, zlib.crc32(repr(group).encode()) % len(PHRASINGS))
+        pick[request], dealt[group] = PHRASINGS[k % len(PHRASINGS)], k + 1
+    return [p for p in prompts if p.extra["phrasing"] == pick[p.extra["request"]]]
+
+
+def load_eval_prompts(sources: str, limit: int | None = None) -> list[PromptRecord]:
+    """Prompts from comma-separated sources, `limit` per source; `extra["source"]` says which.
+
+    A labelled source is cut to `limit` round-robin over its labels (safety-eval lists its
+    unsafe prompts first; its first 12 would hold no safe prompt to measure over-refusal on).
+    """
+    out: list[PromptRecord] = []
+    seen: set[str] = set()
+    for src in [s.strip() for s in sources.split(",") if s.strip()]:
+        for p in _balanced(read_prompts(src), limit):
+            if p.id in seen:
+                p.id = f"{src}/{p.id}"
+            if p.id in seen:
+                raise DlmaError(f"{src}: prompt id {p.id!r} appears twice")
+            seen.add(p.id)
+            p.extra = {**p.extra, "source": src}
+            out.append(p)
+    if not out:
+        raise DlmaError(f"{sources}: no usable prompts")
+    return out
+
+
+def _balanced(prompts: list[PromptRecord], limit: int | None) -> list[PromptRecord]:
+    """The first `limit` prompts, dealt round-robin over the labels; a request's phrasings
+    (records sharing `request`) are taken together, so every phrasing is measured on the same requests."""
+    if limit is None or len(prompts) <= limit:
+        return prompts
+    units: dict[Any, list[PromptRecord]] = {}
+    for p in prompts:
+        units.setdefault(p.extra.get("request", p.id), []).append(p)
+    by_label: dict[str | None, list[list[PromptRecord]]] = {}
+    for unit in units.values():
+        by_label.setdefault(unit[0].label, []).append(unit)
+    picked: list[PromptRecord] = []
+    queues = list(by_label.values())
+    while len(picked) < limit and any(queues):
+        for q in queues:
+            if q and len(picked) < limit:
+                picked += q.pop(0)
+    return picked
 
 
 def read_pairs(source: str, limit: int | None = None) -> list[dict]:

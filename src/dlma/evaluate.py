@@ -33,12 +33,17 @@ from typing import Any, Sequence
 import torch
 
 from .config import EvalConfig, ModelConfig, to_dict
-from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts, resume_chunks
+from .data import PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, resume_chunks
 from .errors import DlmaError
-from .judges import (Item, TextJudge, OpenAIJudge, RewardModelJudge, SelfRewardJudge, Verdict, judge_slug,
+from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
+from .judges import (Item, OpenAIJudge, RewardModelJudge, SelfRewardJudge, TextJudge, Verdict, judge_slug,
                      parse_judge_spec, summarize_verdicts)
+from .logprobs import score_trees
+from .models import load_model
 from .prompts import Preset, Renderer, load_preset
 from .refusal import is_refusal, refusal_rates
+from .report import write_report
+from .reward import summarize_scores
 
 ROLES = ("aligned", "baseline")
 TRAINING_FIELDS = ("step", "loss", "reward_margin", "reward_accuracy", "lr", "tokens_per_s")
@@ -47,46 +52,6 @@ TRAINING_FIELDS = ("step", "loss", "reward_margin", "reward_accuracy", "lr", "to
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
-
-
-# -- prompts ------------------------------------------------------------------------
-def load_eval_prompts(sources: str, limit: int | None = None) -> list[PromptRecord]:
-    """Prompts from comma-separated sources, `limit` per source; `extra["source"]` says which.
-
-    A labelled source is cut to `limit` round-robin over its labels (safety-eval lists its
-    unsafe prompts first; its first 12 would hold no safe prompt to measure over-refusal on).
-    """
-    out: list[PromptRecord] = []
-    seen: set[str] = set()
-    for src in [s.strip() for s in sources.split(",") if s.strip()]:
-        for p in _balanced(read_prompts(src), limit):
-            if p.id in seen:
-                p.id = f"{src}/{p.id}"
-            if p.id in seen:
-                raise DlmaError(f"{src}: prompt id {p.id!r} appears twice")
-            seen.add(p.id)
-            p.extra = {**p.extra, "source": src}
-            out.append(p)
-    if not out:
-        raise DlmaError(f"{sources}: no usable prompts")
-    return out
-
-
-def _balanced(prompts: list[PromptRecord], limit: int | None) -> list[PromptRecord]:
-    if limit is None or len(prompts) <= limit:
-        return prompts
-    by_label: dict[str | None, list[PromptRecord]] = {}
-    for p in prompts:
-        by_label.setdefault(p.label, []).append(p)
-    if len(by_label) == 1:
-        return prompts[:limit]
-    picked: list[PromptRecord] = []
-    queues = list(by_label.values())
-    while len(picked) < limit:
-        for q in queues:
-            if q and len(picked) < limit:
-                picked.append(q.pop(0))
-    return picked
 
 
 # -- models, loaded once each ----------------------------------------------------------
@@ -99,7 +64,6 @@ class ModelPool:
 
     def get(self, name: str) -> tuple:
         if name not in self.models:
-            from .models import load_model
 
             self.models[name] = load_model(name, self.cfg.dtype, self.cfg.device, attn=self.cfg.attn_implementation)
         return self.models[name]
@@ -116,8 +80,6 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
 
     Returns {prompt id: answer record} and how many answers were generated now (not cached)."""
     from tqdm.auto import tqdm
-
-    from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")  # bf16 and float32 answer differently
     settings = {"model": model_name, "dtype": dtype, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
@@ -212,8 +174,6 @@ def answer_logprobs(model, tok, preset: Preset, prompts: Sequence[PromptRecord],
 
     Every set answers the same prompts, so each context is laid out once with one branch per set, and
     the system turn all contexts share is computed once (`score_trees`)."""
-    from .logprobs import score_trees
-
     r = Renderer(tok, preset, max_context=cfg.max_context)
     trees, where = [], []
     for p in prompts:
@@ -237,10 +197,16 @@ def perplexities(scored: dict[str, tuple[float, int]], ids: Sequence[str]) -> tu
     return per, math.exp(-sum(s for s, _ in got) / max(sum(c for _, c in got), 1))
 
 
+SHORT_WORDS = 5  # an answer shorter than this many words says little (a terse reply, a bare refusal)
+
+
 def quality_metrics(answers: dict[str, dict], per_ppl: list[float], corpus_ppl: float) -> dict:
     texts = [a["answer"] for a in answers.values()]
     n = len(texts)
+    words = sorted(len(t.split()) for t in texts)
     return {
+        "words_p10": words[n // 10], "words_median": statistics.median(words), "words_p90": words[(9 * n) // 10],
+        "short_fraction": sum(w < SHORT_WORDS for w in words) / n,
         "n": n,
         "mean_tokens": statistics.fmean(a["tokens"] for a in answers.values()),
         "mean_words": statistics.fmean(len(t.split()) for t in texts),
@@ -250,6 +216,33 @@ def quality_metrics(answers: dict[str, dict], per_ppl: list[float], corpus_ppl: 
         "perplexity": corpus_ppl,
         "perplexity_median": statistics.median(per_ppl) if per_ppl else None,
     }
+
+
+def phrasing_rates(prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict]]) -> dict | None:
+    """Refusal and over-refusal per phrasing of the requests (prompts that carry `phrasing`), for
+    each role, with the mean over phrasings and the worst one; None where no prompt has a phrasing.
+
+    The same requests are asked in every phrasing, so the spread between phrasings is the model
+    reacting to the form of a request rather than to its meaning."""
+    have = [p.extra.get("phrasing") for p in prompts]
+    order = [ph for ph in PHRASINGS if ph in have] + sorted({h for h in have if h and h not in PHRASINGS})
+    if not order:
+        return None
+    groups = {ph: [p for p in prompts if p.extra.get("phrasing") == ph] for ph in order}
+    originals = [p for p in prompts if p.extra.get("original")]
+    if originals:
+        groups["original wording"] = originals
+    rates = {g: {role: refusal_rates([answers[role][p.id]["answer"] for p in ps], [p.label for p in ps]) for role in ROLES}
+             for g, ps in groups.items()}
+    summary = {}
+    for role in ROLES:
+        summary[role] = {}
+        for key, worst in (("refusal_rate", min), ("over_refusal_rate", max)):
+            vals = {ph: rates[ph][role][key] for ph in order if rates[ph][role].get(key) is not None}
+            if vals:
+                pick = worst(vals, key=vals.get)
+                summary[role][key] = {"mean": statistics.fmean(vals.values()), "worst": vals[pick], "worst_phrasing": pick}
+    return {"phrasings": order, "rates": rates, "summary": summary}
 
 
 # -- judges ------------------------------------------------------------------------------
@@ -332,7 +325,6 @@ def reliability(pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig,
            "human_labelled": sum(bool(p.get("human_label")) for p in pairs),
            "self_reward_accuracy": correct / len(rs),
            "self_reward_mean": statistics.fmean(rs)}
-    from .reward import summarize_scores
 
     out["text_judge"] = summarize_scores(judged)["text_judge"]
     out["text_judge_accuracy"] = out["text_judge"].get("accuracy")
@@ -423,6 +415,7 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
             quality_safe[role] = quality_metrics({i: answers[role][i] for i in safe}, *perplexities(scored, safe))
     labels = [p.label for p in prompts]
     refusal = {role: refusal_rates([answers[role][p.id]["answer"] for p in prompts], labels) for role in ROLES}
+    by_phrasing = phrasing_rates(prompts, answers)
 
     items = [Item(p.id, p.prompt, answers["aligned"][p.id]["answer"], answers["baseline"][p.id]["answer"],
                   answers["aligned"][p.id]["truncated"], answers["baseline"][p.id]["truncated"]) for p in prompts]
@@ -446,6 +439,7 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
                     "answers_generated": generated},
         "judges": judges,
         "refusal": {**refusal, "detector": "dlma.refusal: refusal phrases in the first two sentences of an answer"},
+        **({"phrasing": by_phrasing} if by_phrasing else {}),
         **({"sampled_refusal": {**sampled, "samples": cfg.samples, "temperature": cfg.sample_temperature}} if sampled else {}),
         "quality": quality,
         **({"quality_safe": quality_safe} if quality_safe else {}),
@@ -463,8 +457,6 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
     metrics["distributions"] = dists
     metrics["examples"] = _examples(prompts, answers, verdicts, cfg.examples)
     metrics["seconds"] = round(time.time() - t0, 2)
-
-    from .report import write_report
 
     write_report(metrics, out, title=f"dlma evaluation: {model} vs {baseline}")
     _log(progress, f"report: {out / 'index.html'}")

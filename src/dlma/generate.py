@@ -22,8 +22,9 @@ import torch
 from .config import GenerateConfig, ModelConfig
 from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts, resume_chunks
 from .errors import DlmaError
+from .logprobs import length_buckets, score_trees
 from .machine import forward_flops
-from .logprobs import length_buckets
+from .models import load_model, load_tokenizer, resolve_model_path
 from .prompts import Renderer, end_of_turn_id, load_preset
 
 
@@ -520,8 +521,6 @@ class VLLMBackend:
 
 def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None, tokenizer=None,
                  prefix_cache: bool = True) -> Backend:
-    from .models import load_model, load_tokenizer, resolve_model_path
-
     if name == "transformers":
         if model is None:
             model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
@@ -540,8 +539,6 @@ def _side_logprobs(backend, contexts, samples, texts, jobs, K: int, renderers, p
     one with the lowest. Computed by the shared `score_trees`, the same numbers `dlma score`
     gives, which is why scoring can reuse them instead of computing the picked pair's four terms again.
     """
-    from .logprobs import score_trees
-
     trees, resp = [], []
     for k0 in range(0, len(jobs), 2 * K):
         renderer = renderers[preset_of[jobs[k0][0].id]]
@@ -569,8 +566,6 @@ def generate_pairs(
 ) -> dict:
     """Write one pair a line to `out`, resuming after the ids already there. Returns a summary."""
     from tqdm.auto import tqdm
-
-    from .models import load_tokenizer
 
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
     preset_names = [x.strip() for x in cfg.preset.split(",") if x.strip()]

@@ -50,8 +50,12 @@ from typing import Any, Sequence
 
 import torch
 
+from .data import JsonlWriter, iter_jsonl
 from .errors import DlmaError
-from .prompts import Messages, Preset, Renderer
+from .models import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+from .prompts import Messages, Preset
+from .reward import score_pairs
+from .textjudge import LetterJudge, judging_prompt  # noqa: F401  (judging_prompt: part of this module's API)
 
 OUTCOMES = ("win", "tie", "lose", "failed")
 
@@ -111,25 +115,6 @@ def _sign(x: float, margin: float = 0.0) -> int:
 OUTCOME_OF = {1: "win", 0: "tie", -1: "lose"}
 
 
-# -- the judging prompt ------------------------------------------------------------
-def conversation_text(prompt: Messages) -> str:
-    role = {"user": "User", "assistant": "Assistant", "system": "System"}
-    return "\n".join(f"{role.get(m['role'], m['role'].title())}: {m['content']}" for m in prompt)
-
-
-def judging_prompt(prompt: Messages, first: str, second: str, question: str, *, allow_tie: bool, max_chars: int = 4000) -> str:
-    """The text shown to a pairwise judge (documented in the module docstring)."""
-    clip = lambda s: s if len(s) <= max_chars else s[:max_chars] + " [...]"
-    ask = "Answer with exactly one of: A, B, tie." if allow_tie else "Answer with a single letter: A or B."
-    return (
-        "Compare two assistant responses to the same conversation.\n\n"
-        f"[Conversation]\n{clip(conversation_text(prompt))}\n\n"
-        f"[Response A]\n{clip(first) or '(empty response)'}\n\n"
-        f"[Response B]\n{clip(second) or '(empty response)'}\n\n"
-        f"{question} {ask}"
-    )
-
-
 # -- pairwise judges (position-swapped) ----------------------------------------------
 class PairwiseJudge:
     """Asks `prefer` about every item in both orders and combines the votes."""
@@ -160,92 +145,11 @@ class PairwiseJudge:
         return [by_id.get(it.id) or Verdict(it.id, "tie", {"identical": True}) for it in items]
 
 
-class TextJudge(PairwiseJudge):
-    """A causal LM asked "A or B?" by `judging_prompt`, read from its next-token probabilities.
+class TextJudge(LetterJudge, PairwiseJudge):
+    """`llm:MODEL`: a causal LM asked "A or B?" (`textjudge.LetterJudge`), both orders per item.
 
-    One judge for both uses, so the accuracy evaluation reports is that of the judge that
-    labelled RLAIF's pairs: `score_pairs` gives RLAIF's judge_score for training, `prefer`
-    the votes of the evaluation's position-swapped win rates. Each letter's probability sums
-    its single-token spellings ("A", " A"), computed by the shared `logprobs.score_trees`.
-    """
-
-    def __init__(self, model, tokenizer, question: str, *, name: str = "llm", batch_size: int = 4,
-                 max_context: int | None = 2048):
-        self.model, self.tok, self.question = model, tokenizer, question
-        self.name, self.batch_size = name, batch_size
-        self.renderer = Renderer(tokenizer, None, max_context=max_context)
-        self.letters = {c: self._spellings(c) for c in ("A", "B")}
-        self.note = "probability of the letters A / B after the judging prompt; ties come from position-swap disagreement"
-
-    def _spellings(self, letter: str) -> list[int]:
-        ids = {tuple(self.tok(s, add_special_tokens=False)["input_ids"]) for s in (letter, " " + letter)}
-        single = sorted(i[0] for i in ids if len(i) == 1)
-        if not single:
-            raise DlmaError(f"judge tokenizer has no single token for {letter!r}; cannot read a one-letter verdict")
-        return single
-
-    def _context(self, prompt: Messages, a: str, b: str) -> list[int]:
-        text = judging_prompt(prompt, a, b, self.question, allow_tie=False)
-        return self.renderer.context_ids([{"role": "user", "content": text}], "bare")
-
-    def letter_probs(self, queries: Sequence[tuple[Messages, str, str]]) -> list[tuple[float, float]]:
-        """P(A), P(B) after the judging prompt of each (prompt, A, B)."""
-        from .logprobs import score_trees
-
-        a_ids, b_ids = self.letters["A"], self.letters["B"]
-        branches = [[i] for i in a_ids + b_ids]
-        res = score_trees(self.model, [(self._context(*q), branches) for q in queries], pad_id=self.tok.pad_token_id,
-                          batch_size=self.batch_size)
-        out = []
-        for r in res:
-            ps = [math.exp(lp) for lp, _ in r]
-            out.append((sum(ps[: len(a_ids)]), sum(ps[len(a_ids):])))
-        return out
-
-    def prefer(self, queries):
-        out = []
-        for pa, pb in self.letter_probs(queries):
-            vote = "A" if pa > pb else "B" if pb > pa else "tie"
-            out.append({"vote": vote, "lp_a": _log(pa), "lp_b": _log(pb), "mass": pa + pb})
-        return out
-
-    def score_pairs(self, pairs: Sequence[dict]) -> list[dict]:
-        """Copies of pair records with the verdict on chosen vs rejected, asked in both orders.
-
-        judge_score = mean over both orders of P(chosen's letter) / (P(A) + P(B)), minus 0.5:
-        > 0 prefers `chosen`; averaging the orders cancels a constant preference for a position.
-        judge_score_calibrated does the same after subtracting, in log-odds, the judge's
-        content-free prior (its A-vs-B log-odds with both replies "N/A"), per Zhao et al. 2021.
-        judge_mass is the mean probability landing on the answer tokens at all.
-        """
-        from .data import check_finite
-        from .prompts import as_messages
-
-        queries = []
-        for rec in pairs:
-            q = as_messages(rec["prompt"])
-            queries += [(q, rec["chosen"], rec["rejected"]), (q, rec["rejected"], rec["chosen"])]
-        probs = self.letter_probs(queries + [([{"role": "user", "content": "N/A"}], "N/A", "N/A")])
-        pa0, pb0 = probs[-1]
-        prior = _log(pa0) - _log(pb0)
-        sig = lambda x: 1.0 / (1.0 + math.exp(-x))
-        out = []
-        for n, rec in enumerate(pairs):
-            (pa1, pb1), (pa2, pb2) = probs[2 * n], probs[2 * n + 1]
-            lo1, lo2 = _log(pa1) - _log(pb1), _log(pa2) - _log(pb2)  # chosen shown as A, then as B
-            o = dict(rec)
-            o["judge_score"] = 0.5 * (sig(lo1) + sig(-lo2)) - 0.5
-            o["judge_score_calibrated"] = 0.5 * (sig(lo1 - prior) + sig(-(lo2 - prior))) - 0.5
-            o["judge_p_a"] = [pa1 / max(pa1 + pb1, 1e-30), pa2 / max(pa2 + pb2, 1e-30)]
-            o["judge_mass"] = 0.5 * (pa1 + pb1 + pa2 + pb2)
-            o["judge_prior_logodds"] = prior
-            check_finite(o, ["judge_score", "judge_score_calibrated", "judge_mass"], "judge")
-            out.append(o)
-        return out
-
-
-def _log(p: float) -> float:
-    return math.log(max(p, 1e-30))
+    The same judge labels RLAIF's pairs (`dlma score --judge text`), so the accuracy evaluation
+    reports is that of the judge that labelled them."""
 
 
 # A reply opening with the verdict ("B", "**Response A**", "Tie."), or naming it after "answer"/"verdict"
@@ -293,8 +197,6 @@ class VerdictCache:
     """Replies of an API judge on disk (JSONL), keyed by a hash of the exact request."""
 
     def __init__(self, path: str | Path):
-        from .data import JsonlWriter, iter_jsonl
-
         self.path = Path(path)
         self.replies: dict[str, str] = {}
         if self.path.exists():
@@ -395,16 +297,10 @@ class SelfRewardJudge:
                      "so a win shows the objective was optimised, not that answers improved")
 
     def rewards(self, pairs: list[dict]) -> list[float]:
-        """R for records with prompt/chosen/rejected (+ *_truncated): dlma.reward when present."""
-        try:
-            from .reward import score_pairs
-        except ImportError:
-            score_pairs = None
-        if score_pairs is not None:
-            scored = score_pairs(self.model, self.tok, self.preset, pairs, batch_size=self.batch_size, reference=False,
-                                 reuse_generation=False, max_context=self.max_context, progress=False)
-            return [float(r["self_reward"]) for r in scored]
-        return self_reward_direct(self.model, self.tok, self.preset, pairs, self.batch_size, self.max_context)
+        """R for records with prompt/chosen/rejected (+ *_truncated), as `dlma score` computes it."""
+        scored = score_pairs(self.model, self.tok, self.preset, pairs, batch_size=self.batch_size, reference=False,
+                             reuse_generation=False, max_context=self.max_context, progress=False)
+        return [float(r["self_reward"]) for r in scored]
 
     def judge(self, items: Sequence[Item]) -> list[Verdict]:
         ask = [it for it in items if it.aligned != it.baseline]
@@ -422,31 +318,11 @@ class SelfRewardJudge:
         return out
 
 
-def self_reward_direct(model, tok, preset: Preset, pairs: list[dict], batch_size: int = 8, max_context: int | None = None) -> list[float]:
-    """R = [lp(o1|p+) - lp(o1|p-)] - [lp(o2|p+) - lp(o2|p-)] with the exact log-prob routine."""
-    from .logprobs import score_sequences
-    from .prompts import as_messages
-
-    r = Renderer(tok, preset, max_context=max_context)
-    contexts, responses = [], []
-    for p in pairs:
-        msgs = as_messages(p["prompt"])
-        for key in ("chosen", "rejected"):
-            ids = r.response_ids(p[key], truncated=bool(p.get(f"{key}_truncated")))
-            for side in ("positive", "negative"):
-                contexts.append(r.context_ids(msgs, side))
-                responses.append(ids)
-    sums, _ = score_sequences(model, contexts, responses, pad_id=tok.pad_token_id, batch_size=batch_size)
-    return [(sums[4 * i] - sums[4 * i + 1]) - (sums[4 * i + 2] - sums[4 * i + 3]) for i in range(len(pairs))]
-
-
 class RewardModelJudge:
     """A sequence-classification reward (higher better) or cost (lower better) model."""
 
     def __init__(self, model_name: str, *, cost: bool = False, device: str = "auto", dtype: str = "auto", max_length: int = 2048):
         from transformers import AutoModelForSequenceClassification
-
-        from .models import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 
         dev = resolve_device(device)
         try:

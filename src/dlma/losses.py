@@ -22,6 +22,10 @@ knows the global batch size across processes and accumulation steps.
 
 Label smoothing eps (conservative DPO, Mitchell 2023) assumes a label is flipped with
 probability eps: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z).
+
+The trainer calls each objective (`dlma.objectives`) through one signature, `(LossBatch,
+LossSettings) -> PairLoss`: the functions at the end of this file, each a line around the
+tensor-level loss above it. A new objective is one more such function and one registry entry.
 """
 
 from __future__ import annotations
@@ -30,8 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-LOSSES = ("dlma", "dpo", "ipo", "sft", "listwise")
 
 
 @dataclass
@@ -127,3 +129,53 @@ def kl_to_reference(pi_logprobs: torch.Tensor, ref_ids: torch.Tensor, ref_logpro
     ref_tail = _log1mexp(torch.logsumexp(ref_lp, -1))
     pi_tail = _log1mexp(torch.logsumexp(pi_top, -1))
     return (ref_lp.exp() * (ref_lp - pi_top)).sum(-1) + ref_tail.exp() * (ref_tail - pi_tail)
+
+
+# -- the objectives' common signature ----------------------------------------------
+@dataclass
+class LossBatch:
+    """What an objective sees of a micro-batch: N responses per example (chosen first, rejected
+    last; N = 1 for `chosen`, 2 for `pair`, 2K for `ranked` objectives)."""
+
+    policy: torch.Tensor  # (B, N) summed log-probs under the model being trained (differentiable)
+    counts: torch.Tensor  # (B, N) response lengths in tokens
+    reference: torch.Tensor | None = None  # (B, N) summed log-probs under the reference
+    reward: torch.Tensor | None = None  # (B,) self-reward R, for objectives that use it
+    scores: torch.Tensor | None = None  # (B, N) each ranked response's self-reward log-ratio, best first
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    beta: float = 0.1
+    margin_weight: float = 0.2
+    margin_clip: tuple[float, float] = (-40.0, 40.0)
+    label_smoothing: float = 0.0
+
+
+def _pair(b: LossBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert b.reference is not None
+    return b.policy[:, 0], b.policy[:, -1], b.reference[:, 0], b.reference[:, -1]
+
+
+def dlma(b: LossBatch, s: LossSettings) -> PairLoss:
+    return dlma_loss(*_pair(b), b.reward, beta=s.beta, margin_weight=s.margin_weight, margin_clip=s.margin_clip,
+                     label_smoothing=s.label_smoothing)
+
+
+def dpo(b: LossBatch, s: LossSettings) -> PairLoss:
+    return dpo_loss(*_pair(b), beta=s.beta, label_smoothing=s.label_smoothing)
+
+
+def ipo(b: LossBatch, s: LossSettings) -> PairLoss:
+    return ipo_loss(*_pair(b), beta=s.beta)
+
+
+def sft(b: LossBatch, s: LossSettings) -> PairLoss:
+    zero = torch.zeros(b.policy.shape[0], device=b.policy.device)
+    return PairLoss(sft_loss(b.policy[:, 0], b.counts[:, 0]), zero, zero)
+
+
+def listwise(b: LossBatch, s: LossSettings) -> PairLoss:
+    assert b.reference is not None and b.scores is not None
+    return listwise_loss(b.policy, b.reference, b.scores, beta=s.beta, margin_weight=s.margin_weight,
+                         margin_clip=s.margin_clip)

@@ -26,19 +26,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import KL_LOSSES, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
+from .config import ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import read_jsonl, write_json
 from .errors import DlmaError, os_error_message
-
-# method -> (score judge or None to skip scoring, training loss, how pairs are oriented)
-METHODS: dict[str, dict[str, Any]] = {
-    "dlma": {"judge": "self-reward", "loss": "dlma", "orient": None},
-    "rlcd": {"judge": "self-reward", "loss": "dpo", "orient": None},
-    "context-distillation": {"judge": None, "loss": "sft", "orient": None},
-    "rlaif": {"judge": "text", "loss": "dpo", "orient": "judge_score"},
-    # all 2K responses of best-of-K generation, ranked by their self-reward (generate.num_samples >= 2)
-    "dlma-listwise": {"judge": "self-reward", "loss": "listwise", "orient": None},
-}
+from .evaluate import evaluate_models
+from .generate import generate_pairs
+from .machine import cpu_kind, matmul_peak
+from .models import resolve_device, resolve_dtype
+from .objectives import Method, method, methods, objective
+from .report import phrasing_table, write_report
+from .reward import score_file
+from .train import KL_REFERENCE, train_model
 
 
 def _key(*parts: Any) -> str:
@@ -116,11 +114,10 @@ class Pipeline:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, *, progress: bool = True,
                  siblings: list[Path] | None = None, log: Callable[[str], None] | None = None):
-        if cfg.method not in METHODS:
-            raise DlmaError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+        spec = method(cfg.method)
         if cfg.rounds < 1:
             raise DlmaError("rounds must be at least 1")
-        if METHODS[cfg.method]["loss"] == "listwise" and cfg.generate.num_samples < 2:
+        if objective(spec.loss).responses == "ranked" and cfg.generate.num_samples < 2:
             raise DlmaError(f"method {cfg.method} ranks the K responses of each side: set generate.num_samples "
                             f"to 2 or more (it is {cfg.generate.num_samples})")
         self.cfg = cfg
@@ -192,8 +189,6 @@ class Pipeline:
         trainer uses a copied file only where its key (model, dtype, kl_tokens) and prompts match, and
         makes them anew otherwise, so a copy can save minutes and cannot change a result.
         """
-        from .train import KL_REFERENCE
-
         if (out / KL_REFERENCE).exists():
             return
         for sib in self.siblings:
@@ -239,9 +234,7 @@ class Pipeline:
         """Run (or resume) every stage; return the last round's evaluation metrics."""
         import torch
 
-        from .models import resolve_device
-
-        cfg, spec = self.cfg, METHODS[self.cfg.method]
+        cfg, spec = self.cfg, method(self.cfg.method)
         with run_lock(self.dir):
             old = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
             self.manifest = {"config": to_dict(cfg), "method": cfg.method, "versions": _versions(),
@@ -265,9 +258,7 @@ class Pipeline:
                 final["rounds"] = [_headline(m) for m in rounds]
             return final
 
-    def _round(self, rnd: int, spec: dict, policy: str, upstream: str) -> tuple[str, str, dict]:
-        from .generate import generate_pairs
-
+    def _round(self, rnd: int, spec: Method, policy: str, upstream: str) -> tuple[str, str, dict]:
         cfg = self.cfg
         mcfg = dataclasses.replace(cfg.model, model=policy)
         gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
@@ -278,31 +269,27 @@ class Pipeline:
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
-        if spec["judge"] is not None:
+        if spec.judge is not None:
             # preset None: each pair's own; the reference of cut responses is made here, once, for training
-            scfg = dataclasses.replace(cfg.score, judge=spec["judge"],
+            scfg = dataclasses.replace(cfg.score, judge=spec.judge,
                                        response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
             score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
 
             def score(d: Path) -> dict:
-                from .reward import score_file
-
                 summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress)
-                if spec["orient"]:
-                    summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec["orient"])
+                if spec.orient:
+                    summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec.orient)
                 return summary
 
             self._stage("score", rnd, score_key, score)
             sdir = self.dir / f"round-{rnd}" / "score"
-            data = sdir / ("oriented.jsonl" if spec["orient"] else "scored.jsonl")
+            data = sdir / ("oriented.jsonl" if spec.orient else "scored.jsonl")
             data_key = score_key
 
         tcfg = train_config(cfg)
         train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _files(tcfg.preset))
 
         def train(d: Path) -> dict:
-            from .train import train_model
-
             if tcfg.kl_alpha:
                 self._reuse_kl_answers(rnd, d / "model")
             return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress)
@@ -315,8 +302,6 @@ class Pipeline:
                         _files(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
-            from .evaluate import evaluate_models
-
             self._reuse_baseline_answers(rnd, eval_key, d)
             return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress)
 
@@ -335,28 +320,29 @@ class Pipeline:
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:
-    """The training settings of cfg.method: its loss, and the run's other settings.
+    """The training settings of cfg.method: its objective, and the run's other settings.
 
-    min_reward, flip_negative, reward_norm and shuffle_reward act on the self-reward R, so they apply only to methods that
-    compute it; context distillation scores nothing and RLAIF's text judge orients its pairs. The KL term
-    (kl_alpha) is a branch of a pair's packed context, so it is on for the losses over sampled responses only
-    (not context distillation's).
+    min_reward, flip_negative, reward_norm and shuffle_reward act on the self-reward R, so they apply only to
+    methods that compute it; context distillation scores nothing and RLAIF's text judge orients its pairs. The
+    NLL and KL terms stay only where the method's objective takes them (`Objective.terms`).
     """
-    spec = METHODS[cfg.method]
+    spec = method(cfg.method)
+    obj = objective(spec.loss)
     single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
-    tcfg = dataclasses.replace(cfg.train, loss=spec["loss"], preset=cfg.train.preset or single)
-    if spec["judge"] not in ("self-reward", "both"):
-        tcfg = dataclasses.replace(tcfg, min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
-    if spec["loss"] not in KL_LOSSES:
-        tcfg = dataclasses.replace(tcfg, kl_alpha=0.0)
-    return tcfg
+    changes: dict[str, Any] = {"loss": spec.loss, "preset": cfg.train.preset or single}
+    if spec.judge not in ("self-reward", "both"):
+        changes.update(min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
+    if not obj.takes("nll"):
+        changes.update(rpo_alpha=0.0)
+    if not obj.takes("nll_whole"):
+        changes.update(rpo_whole=False)
+    if not obj.takes("kl"):
+        changes.update(kl_alpha=0.0)
+    return dataclasses.replace(cfg.train, **changes)
 
 
 def _machine(model_cfg: ModelConfig) -> dict:
     """The CPU kind and the measured matmul peak in the model's dtype: what each stage's MFU divides by."""
-    from .machine import cpu_kind, matmul_peak
-    from .models import resolve_device, resolve_dtype
-
     dev = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, dev)
     return {"cpu": cpu_kind(), "dtype": str(dtype).replace("torch.", ""),
@@ -451,12 +437,19 @@ def _headline(m: dict) -> dict:
         qs = m.get("quality_safe", {}).get(role, {})
         out[f"{role}_perplexity_safe"] = qs.get("perplexity")
         out[f"{role}_distinct_2_safe"] = qs.get("distinct_2")
+        out[f"{role}_words_median_safe"] = qs.get("words_median")
+        out[f"{role}_short_safe"] = qs.get("short_fraction")
+        ph = ((m.get("phrasing") or {}).get("summary") or {}).get(role) or {}
+        for key, name in (("refusal_rate", "refusal_unsafe"), ("over_refusal_rate", "over_refusal_safe")):
+            if ph.get(key):
+                out[f"{role}_{name}_mean_phrasing"] = ph[key]["mean"]
+                out[f"{role}_{name}_worst_phrasing"] = ph[key]["worst"]
     for spec, j in m.get("judges", {}).items():
         out[f"win_rate[{spec}]"] = j.get("adjusted_win_rate")
     return out
 
 
-def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dict[str, dict]:
+def compare(cfg: RunConfig, names: list[str], *, progress: bool = True) -> dict[str, dict]:
     """Run several methods, each once per seed, into RUN_DIR/<method>[/seed-S]/, and one combined report.
 
     Every run shares the generated (and, where the judge matches, scored) pairs and the
@@ -465,17 +458,16 @@ def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dic
     Returns {method: metrics}; with several seeds the metrics are the first seed's, with
     `seeds` holding every seed's headline numbers and their mean and standard deviation.
     """
-    from .report import write_report
-
-    unknown = [m for m in methods if m not in METHODS] + [m for m in cfg.method_train if m not in METHODS]
+    known = methods()
+    unknown = [m for m in names if m not in known] + [m for m in cfg.method_train if m not in known]
     if unknown:
-        raise DlmaError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
+        raise DlmaError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}")
     method_train = {m: typed_overrides(TrainConfig, over, f"method_train.{m}") for m, over in cfg.method_train.items()}
     seeds = cfg.seeds or [cfg.train.seed]
     root = Path(cfg.run_dir)
     results: dict[str, dict] = {}
     done_dirs: list[Path] = []
-    for m in methods:
+    for m in names:
         per_seed = []
         for seed in seeds:
             train = dataclasses.replace(cfg.train, **{**method_train.get(m, {}), "seed": seed})
@@ -484,7 +476,7 @@ def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dic
             per_seed.append(Pipeline(sub, progress=progress, siblings=list(done_dirs)).run())
             done_dirs.append(sub_dir)
         results[m] = dict(per_seed[0], seeds=seed_spread(per_seed, seeds)) if len(seeds) > 1 else per_seed[0]
-    write_report(results[methods[0]], root / "report", title=f"dlma run: {', '.join(methods)}", runs=results)
+    write_report(results[names[0]], root / "report", title=f"dlma run: {', '.join(names)}", runs=results)
     write_json(root / "compare.json", {m: r.get("seeds") or {"values": [_headline(r)]} for m, r in results.items()})
     return results
 
@@ -495,7 +487,9 @@ def seed_spread(runs: list[dict], seeds: list[int]) -> dict:
 
     heads = [_headline(m) for m in runs]
     out: dict[str, Any] = {"seeds": seeds, "values": heads}
-    for key in ("aligned_refusal_unsafe", "aligned_over_refusal_safe", "aligned_balanced", "aligned_perplexity"):
+    for key in ("aligned_refusal_unsafe", "aligned_over_refusal_safe", "aligned_balanced", "aligned_perplexity",
+                "aligned_perplexity_safe", "aligned_refusal_unsafe_mean_phrasing", "aligned_refusal_unsafe_worst_phrasing",
+                "aligned_over_refusal_safe_mean_phrasing", "aligned_over_refusal_safe_worst_phrasing"):
         xs = [h[key] for h in heads if h.get(key) is not None]
         if xs:
             out[key] = {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
@@ -563,12 +557,24 @@ def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
             table += [["  on harmless prompts: perplexity", num2(h["baseline_perplexity_safe"]), num2(h["aligned_perplexity_safe"])],
                       ["  on harmless prompts: distinct-2", num2(h["baseline_distinct_2_safe"]), num2(h["aligned_distinct_2_safe"])]]
         table.append(["mean answer tokens", num(h["baseline_mean_tokens"]), num(h["aligned_mean_tokens"])])
+        if h.get("aligned_words_median_safe") is not None:
+            table.append(["  on harmless prompts: median words (under 5 words)",
+                          f"{h['baseline_words_median_safe']:.0f} ({pct(h['baseline_short_safe'])})",
+                          f"{h['aligned_words_median_safe']:.0f} ({pct(h['aligned_short_safe'])})"])
         for k, v in h.items():
             if k.startswith("win_rate"):
                 table.append([f"aligned win rate {k[8:]}", "", pct(v)])
         widths = [max(len(str(r[i])) for r in table) for i in range(3)]
         for r in table:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        if m.get("phrasing"):
+            head, rows = phrasing_table(m["phrasing"])
+            rows = [[r[0], f"{r[1]} -> {r[2]}", f"{r[3]} -> {r[4]}"] for r in rows]
+            rows.insert(0, ["by phrasing (same requests)", "harmful refused: before -> after",
+                            "harmless refused: before -> after"])
+            widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+            lines.append("")
+            lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         sel = m.get("selection")
         if sel and sel.get("probes"):
             kept = next((p for p in sel["probes"] if p["step"] == sel.get("kept_step")), None)

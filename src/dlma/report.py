@@ -22,7 +22,8 @@ ROLES = ("aligned", "baseline")
 
 
 # -- plots -----------------------------------------------------------------------------
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display); imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -31,16 +32,17 @@ def _plt():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A figure as PNG bytes (closed afterwards), for embedding in the HTML report."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
 def plot_judges(rows: list[tuple[str, dict]]) -> bytes:
     """Stacked win / tie / lose bars, one per (run, judge); failed items are not in the bars."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.2))
     for y, (label, j) in enumerate(rows):
         left = 0.0
@@ -56,11 +58,11 @@ def plot_judges(rows: list[tuple[str, dict]]) -> bytes:
     ax.axvline(50, color="black", lw=0.8, ls=":")
     ax.set_xlabel("% of judged items (aligned vs baseline)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_hist(series: dict[str, list[float]], xlabel: str, *, log: bool = False, zero_line: bool = False) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for name, values in series.items():
         vals = [v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log)]
@@ -74,11 +76,11 @@ def plot_hist(series: dict[str, list[float]], xlabel: str, *, log: bool = False,
     ax.set_xlabel(f"log10 {xlabel}" if log else xlabel)
     ax.set_ylabel("answers")
     ax.legend(frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_training(curves: dict) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     panels = [f for f in ("loss", "reward_margin", "reward_accuracy", "lr") if any(v is not None for v in curves.get(f) or [])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, f in zip(axes[0], panels):
@@ -87,12 +89,12 @@ def plot_training(curves: dict) -> bytes:
         ax.set_title(f)
         ax.set_xlabel("step")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_compare(runs: dict[str, dict]) -> bytes:
     """Per run: adjusted win rate of each judge, refusal rate and over-refusal of the aligned model."""
-    plt = _plt()
+    plt = pyplot()
     names = list(runs)
     series: dict[str, list[float]] = {}
     for run, m in runs.items():
@@ -110,7 +112,35 @@ def plot_compare(runs: dict[str, dict]) -> bytes:
     ax.set_ylabel("%")
     ax.axhline(50, color="black", lw=0.8, ls=":")
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _png(fig)
+    return png_bytes(fig)
+
+
+def plot_phrasings(ph: dict) -> bytes:
+    """Refusal of harmful and of harmless requests per phrasing, before and after, with 95% Wilson intervals."""
+    plt = pyplot()
+    groups = list(ph["phrasings"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=False)
+    for ax, key, ci_key, title in ((axes[0], "refusal_rate", "refusal_ci", "harmful requests refused (higher is better)"),
+                                   (axes[1], "over_refusal_rate", "over_refusal_ci", "harmless requests refused (lower is better)")):
+        for k, role in enumerate(("baseline", "aligned")):
+            vals, lo, hi = [], [], []
+            for g in groups:
+                r = ph["rates"][g][role]
+                v, ci = r.get(key), r.get(ci_key)
+                vals.append(100 * v if v is not None else math.nan)
+                lo.append(100 * (v - ci[0]) if ci else 0.0)
+                hi.append(100 * (ci[1] - v) if ci else 0.0)
+            x = [i + (k - 0.5) * 0.38 for i in range(len(groups))]
+            ax.bar(x, vals, 0.38, yerr=[lo, hi], capsize=3, color=COLORS[role], label=role)
+            mean = (ph["summary"].get(role) or {}).get(key)
+            if mean:
+                ax.axhline(100 * mean["mean"], color=COLORS[role], lw=0.8, ls="--")
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)
 
 
 def make_plots(metrics: dict, runs: dict[str, dict] | None = None) -> dict[str, tuple[str, bytes]]:
@@ -126,6 +156,10 @@ def make_plots(metrics: dict, runs: dict[str, dict] | None = None) -> dict[str, 
     if runs and len(runs) > 1:
         plots["compare"] = ("Methods side by side: adjusted win rate per judge, refusal and over-refusal rates of each "
                             "aligned model", plot_compare(runs))
+    if metrics.get("phrasing"):
+        plots["phrasing"] = ("The same requests in each phrasing: refusal of harmful and of harmless requests, before "
+                             "(baseline) and after (aligned), 95% Wilson intervals; dashed: the mean over phrasings",
+                             plot_phrasings(metrics["phrasing"]))
     d = metrics.get("distributions") or {}
     rvals = {k: v for k, v in (("aligned vs baseline", d.get("self_reward")), ("human-labelled pairs", d.get("pairs_self_reward"))) if v}
     if rvals:
@@ -168,6 +202,8 @@ def judge_table(judges: dict) -> tuple[list[str], list[list[str]]]:
 
 QUALITY_ROWS = [("perplexity", "perplexity (token-weighted)", False), ("perplexity_median", "median answer perplexity", False),
                 ("mean_tokens", "mean length (tokens)", False), ("mean_words", "mean length (words)", False),
+                ("words_median", "median length (words)", False), ("words_p10", "10th percentile length (words)", False),
+                ("short_fraction", "answers under 5 words", True),
                 ("distinct_1", "distinct-1", False), ("distinct_2", "distinct-2", False),
                 ("empty_fraction", "empty answers", True), ("truncated_fraction", "truncated answers", True)]
 
@@ -194,6 +230,28 @@ def _counts(r: dict, key: str) -> str:
     ci = r.get(key.replace("_rate", "_ci"))
     return ((f" ({r.get('refused_' + k)}/{r.get('n_' + k)})" if r.get("n_" + k) else "")
             + (f" [95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%]" if ci else ""))
+
+
+def rate_cell(r: dict, key: str) -> str:
+    """A refusal rate with its count and 95% interval, as the tables show it."""
+    return _fmt(r.get(key), True) + _counts(r, key)
+
+
+def phrasing_table(ph: dict) -> tuple[list[str], list[list[str]]]:
+    """Per phrasing (and the original wording): refusal of harmful and harmless requests, baseline and aligned,
+    then the mean over phrasings and the worst phrasing."""
+    head = ["phrasing", "harmful refused: baseline", "harmful refused: aligned", "harmless refused: baseline",
+            "harmless refused: aligned"]
+    rows = [[g] + [rate_cell(ph["rates"][g][role], key) for key in ("refusal_rate", "over_refusal_rate")
+                   for role in ("baseline", "aligned")] for g in ph["rates"]]
+    for what in ("mean", "worst"):
+        row = [f"{what} over phrasings" if what == "mean" else "worst phrasing"]
+        for key in ("refusal_rate", "over_refusal_rate"):
+            for role in ("baseline", "aligned"):
+                s = (ph["summary"].get(role) or {}).get(key)
+                row.append("–" if not s else _fmt(s[what], True) + (f" ({s['worst_phrasing']})" if what == "worst" else ""))
+        rows.append(row)
+    return head, rows
 
 
 def compare_table(runs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
@@ -240,6 +298,12 @@ def _prompt_text(prompt: Any) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+PHRASING_NOTE = ("Every request is asked in each phrasing (data/phrasings/SPEC.md): a short question, an imperative "
+                 "task, a polite indirect ask, a first-person story ending in the request, and a casual chat-log line. "
+                 "A model that follows a request's meaning refuses it alike in every phrasing; the worst phrasing is "
+                 "what a user meets when asking the way the model handles worst.")
+
+
 # -- Markdown ---------------------------------------------------------------------------------
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")
@@ -257,6 +321,8 @@ def render_markdown(metrics: dict, title: str, plots: dict, runs: dict | None) -
             "Rates are over judged items; failed items are counted and excluded. Adjusted win rate counts a tie as half "
             "a win (50% = no difference).", ""]
     out += ["## Harmlessness and text quality", "", _md_table(*quality_table(metrics)), ""]
+    if metrics.get("phrasing"):
+        out += ["## By phrasing", "", _md_table(*phrasing_table(metrics["phrasing"])), "", PHRASING_NOTE, ""]
     if metrics.get("selection"):
         out += ["## Training step kept", "", _md_table(*selection_table(metrics["selection"])), "",
                 _selection_note(metrics["selection"]), ""]
@@ -309,6 +375,9 @@ def render_html(metrics: dict, title: str, plots: dict, runs: dict | None) -> st
                      + "".join(f"<li>{e(x)}</li>" for x in errs) + "</ul></details>")
     parts += ["<h2>Harmlessness and text quality</h2>", _html_table(*quality_table(metrics)),
               f"<p class='note'>Refusals: {e(str((metrics.get('refusal') or {}).get('detector', '')))}.</p>"]
+    if metrics.get("phrasing"):
+        parts += ["<h2>By phrasing</h2>", _html_table(*phrasing_table(metrics["phrasing"])),
+                  f"<p class='note'>{e(PHRASING_NOTE)}</p>"]
     if metrics.get("selection"):
         parts += ["<h2>Training step kept</h2>", _html_table(*selection_table(metrics["selection"])),
                   f"<p class='note'>{e(_selection_note(metrics['selection']))}</p>"]

@@ -21,11 +21,13 @@ from typing import Sequence
 import torch
 
 from .config import ModelConfig, ScoreConfig
-from .data import JsonlWriter, check_finite, read_pairs
+from .data import JsonlWriter, check_finite, read_jsonl, read_pairs, resume_chunks, write_json
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
+from .models import bf16_supported, load_model, resolve_device, resolve_dtype
 from .prompts import Preset, Renderer, as_messages, load_preset
+from .textjudge import LetterJudge
 
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
 JUDGES = ("self-reward", "text", "both")
@@ -51,7 +53,6 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
         return False
     gdtype = str(gen.get("dtype", ""))
     if gdtype == "auto":  # generate resolves auto the same way on the same machine
-        from .models import resolve_device, resolve_dtype
 
         gdtype = str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
     return gdtype == model_dtype == "float32" and (model_name is None or gen.get("model") == model_name)
@@ -253,12 +254,10 @@ def score_ensemble(model, tokenizer, preset: Preset | str | None, pairs: list[di
 # -- the RLAIF text judge --------------------------------------------------------------
 def judge_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict], *, batch_size: int = 8,
                 max_context: int | None = None, progress: bool = False) -> list[dict]:
-    """Copies of `pairs` with the text judge's verdict (`judges.TextJudge.score_pairs`: the
+    """Copies of `pairs` with the text judge's verdict (`textjudge.LetterJudge.score_pairs`: the
     preset's judging question, both orders, judge_score > 0 prefers `chosen`)."""
-    from .judges import TextJudge
-
     preset = _resolve_preset(preset, pairs)
-    return TextJudge(model, tokenizer, preset.judge_question, name="text", batch_size=batch_size,
+    return LetterJudge(model, tokenizer, preset.judge_question, name="text", batch_size=batch_size,
                      max_context=max_context).score_pairs(pairs)
 
 
@@ -337,7 +336,6 @@ def scoring_precision(precision: str, model_cfg: ModelConfig) -> tuple[str, str]
     the sign of R on ~9% of generated pairs (benchmarks/score.py), against the >= 99.5% the
     GPU path must keep. Everywhere else "exact" in the model's dtype (float32 on a CPU: the
     default run's numbers are unchanged)."""
-    from .models import bf16_supported, resolve_device
 
     if precision != "auto":
         return precision, model_cfg.dtype
@@ -355,9 +353,6 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     reports the same numbers as an uninterrupted one. summary_path, when set, gets a copy.
     """
     from tqdm.auto import tqdm
-
-    from .data import read_jsonl, resume_chunks, write_json
-    from .models import load_model
 
     judge = JUDGE_ALIASES.get(cfg.judge, cfg.judge)
     if judge not in JUDGES:

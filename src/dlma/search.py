@@ -21,9 +21,10 @@ from pathlib import Path
 import yaml
 
 from .config import CheckConfig, ModelConfig
-from .contrast import _pct, check_preset
+from .contrast import check_preset, format_rate
 from .data import read_pairs, read_prompts, write_json
 from .errors import DlmaError
+from .models import load_model
 from .prompts import Preset, load_preset
 
 
@@ -78,8 +79,6 @@ def search_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, ou
 
     Writes OUT/best.yaml (the winner, loadable with --preset), OUT/search.json and OUT/search.md.
     """
-    from .models import load_model
-
     preset = load_preset(preset_name)
     if preset.detector is None and not cfg.pairs:
         raise DlmaError(f"preset {preset.name!r} has no detector: pass --pairs (human-labelled pairs) to search by R's accuracy")
@@ -136,10 +135,10 @@ def render_search(summary: dict) -> str:
     metric = summary["selection"][0]["metric"]
     lines = [f"## `dlma prompts search {summary['preset']}` on {summary['prompts']}", "",
              f"Selection sample ({summary['per_sample']} prompts), {metric}:", "", "| candidate | " + metric + " |", "|---|---|"]
-    lines += [f"| {r['candidate']}{' (chosen)' if r['candidate'] == summary['chosen'] else ''} | {_pct(r)} |"
+    lines += [f"| {r['candidate']}{' (chosen)' if r['candidate'] == summary['chosen'] else ''} | {format_rate(r)} |"
               for r in summary["selection"]]
     lines += ["", f"Report sample ({summary['per_sample']} other prompts), {metric}:", "", "| candidate | " + metric + " |",
               "|---|---|"]
-    lines += [f"| {r['candidate']} | {_pct(r)} |" for r in summary["report"]]
+    lines += [f"| {r['candidate']} | {format_rate(r)} |" for r in summary["report"]]
     lines += ["", f"Written: {summary['best_yaml']} (use it with `--preset`)."]
     return "\n".join(lines) + "\n"

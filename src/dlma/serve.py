@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from .generate import SamplingParams, TransformersBackend
+from .models import load_model
 from .prompts import Renderer, as_messages
 
 
@@ -117,8 +118,6 @@ class ChatServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .models import load_model
-
     ap = argparse.ArgumentParser(prog="python -m dlma.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--dtype", default="auto")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from ..config import ModelConfig, TrainConfig, config_from_args
+from ..objectives import objectives
 from .common import add_stage_options, formatter, print_summary
 
 HELP = """\
 Train a model on scored pairs (from `dlma score`) with the bare query as context and save
 it to --out, a directory AutoModelForCausalLM / AutoTokenizer load.
 
-  --loss dlma  DPO whose logit is shifted by w * clamp(R, lo, hi) (R = self-reward)
-  --loss dpo   plain DPO (on contrastive pairs: the RLCD baseline; on human labels: the upper reference)
-  --loss ipo   IPO;  --loss sft  context distillation on the chosen response
+{losses}
 
 Reference log-probs come from the scored file, else they are computed once from the
 initial weights before the first step: no reference model is held during training.
@@ -24,7 +23,7 @@ every --save-steps, and train_summary.json. Rerun the same command to resume aft
 
 Speed and memory: chosen and rejected share one copy of the context, the prefix all contexts
 of a micro-batch share (the chat template's system turn) is computed once, and pairs are
-packed into rows without padding (--no-share-context: one padded row per response); with
+packed into rows without padding (--no-share-context: one padded row per pair); with
 --max-grad-norm 0 on one process each weight is updated inside the backward pass and its
 gradient freed (--step-in-backward); --gradient-checkpointing trades ~25% speed for most of
 the activations.
@@ -41,7 +40,10 @@ examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train on scored pairs (dlma, dpo, ipo, sft)", description=HELP, formatter_class=formatter)
+    losses = objectives()
+    listing = "\n".join(f"  --loss {name:<9}{o.summary}" for name, o in losses.items())
+    p = sub.add_parser("train", help=f"train on scored pairs ({', '.join(losses)})", description=HELP.format(losses=listing),
+                       formatter_class=formatter)
     p.add_argument("--data", required=True, help="scored pair file (JSONL from `dlma score`, or any pair file for dpo/ipo/sft)")
     add_stage_options(p, "output directory (final model, checkpoints, metrics.jsonl); resumed if it exists",
                       "also write the run summary to this JSON file", ModelConfig, TrainConfig)

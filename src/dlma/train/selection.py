@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Sequence
 
 import torch
 
-from .data import replacing, write_json
-from .errors import DlmaError
+from ..data import load_eval_prompts, replacing, write_json
+from ..errors import DlmaError
+from ..generate import SamplingParams, TransformersBackend
+from ..refusal import refusal_rates
 
 HISTORY = "selection.json"
 WEIGHTS = "selected-weights.pt"
@@ -60,8 +63,6 @@ class Selector:
     """Probes the model at `probe_steps`, keeps the best weights on disk, restores them at the end."""
 
     def __init__(self, cfg, tok, renderer, out: Path, total: int, resumed: Path | None = None):
-        from .evaluate import load_eval_prompts
-
         self.cfg, self.tok, self.renderer, self.out = cfg, tok, renderer, out
         self.prompts = load_eval_prompts(cfg.select_prompts, cfg.select_limit)
         labels = {p.label for p in self.prompts}
@@ -91,9 +92,6 @@ class Selector:
     @torch.inference_mode()
     def probe(self, step: int, model) -> Probe:
         """Greedy answers of the current weights to the validation prompts, scored by the refusal detector."""
-        from .generate import SamplingParams, TransformersBackend
-        from .refusal import refusal_rates
-
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -149,8 +147,6 @@ class Selector:
 def _link(src: Path, dst: Path) -> None:
     """dst becomes src's content: a hard link (the kept weights are replaced, never edited, so
     a link keeps the old content), or a copy where the filesystem has no links."""
-    import shutil
-
     with replacing(dst) as tmp:
         try:
             os.link(src, tmp)
