@@ -85,17 +85,36 @@ def _metrics(out: Path) -> list[dict]:
 def test_select_pairs_flips_and_filters():
     from dlma.train import select_pairs
 
-    pairs = [{"id": "a", "chosen": "x", "rejected": "y", "self_reward": -3.0, "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0},
+    pairs = [{"id": "a", "chosen": "x", "rejected": "y", "self_reward": -3.0, "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0,
+              "ref_lp_chosen_first": -0.5, "ref_lp_rejected_first": -0.25, "rejected_truncated": True},
              {"id": "b", "chosen": "x", "rejected": "y", "self_reward": 0.5},
              {"id": "c", "chosen": "x", "rejected": "y", "self_reward": 4.0}]
     kept, counts = select_pairs(pairs, TrainConfig(flip_negative=True, min_reward=1.0))
-    assert counts == {"pairs_read": 3, "pairs_flipped": 1, "pairs_filtered": 1, "pairs_used": 2}
+    assert counts == {"pairs_read": 3, "pairs_noise_flipped": 0, "pairs_flipped": 1, "pairs_filtered": 1, "pairs_used": 2}
     a = kept[0]
     assert (a["chosen"], a["rejected"], a["self_reward"], a["ref_lp_chosen"]) == ("y", "x", 3.0, -2.0)
+    # the references of the openings and the cut flags move with their responses too
+    assert (a["ref_lp_chosen_first"], a["ref_lp_rejected_first"], a["chosen_truncated"]) == (-0.25, -0.5, True)
     from dlma.errors import DlmaError
 
     with pytest.raises(DlmaError, match="self_reward"):
         select_pairs([{"id": "z", "chosen": "x", "rejected": "y"}], TrainConfig(loss="dlma"))
+
+
+def test_noise_flip_swaps_a_seeded_share_of_the_pairs():
+    """The ablation: a known share of pairs gets the worse answer as o+, with R's sign; a filter on R drops them."""
+    from dlma.train import select_pairs
+
+    pairs = [{"id": str(i), "chosen": f"good{i}", "rejected": f"bad{i}", "self_reward": 1.0 + i} for i in range(20)]
+    noisy, counts = select_pairs(pairs, TrainConfig(loss="dpo", noise_flip=0.25, seed=1))
+    wrong = [p for p in noisy if p.get("noise_flipped")]
+    assert counts["pairs_noise_flipped"] == 5 and len(wrong) == 5 and len(noisy) == 20
+    assert all(p["chosen"].startswith("bad") and p["self_reward"] < 0 for p in wrong)
+    assert select_pairs(pairs, TrainConfig(loss="dpo", noise_flip=0.25, seed=1))[0] == noisy  # seeded
+    assert {p["id"] for p in select_pairs(pairs, TrainConfig(loss="dpo", noise_flip=0.25, seed=2))[0]
+            if p.get("noise_flipped")} != {p["id"] for p in wrong}
+    filtered, counts = select_pairs(pairs, TrainConfig(noise_flip=0.25, seed=1, min_reward=0.0))
+    assert len(filtered) == 15 and not any(p.get("noise_flipped") for p in filtered)
 
 
 def test_select_pairs_normalises_per_preset_and_shuffles():

@@ -105,6 +105,7 @@ class TrainConfig:
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
     reward_norm: str = opt("none", "none, or preset: divide each pair's R by the median |R| of its preset's pairs and multiply by the median over all pairs, so presets whose R runs larger neither dominate the margin nor pass --min-reward more easily")
+    noise_flip: float = opt(0.0, "ablation: swap chosen and rejected of this share of the pairs (seeded by --seed; R changes sign with them), so a known share of pairs has the worse answer as o+: measures how well a loss that reads R tells wrong pairs from right ones")
     shuffle_reward: bool = opt(False, "ablation: permute R across the kept pairs (seeded by --seed), so the loss sees R's distribution but not which pair earned it")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
@@ -153,6 +154,8 @@ class TrainConfig:
                select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))
         if self.reward_norm not in ("none", "preset"):
             raise _bad("reward_norm", "none or preset", self.reward_norm)
+        if not 0 <= self.noise_flip <= 1:
+            raise _bad("noise_flip", "in [0, 1]", self.noise_flip)
         if not 0 <= self.label_smoothing < 0.5:
             raise _bad("label_smoothing", "in [0, 0.5)", self.label_smoothing)
         if self.warmup_ratio > 1:

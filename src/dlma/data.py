@@ -334,6 +334,16 @@ def _balanced(prompts: list[PromptRecord], limit: int | None) -> list[PromptReco
     return picked
 
 
+def swap_sides(rec: dict) -> dict:
+    """A pair record with `chosen` and `rejected` exchanged: every per-side field moves with its response
+    (texts, cut flags, token counts, references of whole responses and of openings, log-probs under p+
+    and p-), and the self-reward R, antisymmetric in the two responses, changes sign."""
+    out = {k.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected"): v for k, v in rec.items()}
+    if isinstance(out.get("self_reward"), (int, float)):
+        out["self_reward"] = -out["self_reward"]
+    return out
+
+
 def read_pairs(source: str, limit: int | None = None) -> list[dict]:
     """Pair records with `id`, `prompt` (messages), `chosen`, `rejected` and all other fields kept.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
-from .data import read_jsonl, write_json
+from .data import read_jsonl, swap_sides, write_json
 from .errors import DlmaError, os_error_message
 from .evaluate import evaluate_models
 from .generate import generate_pairs
@@ -322,15 +322,16 @@ class Pipeline:
 def train_config(cfg: RunConfig) -> TrainConfig:
     """The training settings of cfg.method: its objective, and the run's other settings.
 
-    min_reward, flip_negative, reward_norm and shuffle_reward act on the self-reward R, so they apply only to
-    methods that compute it; context distillation scores nothing and RLAIF's text judge orients its pairs. The
-    NLL and KL terms stay only where the method's objective takes them (`Objective.terms`).
+    min_reward, flip_negative, reward_norm and shuffle_reward select pairs by the self-reward R, so they apply only
+    to methods that use R (`Method.selects_by_reward`): RLCD trains on the contrastive pairs as they come, context
+    distillation scores nothing and RLAIF's text judge orients its pairs. The NLL and KL terms stay only where the
+    method's objective takes them (`Objective.terms`).
     """
     spec = method(cfg.method)
     obj = objective(spec.loss)
     single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
     changes: dict[str, Any] = {"loss": spec.loss, "preset": cfg.train.preset or single}
-    if spec.judge not in ("self-reward", "both"):
+    if not spec.selects_by_reward:
         changes.update(min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
     if not obj.takes("nll"):
         changes.update(rpo_alpha=0.0)
@@ -399,12 +400,7 @@ def _orient(src: Path, dst: Path, field: str) -> dict:
             if score is None:
                 continue
             if score < 0:
-                # every per-side field moves with its response (texts, cut flags, token counts, references
-                # of whole responses and of openings, log-probabilities under p+ and p-)
-                rec = {k.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected"): v
-                       for k, v in rec.items()}
-                if "self_reward" in rec:
-                    rec["self_reward"] = -rec["self_reward"]
+                rec = swap_sides(rec)
                 flipped += 1
             kept += 1
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
