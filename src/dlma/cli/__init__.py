@@ -10,7 +10,7 @@ import sys
 
 from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts", "serve"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -22,6 +22,7 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
+  serve        answer chat requests with a model on a local OpenAI-compatible API
 
 Every stage reads and writes files (JSONL, model directories, reports), so each can be
 run alone. `dlma COMMAND --help` explains each one.
@@ -47,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dlma {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # stage not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f".{name}", __name__).register(sub)
     return parser
 
 
