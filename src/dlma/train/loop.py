@@ -76,7 +76,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
 
 @dataclass
 class TrainRun:
-    """One run's state: what `setup` builds, the step the loop is at, and this session's tallies."""
+    """One run's state: what `setup` builds, the step the loop is at, and this process's tallies."""
 
     cfg: TrainConfig
     model_cfg: ModelConfig
@@ -97,7 +97,7 @@ class TrainRun:
     total: int = 0
     step: int = 0  # optimizer steps done, counting those before a resume
     selector: Selector | None = None
-    # this session's loop only (a resumed run counts the steps it ran)
+    # this process's loop only (a resumed run counts the steps it ran)
     first_loss: float | None = None
     last: dict | None = None  # the latest metrics line
     bad_in_a_row: int = 0
@@ -299,7 +299,7 @@ def finish(run: TrainRun, log: Log) -> dict:
 
 def summary(run: TrainRun) -> dict:
     """train_summary.json. The first loss and the skipped steps come from metrics.jsonl, which
-    spans the runs before a resume; speed and FLOPs are this session's."""
+    spans the runs before a resume; speed and FLOPs are this process's."""
     cfg, last = run.cfg, run.last
     history = ck.read_metrics(run.out) if run.accelerator.is_main_process else []
     out = {
