@@ -897,3 +897,17 @@ def test_compile_layers_compiles_under_gradient_checkpointing():
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert torch.allclose(logits.detach(), eager, atol=1e-3)
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_kl_keep_attribute_holds_only_answers_that_show_the_presets_attribute(tokenizer):
+    """--kl-keep attribute: under no-overrefusal an untouched refusal is not held (it would keep the over-refusal)."""
+    from dlma.prompts import attribute_detector, load_preset
+    from dlma.train.reference import shows_attribute
+
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answers = attribute_detector(load_preset("no-overrefusal"))
+    assert not shows_attribute(answers, enc("I'm sorry, but I can't help with that."), tokenizer)
+    assert shows_attribute(answers, enc("Run `kill -9 PID` to stop it."), tokenizer)
+    assert shows_attribute(None, enc("I'm sorry, but I can't help with that."), tokenizer)  # no detector: all held
+    with pytest.raises(Exception, match="kl_keep"):
+        TrainConfig(kl_keep="some")

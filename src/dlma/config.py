@@ -101,6 +101,7 @@ class TrainConfig:
     rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty: every pair")
     kl_alpha: float = opt(0.0, "weight of a KL term that keeps the answers to the --kl-presets pairs' prompts the untouched model's: per-token KL(untouched || model) on the untouched model's greedy answer to each such prompt, computed once before the first step (a retain term; e.g. no-overrefusal: answer harmless questions as before while the pair loss teaches refusing harmful ones). 0 = off")
     kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty: every pair")
+    kl_keep: str = opt("all", "which untouched answers the KL term holds: all, or attribute (only those the pair's preset's detector says show its attribute, e.g. under no-overrefusal the ones that answer: an untouched model that already refuses some harmless requests would otherwise be held to those refusals)")
     kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term covers")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
@@ -163,7 +164,7 @@ class TrainConfig:
         lo, hi = self.margin_clip
         if lo > hi:
             raise DlmaError(f"margin_clip (--margin-clip) LO HI needs LO <= HI, got {lo} {hi}")
-        for name, allowed in (("lr_schedule", ("cosine", "linear", "constant")), ("mixed_precision", ("auto", "bf16", "fp16", "no")),
+        for name, allowed in (("kl_keep", ("all", "attribute")), ("lr_schedule", ("cosine", "linear", "constant")), ("mixed_precision", ("auto", "bf16", "fp16", "no")),
                               ("step_in_backward", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise _bad(name, " or ".join((", ".join(allowed[:-1]), allowed[-1])), getattr(self, name))

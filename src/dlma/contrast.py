@@ -21,15 +21,14 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
 from .data import read_jsonl, read_prompts, write_json
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
 from .models import load_model
-from .prompts import Preset, load_preset
-from .refusal import REFUSAL_PHRASES, is_refusal, wilson_interval
+from .prompts import Preset, attribute_detector, load_preset
+from .refusal import REFUSAL_PHRASES, wilson_interval
 from .report import COLORS, png_bytes, pyplot
 from .reward import score_file
 
@@ -66,15 +65,6 @@ def leaked_words(answer: str, query: str, topic: set[str]) -> set[str]:
     return (_words(answer) & topic) - _words(query)
 
 
-def detector(preset: Preset) -> Callable[[str], bool] | None:
-    """Whether an answer shows the preset's attribute, by its `detector:` (None: no detector)."""
-    if preset.detector == "refusal":
-        return is_refusal
-    if preset.detector == "answer":
-        return lambda text: bool(text.strip()) and not is_refusal(text)
-    return None
-
-
 def _rate(k: int, n: int) -> dict:
     return {"rate": k / n if n else None, "count": k, "n": n, "ci": wilson_interval(k, n)}
 
@@ -97,7 +87,7 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
             "leakage": _rate(sum(bool(ws) for ws in leaks), n),
             "leaked_words": [[w, c] for w, c in top],
         }
-    shows = detector(preset)
+    shows = attribute_detector(preset)
     if shows is not None:
         pos = [shows(r["chosen"]) for r in records]
         neg = [shows(r["rejected"]) for r in records]
@@ -221,7 +211,7 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
         rs = [float(r["self_reward"]) for r in read_jsonl(out_dir / "labelled-scored.jsonl") if r.get("human_label")]
         summary["labelled"] = {"source": cfg.pairs, "accuracy": _rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
-    shows = detector(preset)
+    shows = attribute_detector(preset)
     contrasting = None if shows is None else [shows(r["chosen"]) and not shows(r["rejected"]) for r in records]
     (out_dir / "check.png").write_bytes(plot_contrast(summary, [r["self_reward"] for r in records], contrasting))
     summary["seconds"] = round(time.time() - t0, 1)

@@ -13,11 +13,12 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import yaml
 
 from .errors import DlmaError, yaml_error
+from .refusal import is_refusal
 
 Side = Literal["positive", "negative", "bare"]
 SIDES: tuple[Side, ...] = ("positive", "negative", "bare")
@@ -27,6 +28,15 @@ Messages = list[dict[str, str]]
 # preset's attribute (`dlma prompts check`). refusal: the answer opens with a refusal (harmless
 # on harmful requests); answer: it does not (no-overrefusal); None: no detector (helpful).
 DETECTORS = (None, "refusal", "answer")
+
+
+def attribute_detector(preset: "Preset") -> Callable[[str], bool] | None:
+    """Whether an answer shows the preset's attribute, by its `detector:` (None: no detector)."""
+    if preset.detector == "refusal":
+        return is_refusal
+    if preset.detector == "answer":
+        return lambda text: bool(text.strip()) and not is_refusal(text)
+    return None
 
 
 @dataclass
