@@ -911,3 +911,34 @@ def test_kl_keep_attribute_holds_only_answers_that_show_the_presets_attribute(to
     assert shows_attribute(None, enc("I'm sorry, but I can't help with that."), tokenizer)  # no detector: all held
     with pytest.raises(Exception, match="kl_keep"):
         TrainConfig(kl_keep="some")
+
+
+def test_a_new_objective_is_one_function_and_one_entry(scored, tmp_path, monkeypatch):
+    """A toy loss (a hinge on the implicit reward gap) written here and registered once: training,
+    the config check, `dlma run --method` and train_config all take it with no other change."""
+    import dataclasses
+
+    import torch
+
+    from dlma import objectives
+    from dlma.cli.run import shipped_defaults
+    from dlma.losses import LossBatch, LossSettings, PairLoss
+    from dlma.pipeline import train_config
+    from dlma.train import train_model
+
+    def hinge(b: LossBatch, s: LossSettings) -> PairLoss:
+        gap = (b.policy[:, 0] - b.reference[:, 0]) - (b.policy[:, 1] - b.reference[:, 1])
+        return PairLoss(torch.relu(1 - s.beta * gap), (s.beta * (b.policy[:, 0] - b.reference[:, 0])).detach(),
+                        (s.beta * (b.policy[:, 1] - b.reference[:, 1])).detach())
+
+    monkeypatch.setattr(objectives, "_OBJECTIVES", dict(objectives._OBJECTIVES))
+    objectives.register(objectives.Objective("hinge", hinge, "a hinge on the gap", terms=frozenset({"nll"}), method="hinge"))
+    assert "hinge" in objectives.loss_help() and "hinge" in objectives.methods()
+    tcfg = train_config(dataclasses.replace(shipped_defaults(), method="hinge"))
+    assert tcfg.loss == "hinge" and tcfg.kl_alpha == 0.0 and tcfg.rpo_alpha > 0  # the terms it takes, no others
+    s = train_model(ModelConfig(dtype="float32", device="cpu"), dataclasses.replace(tcfg, max_steps=2, batch_size=2, limit=4,
+                    rpo_alpha=0.0, save_steps=0), str(scored[0]), str(tmp_path / "m"), progress=False)
+    # before the first update the policy is the reference: a gap of 0, a hinge of 1
+    assert s["loss"] == "hinge" and s["steps"] == 2 and s["first_loss"] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(Exception, match="--kl-alpha is not a term of --loss hinge"):
+        TrainConfig(loss="hinge", kl_alpha=1.0)
