@@ -21,15 +21,15 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
-from .data import read_jsonl, read_prompts, write_json
+from .data import read_pairs, read_prompts, write_json
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
 from .models import load_model
 from .prompts import Preset, load_preset
-from .refusal import REFUSAL_PHRASES, is_refusal, wilson_interval
+from .pairstats import detector, rate
+from .refusal import REFUSAL_PHRASES
 from .report import COLORS, png_bytes, pyplot
 from .reward import score_file
 
@@ -66,19 +66,6 @@ def leaked_words(answer: str, query: str, topic: set[str]) -> set[str]:
     return (_words(answer) & topic) - _words(query)
 
 
-def detector(preset: Preset) -> Callable[[str], bool] | None:
-    """Whether an answer shows the preset's attribute, by its `detector:` (None: no detector)."""
-    if preset.detector == "refusal":
-        return is_refusal
-    if preset.detector == "answer":
-        return lambda text: bool(text.strip()) and not is_refusal(text)
-    return None
-
-
-def _rate(k: int, n: int) -> dict:
-    return {"rate": k / n if n else None, "count": k, "n": n, "ci": wilson_interval(k, n)}
-
-
 def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     """The check's numbers for scored pair records (pure: no model)."""
     n = len(records)
@@ -92,25 +79,25 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
         counts = Counter(w for ws in leaks for w in ws)
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]  # ties alphabetically: the same every run
         out[side] = {
-            "truncated": _rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
-            "empty": _rate(sum(not r[key].strip() for r in records), n),
-            "leakage": _rate(sum(bool(ws) for ws in leaks), n),
+            "truncated": rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
+            "empty": rate(sum(not r[key].strip() for r in records), n),
+            "leakage": rate(sum(bool(ws) for ws in leaks), n),
             "leaked_words": [[w, c] for w, c in top],
         }
     shows = detector(preset)
     if shows is not None:
         pos = [shows(r["chosen"]) for r in records]
         neg = [shows(r["rejected"]) for r in records]
-        out["positive"]["shows_attribute"] = _rate(sum(pos), n)
-        out["negative"]["shows_attribute"] = _rate(sum(neg), n)
-        out["contrast"] = _rate(sum(p and not q for p, q in zip(pos, neg)), n)
+        out["positive"]["shows_attribute"] = rate(sum(pos), n)
+        out["negative"]["shows_attribute"] = rate(sum(neg), n)
+        out["contrast"] = rate(sum(p and not q for p, q in zip(pos, neg)), n)
     rs = [float(r["self_reward"]) for r in records]
     s = sorted(rs)
     out["self_reward"] = {"median": statistics.median(rs), "p10": s[int(0.1 * (n - 1))], "p90": s[int(0.9 * (n - 1))],
-                          "positive": _rate(sum(x > 0 for x in rs), n)}
+                          "positive": rate(sum(x > 0 for x in rs), n)}
     if shows is not None:
         decisive = [(p, r) for p, q, r in zip(pos, neg, rs) if p != q]
-        out["self_reward"]["agrees_with_detector"] = _rate(sum((r > 0) == p for p, r in decisive), len(decisive))
+        out["self_reward"]["agrees_with_detector"] = rate(sum((r > 0) == p for p, r in decisive), len(decisive))
         good = [r for p, q, r in zip(pos, neg, rs) if p and not q]
         other = [r for p, q, r in zip(pos, neg, rs) if not (p and not q)]
         out["self_reward"]["median_contrasting"] = statistics.median(good) if good else None
@@ -118,7 +105,7 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     return out
 
 
-def format_rate(r: dict | None) -> str:
+def formatrate(r: dict | None) -> str:
     """A rate record ({rate, ci, count, n}) as `12.5% [8-18] (25/200)`; `-` where there is none."""
     if not r or r.get("rate") is None:
         return "-"
@@ -131,28 +118,28 @@ def render_table(summary: dict) -> str:
     pos, neg, sr = summary["positive"], summary["negative"], summary["self_reward"]
     rows = []
     if "shows_attribute" in pos:
-        rows.append((f"shows the attribute ({summary['detector']} detector)", format_rate(pos["shows_attribute"]),
-                     format_rate(neg["shows_attribute"])))
-    rows += [("topic leakage from demonstrations", format_rate(pos["leakage"]), format_rate(neg["leakage"])),
+        rows.append((f"shows the attribute ({summary['detector']} detector)", formatrate(pos["shows_attribute"]),
+                     formatrate(neg["shows_attribute"])))
+    rows += [("topic leakage from demonstrations", formatrate(pos["leakage"]), formatrate(neg["leakage"])),
              ("leaked words", ", ".join(f"{w} {c}" for w, c in pos["leaked_words"][:5]) or "-",
               ", ".join(f"{w} {c}" for w, c in neg["leaked_words"][:5]) or "-"),
-             ("cut at max_new_tokens", format_rate(pos["truncated"]), format_rate(neg["truncated"])),
-             ("empty", format_rate(pos["empty"]), format_rate(neg["empty"]))]
+             ("cut at max_new_tokens", formatrate(pos["truncated"]), formatrate(neg["truncated"])),
+             ("empty", formatrate(pos["empty"]), formatrate(neg["empty"]))]
     lines = [f"## `dlma prompts check {summary['preset']}` on {summary['prompts']} ({summary['pairs']} pairs)", "",
              "| | o+ (under p+) | o- (under p-) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| pairs | value |", "|---|---|"]
     if "contrast" in summary:
-        lines.append(f"| contrast: o+ shows the attribute, o- does not | {format_rate(summary['contrast'])} |")
+        lines.append(f"| contrast: o+ shows the attribute, o- does not | {formatrate(summary['contrast'])} |")
     lines.append(f"| R median (p10, p90) | {sr['median']:.2f} ({sr['p10']:.2f}, {sr['p90']:.2f}) |")
-    lines.append(f"| R > 0 | {format_rate(sr['positive'])} |")
+    lines.append(f"| R > 0 | {formatrate(sr['positive'])} |")
     if "agrees_with_detector" in sr:
-        lines.append(f"| R's sign agrees with the detector (pairs it tells apart) | {format_rate(sr['agrees_with_detector'])} |")
+        lines.append(f"| R's sign agrees with the detector (pairs it tells apart) | {formatrate(sr['agrees_with_detector'])} |")
         fmt = lambda v: "-" if v is None else f"{v:.2f}"
         lines.append(f"| R median: contrasting pairs / the others | {fmt(sr['median_contrasting'])} / {fmt(sr['median_other'])} |")
     if "labelled" in summary:
         lab = summary["labelled"]
-        lines.append(f"| R's accuracy on {lab['source']} (human-preferred side has R > 0) | {format_rate(lab['accuracy'])} |")
+        lines.append(f"| R's accuracy on {lab['source']} (human-preferred side has R > 0) | {formatrate(lab['accuracy'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +194,7 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     score_file(model_cfg, score_cfg, str(out_dir / "pairs.jsonl"), str(out_dir / "scored.jsonl"), model=model,
                tokenizer=tok, progress=progress)
     wanted = {p.id for source in prompts.split(",") if source.strip() for p in read_prompts(source.strip(), cfg.limit)}
-    records = [r for r in read_jsonl(out_dir / "scored.jsonl") if r["prompt_id"] in wanted]  # a rerun may change --limit
+    records = [r for r in read_pairs(str(out_dir / "scored.jsonl")) if r["prompt_id"] in wanted]  # a rerun may change --limit
     summary = summarize_contrast(preset, records)
     summary["prompts"] = prompts
     summary["ensemble"] = cfg.ensemble
@@ -218,8 +205,8 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
                          str(out_dir / "labelled-scored.jsonl"), model=model, tokenizer=tok, progress=progress)
         if "accuracy" not in lab:
             raise DlmaError(f"{cfg.pairs}: no human-labelled pairs (HH-RLHF dialogues or records with human_label: true)")
-        rs = [float(r["self_reward"]) for r in read_jsonl(out_dir / "labelled-scored.jsonl") if r.get("human_label")]
-        summary["labelled"] = {"source": cfg.pairs, "accuracy": _rate(sum(r > 0 for r in rs), len(rs)),
+        rs = [float(r["self_reward"]) for r in read_pairs(str(out_dir / "labelled-scored.jsonl")) if r.get("human_label")]
+        summary["labelled"] = {"source": cfg.pairs, "accuracy": rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
     shows = detector(preset)
     contrasting = None if shows is None else [shows(r["chosen"]) and not shows(r["rejected"]) for r in records]

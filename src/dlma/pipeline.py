@@ -36,11 +36,18 @@ from .models import resolve_device, resolve_dtype
 from .objectives import Method, method, methods, objective
 from .report import phrasing_table, write_report
 from .reward import score_file
+from .tracking import LOGGING_DIR, Where
 from .train import KL_REFERENCE, train_model
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _settings(cfg: Any) -> dict:
+    """A stage's settings as its key sees them: where it reports (report_to) does not change what it
+    makes, and an unused column mapping is left out, so older run directories keep their keys."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "report_to" and not (k == "columns" and not v)}
 
 
 def _files(spec: str | None) -> list:
@@ -208,7 +215,7 @@ class Pipeline:
         and model settings its answers are the same: a comparison answers them once, not per method.
         (The copied records still carry their generation settings, which evaluate checks.)
         """
-        key = _key("baseline-answers", to_dict(self.cfg.evaluate), to_dict(self.cfg.model))
+        key = _key("baseline-answers", _settings(self.cfg.evaluate), to_dict(self.cfg.model))
         write_json(sdir / "baseline-key.json", {"key": key})
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / "evaluate"
@@ -218,6 +225,10 @@ class Pipeline:
                     if not (sdir / f.name).exists():
                         shutil.copy(f, sdir / f.name)
                 return
+
+    def _where(self, rnd: int, stage: str) -> Where:
+        """A stage's tracker run: project = the run directory's name, RUN_DIR/tensorboard/round-K/STAGE."""
+        return Where(self.dir.resolve().name, f"round-{rnd}/{stage}", self.dir / LOGGING_DIR)
 
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
@@ -263,9 +274,10 @@ class Pipeline:
         mcfg = dataclasses.replace(cfg.model, model=policy)
         gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
-        gen_key = _key("generate", {k: v for k, v in to_dict(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
+        gen_key = _key("generate", {k: v for k, v in _settings(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
                        upstream, _files(gcfg.prompts), _files(gcfg.preset))
-        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
+        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress,
+                                                                       where=self._where(rnd, "generate")))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
@@ -273,10 +285,11 @@ class Pipeline:
             # preset None: each pair's own; the reference of cut responses is made here, once, for training
             scfg = dataclasses.replace(cfg.score, judge=spec.judge,
                                        response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
-            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
+            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
 
             def score(d: Path) -> dict:
-                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress)
+                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress,
+                                     where=self._where(rnd, "score"))
                 if spec.orient:
                     summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec.orient)
                 return summary
@@ -287,23 +300,26 @@ class Pipeline:
             data_key = score_key
 
         tcfg = train_config(cfg)
-        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _files(tcfg.preset))
+        train_key = _key("train", to_dict(dataclasses.replace(tcfg, report_to=[])), to_dict(cfg.model), data_key,
+                         _files(tcfg.preset))
 
         def train(d: Path) -> dict:
             if tcfg.kl_alpha:
                 self._reuse_kl_answers(rnd, d / "model")
-            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress)
+            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress,
+                               where=self._where(rnd, "train"))
 
         self._stage("train", rnd, train_key, train)
         new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
 
         ecfg = cfg.evaluate
-        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
+        eval_key = _key("evaluate", _settings(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
                         _files(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
             self._reuse_baseline_answers(rnd, eval_key, d)
-            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress)
+            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress,
+                                   where=self._where(rnd, "evaluate"))
 
         self._stage("evaluate", rnd, eval_key, evaluate)
         metrics = json.loads((self.dir / f"round-{rnd}" / "evaluate" / "metrics.json").read_text())
