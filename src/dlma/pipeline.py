@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .card import command_line, write_card
 from .config import ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import read_jsonl, write_json
 from .errors import DlmaError, os_error_message
@@ -252,7 +253,7 @@ class Pipeline:
                              "seeds": {"generate": cfg.generate.seed, "train": cfg.train.seed, "evaluate": cfg.evaluate.seed},
                              "device": str(resolve_device(cfg.model.device)), "threads": torch.get_num_threads(),
                              "platform": platform.platform(), "machine": _machine(cfg.model),
-                             "stages": old.get("stages", {}),
+                             "stages": old.get("stages", {}), "command": command_line(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(self.manifest_path, self.manifest)
             policy, upstream = cfg.model.model, _key(_model_stamp(cfg.model.model))
@@ -264,6 +265,7 @@ class Pipeline:
             self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self.manifest["final_model"] = str(self.dir / "final-model")
             write_json(self.manifest_path, self.manifest)
+            write_card(self.dir / "final-model", self.dir)  # the train stage's card, with the run's evaluation
             final = dict(rounds[-1])
             if len(rounds) > 1:
                 final["rounds"] = [_headline(m) for m in rounds]

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts", "push"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -22,6 +22,7 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
+  push         publish an aligned model and its pairs on the Hugging Face Hub
 
 Every stage reads and writes files (JSONL, model directories, reports), so each can be
 run alone. `dlma COMMAND --help` explains each one.

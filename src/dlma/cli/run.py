@@ -8,6 +8,7 @@ from importlib import resources
 import yaml
 
 from ..config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ..errors import DlmaError
 from .common import formatter
 
 DEFAULT_CONFIG = "default.yaml"
@@ -29,7 +30,7 @@ examples:
   dlma run --run-dir runs/exp1 --set train.lr=1e-6 --set generate.limit=512
   dlma run --compare dlma,rlcd,context-distillation   # the paper's comparison, one report
   dlma run --model Qwen/Qwen2.5-7B-Instruct --config my.yaml   # bigger models: see README
-  dlma run --report-to tensorboard            # every stage's numbers in RUN_DIR/tensorboard
+  dlma run --report-to tensorboard --push-to-hub me/smollm2-dlma  # track every stage; publish
 """
 
 
@@ -46,6 +47,8 @@ def register(sub) -> None:
     p.add_argument("--report-to", nargs="*", metavar="TRACKER",
                    help="tensorboard, wandb or none for every stage (config: generate/score/train/evaluate.report_to); "
                         "TensorBoard logs go to RUN_DIR/tensorboard")
+    p.add_argument("--push-to-hub", metavar="REPO", help="after the run, upload the final model to REPO and its pairs to "
+                                                         "REPO-pairs (as `dlma push`)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -77,6 +80,9 @@ def run(args) -> int:
         yaml.safe_dump(to_dict(cfg), sys.stdout, sort_keys=False)
         return 0
     progress = not args.no_progress
+    if args.compare and args.push_to_hub:
+        raise DlmaError("--push-to-hub uploads one run; after --compare push a method's run with "
+                        "`dlma push RUN_DIR/METHOD REPO`")
     if args.compare:
         methods = [m.strip() for m in args.compare.split(",") if m.strip()]
         runs = compare(cfg, methods, progress=progress)
@@ -91,4 +97,9 @@ def run(args) -> int:
     print(format_table(metrics))
     print(f"\naligned model: {cfg.run_dir}/final-model")
     print(f"report: {cfg.run_dir}/round-{cfg.rounds}/evaluate/index.html")
+    if args.push_to_hub:
+        from ..push import push
+
+        pushed = push(cfg.run_dir, args.push_to_hub)
+        print(f"pushed: model {pushed['model']}, pairs {pushed['dataset']}")
     return 0

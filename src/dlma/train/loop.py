@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..card import command_line, write_card
 from ..config import ModelConfig, TrainConfig
 from ..data import read_pairs
 from ..errors import DlmaError
@@ -282,7 +283,7 @@ def probe(run: TrainRun, log: Log) -> None:
 
 def finish(run: TrainRun, log: Log) -> dict:
     """After the last step: the final model (the selected step's weights, where one was
-    selected) and train_summary.json; the checkpoints go, a finished run needs none."""
+    selected), train_summary.json and the model card; the checkpoints go, a finished run needs none."""
     accelerator = run.accelerator
     if run.stepper is not None:
         run.stepper.remove()
@@ -293,6 +294,7 @@ def finish(run: TrainRun, log: Log) -> dict:
     result = summary(run)
     if accelerator.is_main_process:
         ck.write_summary(run.out, result)
+        write_card(run.out)
         if run.selector is not None:
             run.selector.cleanup()
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
@@ -326,6 +328,7 @@ def summary(run: TrainRun) -> dict:
         "kl_pairs": sum(bool(e.kl_answer) for e in run.examples),
         "kl": last.get("kl") if last else None,
         "resume_key": run.key,
+        "command": command_line(),
     }
     if run.selector is not None:
         out["selection"] = run.selector.summary()
