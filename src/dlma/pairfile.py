@@ -78,9 +78,12 @@ def upgrade(path: str | Path) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    records = [json.loads(line) for line in lines if line.strip() and line.endswith("\n")]
-    if not any(is_legacy(r) for r in records):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        records = [json.loads(line) for line in lines if line.strip() and line.endswith("\n")]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return 0  # not a pair file this can read: the writer that opens it next says what is wrong
+    if not any(isinstance(r, dict) and is_legacy(r) for r in records):
         return 0
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:

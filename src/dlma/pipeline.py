@@ -265,7 +265,8 @@ class Pipeline:
             self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self.manifest["final_model"] = str(self.dir / "final-model")
             write_json(self.manifest_path, self.manifest)
-            write_card(self.dir / "final-model", self.dir)  # the train stage's card, with the run's evaluation
+            if (self.dir / "final-model" / "train_summary.json").is_file():  # a model `dlma train` saved
+                write_card(self.dir / "final-model", self.dir)  # its card again, now with the run's evaluation
             final = dict(rounds[-1])
             if len(rounds) > 1:
                 final["rounds"] = [_headline(m) for m in rounds]
