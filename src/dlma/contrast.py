@@ -105,7 +105,7 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     return out
 
 
-def formatrate(r: dict | None) -> str:
+def format_rate(r: dict | None) -> str:
     """A rate record ({rate, ci, count, n}) as `12.5% [8-18] (25/200)`; `-` where there is none."""
     if not r or r.get("rate") is None:
         return "-"
@@ -118,28 +118,28 @@ def render_table(summary: dict) -> str:
     pos, neg, sr = summary["positive"], summary["negative"], summary["self_reward"]
     rows = []
     if "shows_attribute" in pos:
-        rows.append((f"shows the attribute ({summary['detector']} detector)", formatrate(pos["shows_attribute"]),
-                     formatrate(neg["shows_attribute"])))
-    rows += [("topic leakage from demonstrations", formatrate(pos["leakage"]), formatrate(neg["leakage"])),
+        rows.append((f"shows the attribute ({summary['detector']} detector)", format_rate(pos["shows_attribute"]),
+                     format_rate(neg["shows_attribute"])))
+    rows += [("topic leakage from demonstrations", format_rate(pos["leakage"]), format_rate(neg["leakage"])),
              ("leaked words", ", ".join(f"{w} {c}" for w, c in pos["leaked_words"][:5]) or "-",
               ", ".join(f"{w} {c}" for w, c in neg["leaked_words"][:5]) or "-"),
-             ("cut at max_new_tokens", formatrate(pos["truncated"]), formatrate(neg["truncated"])),
-             ("empty", formatrate(pos["empty"]), formatrate(neg["empty"]))]
+             ("cut at max_new_tokens", format_rate(pos["truncated"]), format_rate(neg["truncated"])),
+             ("empty", format_rate(pos["empty"]), format_rate(neg["empty"]))]
     lines = [f"## `dlma prompts check {summary['preset']}` on {summary['prompts']} ({summary['pairs']} pairs)", "",
              "| | o+ (under p+) | o- (under p-) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| pairs | value |", "|---|---|"]
     if "contrast" in summary:
-        lines.append(f"| contrast: o+ shows the attribute, o- does not | {formatrate(summary['contrast'])} |")
+        lines.append(f"| contrast: o+ shows the attribute, o- does not | {format_rate(summary['contrast'])} |")
     lines.append(f"| R median (p10, p90) | {sr['median']:.2f} ({sr['p10']:.2f}, {sr['p90']:.2f}) |")
-    lines.append(f"| R > 0 | {formatrate(sr['positive'])} |")
+    lines.append(f"| R > 0 | {format_rate(sr['positive'])} |")
     if "agrees_with_detector" in sr:
-        lines.append(f"| R's sign agrees with the detector (pairs it tells apart) | {formatrate(sr['agrees_with_detector'])} |")
+        lines.append(f"| R's sign agrees with the detector (pairs it tells apart) | {format_rate(sr['agrees_with_detector'])} |")
         fmt = lambda v: "-" if v is None else f"{v:.2f}"
         lines.append(f"| R median: contrasting pairs / the others | {fmt(sr['median_contrasting'])} / {fmt(sr['median_other'])} |")
     if "labelled" in summary:
         lab = summary["labelled"]
-        lines.append(f"| R's accuracy on {lab['source']} (human-preferred side has R > 0) | {formatrate(lab['accuracy'])} |")
+        lines.append(f"| R's accuracy on {lab['source']} (human-preferred side has R > 0) | {format_rate(lab['accuracy'])} |")
     return "\n".join(lines) + "\n"
 
 
