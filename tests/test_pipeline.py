@@ -90,7 +90,7 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     # the kept training step is chosen on validation prompts (probes at steps 3 and 6, resumed from a checkpoint)
     select = ["--set", "train.select_prompts=safety-val", "--set", "train.select_limit=4", "--set", "train.select_every=3",
               "--set", "train.select_max_new_tokens=6"]
-    cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", *TINY, *select]
+    cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", "--report-to", "tensorboard", *TINY, *select]
     r1 = run_dir / "round-1"
 
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,6 +141,12 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final-model")
     assert model.config.model_type == "llama"
+    # the final model's card: the run's evaluation with its split and intervals, and the command
+    card = (run_dir / "final-model" / "README.md").read_text()
+    assert "## Evaluation" in card and "refusal rate on unsafe prompts" in card and "95% CI" in card
+    assert "`safety-test` (2)" in card and "dlma.cli run --run-dir" in card and "(method `dlma`)" in card
+    for stage in ("generate", "score", "train", "evaluate"):  # --report-to reached every stage
+        assert list((run_dir / "tensorboard" / "round-1" / stage).glob("events.out.tfevents.*")), stage
 
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0

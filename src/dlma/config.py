@@ -76,6 +76,8 @@ class GenerateConfig:
     batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share; benchmarks/generate.py --baseline-batch-size measures it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
+    columns: typing.List[str] = opt([], "which columns of the prompt sources hold dlma's fields, as FIELD=COLUMN (prompt, id, label), e.g. prompt=question id=qid for a `datasets` dataset whose prompts are in `question`")
+    report_to: typing.List[str] = opt([], "also log throughput and counts to: tensorboard, wandb (when installed)")
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
 
     def __post_init__(self) -> None:
@@ -202,6 +204,7 @@ class EvalConfig:
     judge_rate: float = opt(0.0, "openai: judge: at most this many requests per second (0 = unlimited)")
     judge_concurrency: int = opt(4, "openai: judge: requests in flight")
     judge_cache: typing.Optional[str] = opt(None, "openai: judge: reply cache file (default: OUT/judge-cache.jsonl)")
+    report_to: typing.List[str] = opt([], "also log the refusal, quality and judge tables to: tensorboard, wandb (when installed)")
 
     def __post_init__(self) -> None:
         _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
@@ -220,6 +223,7 @@ class ScoreConfig:
     ensemble: bool = opt(False, "average R over every demonstration set of the preset (one scoring pass per set) instead of the set each query's hash picks")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
+    report_to: typing.List[str] = opt([], "also log R's histogram and quantiles, the contrast rates and throughput to: tensorboard, wandb (when installed)")
     response_tokens: typing.Optional[int] = opt(None, "with --reference, also store the reference log-probs of each response's first N tokens, which `dlma train --response-tokens N` then reuses instead of computing them; `dlma run` takes train.response_tokens")
 
     def __post_init__(self) -> None:

@@ -23,12 +23,13 @@ from collections import Counter
 from pathlib import Path
 
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
-from .data import read_jsonl, read_prompts, write_json
+from .data import read_pairs, read_prompts, write_json
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
 from .models import load_model
+from .pairstats import rate
 from .prompts import Preset, attribute_detector, load_preset
-from .refusal import REFUSAL_PHRASES, wilson_interval
+from .refusal import REFUSAL_PHRASES
 from .report import COLORS, png_bytes, pyplot
 from .reward import score_file
 
@@ -65,10 +66,6 @@ def leaked_words(answer: str, query: str, topic: set[str]) -> set[str]:
     return (_words(answer) & topic) - _words(query)
 
 
-def _rate(k: int, n: int) -> dict:
-    return {"rate": k / n if n else None, "count": k, "n": n, "ci": wilson_interval(k, n)}
-
-
 def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     """The check's numbers for scored pair records (pure: no model)."""
     n = len(records)
@@ -82,25 +79,25 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
         counts = Counter(w for ws in leaks for w in ws)
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]  # ties alphabetically: the same every run
         out[side] = {
-            "truncated": _rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
-            "empty": _rate(sum(not r[key].strip() for r in records), n),
-            "leakage": _rate(sum(bool(ws) for ws in leaks), n),
+            "truncated": rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
+            "empty": rate(sum(not r[key].strip() for r in records), n),
+            "leakage": rate(sum(bool(ws) for ws in leaks), n),
             "leaked_words": [[w, c] for w, c in top],
         }
     shows = attribute_detector(preset)
     if shows is not None:
         pos = [shows(r["chosen"]) for r in records]
         neg = [shows(r["rejected"]) for r in records]
-        out["positive"]["shows_attribute"] = _rate(sum(pos), n)
-        out["negative"]["shows_attribute"] = _rate(sum(neg), n)
-        out["contrast"] = _rate(sum(p and not q for p, q in zip(pos, neg)), n)
+        out["positive"]["shows_attribute"] = rate(sum(pos), n)
+        out["negative"]["shows_attribute"] = rate(sum(neg), n)
+        out["contrast"] = rate(sum(p and not q for p, q in zip(pos, neg)), n)
     rs = [float(r["self_reward"]) for r in records]
     s = sorted(rs)
     out["self_reward"] = {"median": statistics.median(rs), "p10": s[int(0.1 * (n - 1))], "p90": s[int(0.9 * (n - 1))],
-                          "positive": _rate(sum(x > 0 for x in rs), n)}
+                          "positive": rate(sum(x > 0 for x in rs), n)}
     if shows is not None:
         decisive = [(p, r) for p, q, r in zip(pos, neg, rs) if p != q]
-        out["self_reward"]["agrees_with_detector"] = _rate(sum((r > 0) == p for p, r in decisive), len(decisive))
+        out["self_reward"]["agrees_with_detector"] = rate(sum((r > 0) == p for p, r in decisive), len(decisive))
         good = [r for p, q, r in zip(pos, neg, rs) if p and not q]
         other = [r for p, q, r in zip(pos, neg, rs) if not (p and not q)]
         out["self_reward"]["median_contrasting"] = statistics.median(good) if good else None
@@ -197,7 +194,7 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     score_file(model_cfg, score_cfg, str(out_dir / "pairs.jsonl"), str(out_dir / "scored.jsonl"), model=model,
                tokenizer=tok, progress=progress)
     wanted = {p.id for source in prompts.split(",") if source.strip() for p in read_prompts(source.strip(), cfg.limit)}
-    records = [r for r in read_jsonl(out_dir / "scored.jsonl") if r["prompt_id"] in wanted]  # a rerun may change --limit
+    records = [r for r in read_pairs(str(out_dir / "scored.jsonl")) if r["prompt_id"] in wanted]  # a rerun may change --limit
     summary = summarize_contrast(preset, records)
     summary["prompts"] = prompts
     summary["ensemble"] = cfg.ensemble
@@ -208,8 +205,8 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
                          str(out_dir / "labelled-scored.jsonl"), model=model, tokenizer=tok, progress=progress)
         if "accuracy" not in lab:
             raise DlmaError(f"{cfg.pairs}: no human-labelled pairs (HH-RLHF dialogues or records with human_label: true)")
-        rs = [float(r["self_reward"]) for r in read_jsonl(out_dir / "labelled-scored.jsonl") if r.get("human_label")]
-        summary["labelled"] = {"source": cfg.pairs, "accuracy": _rate(sum(r > 0 for r in rs), len(rs)),
+        rs = [float(r["self_reward"]) for r in read_pairs(str(out_dir / "labelled-scored.jsonl")) if r.get("human_label")]
+        summary["labelled"] = {"source": cfg.pairs, "accuracy": rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
     shows = attribute_detector(preset)
     contrasting = None if shows is None else [shows(r["chosen"]) and not shows(r["rejected"]) for r in records]

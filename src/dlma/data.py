@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from . import pairfile
 from .errors import DataError, DlmaError
 from .prompts import Messages, as_messages
 
@@ -199,6 +200,8 @@ def _resolve_source(source: str) -> tuple[Path | None, str | None]:
     if head and tail in PHRASING_SELECTORS and Path(head).is_file():
         return Path(head), tail
     p = Path(source)
+    if p.is_dir() or (head and Path(head).is_dir()):  # a `datasets` dataset saved or laid out in a directory
+        return None, None
     if p.exists():
         return p, None
     if os.sep in source or p.suffix in (".jsonl", ".json", ".csv", ".gz"):
@@ -207,22 +210,57 @@ def _resolve_source(source: str) -> tuple[Path | None, str | None]:
 
 
 def _from_hf_dataset(name: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a `datasets` dataset: NAME[:SPLIT], NAME a cached Hub id, a directory written by
+    `save_to_disk`, or a directory of data files (split default: train)."""
     try:
         import datasets
     except ImportError:
         raise DlmaError(f"{name!r} is neither a file nor a bundled set ({', '.join(BUNDLED)}); "
-                        "to read a Hugging Face dataset, pip install datasets") from None
-    base, _, split = name.partition(":")
+                        "to read a Hugging Face dataset, pip install 'dlma[datasets]'") from None
+    base, _, split = name.rpartition(":") if ":" in name and not Path(name).is_dir() else (name, "", "")
+    split = split or "train"
     try:
-        ds = datasets.load_dataset(base, split=split or "train")
+        if any((Path(base) / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(base)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(base, split=split)
+    except KeyError:
+        raise DlmaError(f"dataset {base!r} has no split {split!r}; name one after a colon, e.g. {base}:test") from None
     except Exception as exc:  # datasets raises many types for "not cached/offline"
         raise DlmaError(f"cannot load dataset {base!r} (only locally cached datasets work offline): {exc}") from None
     for i, row in enumerate(ds, 1):
         yield i, dict(row)
 
 
-def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None = None) -> list[PromptRecord]:
-    """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a cached HF dataset.
+PROMPT_FIELDS = ("prompt", "id", "label")
+
+
+def column_map(items: Sequence[str]) -> dict[str, str]:
+    """FIELD=COLUMN items (`--columns prompt=question id=qid`) -> {field: column}."""
+    out = {}
+    for item in items:
+        field_name, sep, column = item.partition("=")
+        if not sep or field_name.strip() not in PROMPT_FIELDS or not column.strip():
+            raise DlmaError(f"--columns {item!r}: expected FIELD=COLUMN with FIELD one of {', '.join(PROMPT_FIELDS)}, "
+                            "e.g. prompt=question")
+        out[field_name.strip()] = column.strip()
+    return out
+
+
+def _mapped(obj: dict, columns: dict[str, str], where: Path, lineno: int) -> dict:
+    """A source row with its columns renamed to dlma's prompt fields."""
+    missing = [c for c in columns.values() if c not in obj]
+    if missing:
+        raise DataError(where, lineno, f"no column {missing[0]!r} (it has: {', '.join(map(str, obj))}); fix --columns")
+    return {**{k: v for k, v in obj.items() if k not in columns.values()}, **{f: obj[c] for f, c in columns.items()}}
+
+
+def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None = None,
+                 columns: dict[str, str] | None = None) -> list[PromptRecord]:
+    """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a `datasets`
+    dataset (a cached Hub id or a local directory, NAME[:SPLIT]); `columns` ({field: column},
+    `column_map`) names the columns that hold the prompt, id and label.
 
     Bundled sets: `hh-harmless` (1,000 HH-RLHF harmless queries; `hh-harmless:train` is
     the first 800, `hh-harmless:test` the last 200; `hh-harmless-first[:train|:test]` keeps
@@ -236,7 +274,7 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
     stats = stats if stats is not None else ReadStats()
     path, split = _resolve_source(source)
     if split in PHRASING_SELECTORS:
-        return select_phrasings(read_prompts(source.rpartition(":")[0], None, stats), split, source)[:limit]
+        return select_phrasings(read_prompts(source.rpartition(":")[0], None, stats, columns), split, source)[:limit]
     rows = _iter_records(path) if path is not None else _from_hf_dataset(source)
     where = path if path is not None else Path(source)
     out: list[PromptRecord] = []
@@ -247,6 +285,8 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
             in_test = index >= HH_TEST_START
             if (split == "test") != in_test:
                 continue
+        if columns:
+            obj = _mapped(obj, columns, where, lineno)
         msgs = _prompt_of(obj, where, lineno)
         if source.partition(":")[0] == "hh-harmless-first":
             # the opening request alone: single-turn queries, like most users' first message
@@ -345,10 +385,11 @@ def swap_sides(rec: dict) -> dict:
 
 
 def read_pairs(source: str, limit: int | None = None) -> list[dict]:
-    """Pair records with `id`, `prompt` (messages), `chosen`, `rejected` and all other fields kept.
+    """Pair records with `id`, `prompt` (messages), `chosen`, `rejected` (texts) and all other fields kept.
 
-    Accepts dlma pair files, any JSONL with prompt/chosen/rejected, and HH-RLHF dialogues
-    (then `human_label` is set: `chosen` is the human-preferred side).
+    Accepts dlma pair files (TRL's conversational format, or dlma's older one with a notice), any
+    JSONL with prompt/chosen/rejected as strings or chat messages (TRL's explicit or implicit
+    prompt), and HH-RLHF dialogues (then `human_label` is set: `chosen` is the human-preferred side).
     """
     path, split = _resolve_source(source)
     if path is None:
@@ -368,10 +409,15 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
                 raise DataError(path, lineno, f"HH-RLHF dialogue: {exc}") from None
             rec.update(prompt=history, chosen=chosen, rejected=rejected, human_label=True)
         else:
-            rec["prompt"] = _prompt_of(obj, path, lineno)
+            if pairfile.is_legacy(obj):
+                pairfile.notice_legacy(path)
+            shared = pairfile.implicit_prompt(obj)  # TRL's implicit-prompt form: the turns both answers share
+            rec["prompt"] = (_prompt_of(obj, path, lineno) if "prompt" in obj or not shared else []) + as_messages(shared)
             for key in ("chosen", "rejected"):
-                if not isinstance(obj.get(key), str):
-                    raise DataError(path, lineno, f"`{key}` must be a string")
+                text = pairfile.answer_text(obj.get(key))
+                if text is None:
+                    raise DataError(path, lineno, f"`{key}` must be a string or chat messages ending with an assistant turn")
+                rec[key] = text
         for key, value in obj.items():
             if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
                 raise DataError(path, lineno, f"`{key}` is {value}; numbers must be finite (no NaN or Infinity)")

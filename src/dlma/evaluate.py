@@ -42,8 +42,9 @@ from .logprobs import score_trees
 from .models import load_model
 from .prompts import Preset, Renderer, load_preset
 from .refusal import is_refusal, refusal_rates
-from .report import write_report
+from .report import judge_table, quality_table, write_report
 from .reward import summarize_scores
+from .tracking import Tracking, Where, typed_settings
 
 ROLES = ("aligned", "baseline")
 TRAINING_FIELDS = ("step", "loss", "reward_margin", "reward_accuracy", "lr", "tokens_per_s")
@@ -365,10 +366,11 @@ def _examples(prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict
 
 
 def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, model: str, baseline: str = "embedded",
-                    progress: bool = True, preloaded: dict[str, tuple] | None = None) -> dict:
+                    progress: bool = True, preloaded: dict[str, tuple] | None = None, where: Where | None = None) -> dict:
     """Evaluate `model` (aligned) against `baseline`; write OUT/metrics.json and the report; return the metrics.
 
     preloaded: {name: (model, tokenizer)} already in memory (tests, the pipeline) to reuse.
+    where: the cfg.report_to trackers' run (default: OUT/tensorboard/evaluate-OUT).
     """
     t0 = time.time()
     out = Path(out_dir)
@@ -460,7 +462,32 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
 
     write_report(metrics, out, title=f"dlma evaluation: {model} vs {baseline}")
     _log(progress, f"report: {out / 'index.html'}")
+    if cfg.report_to:
+        with Tracking(cfg.report_to, where or Where.beside(out, "evaluate", file=False), "evaluate",
+                      typed_settings(model=model_cfg, evaluate=cfg), model_cfg.device) as tracking:
+            track_evaluation(tracking, metrics)
     return metrics
+
+
+def track_evaluation(tracking: Tracking, metrics: dict) -> None:
+    """Refusal rates with their intervals, quality and judges' win rates as scalars, and the
+    report's refusal/quality and judge tables as tables."""
+    values: dict[str, Any] = {}
+    for role in ROLES:
+        r, q = (metrics.get("refusal") or {}).get(role) or {}, (metrics.get("quality") or {}).get(role) or {}
+        for key in ("refusal_rate", "over_refusal_rate"):
+            values[f"evaluate/{role}/{key}"] = r.get(key)
+            ci = r.get(key.replace("_rate", "_ci"))
+            if ci:
+                values[f"evaluate/{role}/{key}_low"], values[f"evaluate/{role}/{key}_high"] = ci
+        for key in ("perplexity", "distinct_2", "mean_tokens"):
+            values[f"evaluate/{role}/{key}"] = q.get(key)
+    for spec, j in (metrics.get("judges") or {}).items():
+        values[f"evaluate/win_rate/{spec}"] = j.get("adjusted_win_rate")
+    tracking.log({k: v for k, v in values.items() if v is not None}, step=0)
+    tracking.table("evaluate/refusal_and_quality", *quality_table(metrics), step=0)
+    if metrics.get("judges"):
+        tracking.table("evaluate/judges", *judge_table(metrics["judges"]), step=0)
 
 
 def _count(values) -> dict[str, int]:

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from .config import GenerateConfig, ModelConfig
-from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts, resume_chunks
+from .data import JsonlWriter, PromptRecord, ReadStats, column_map, read_prompts, resume_chunks
+from .pairfile import conversational, upgrade
 from .errors import DlmaError
 from .logprobs import length_buckets, score_trees
 from .machine import forward_flops
 from .models import load_model, load_tokenizer, resolve_model_path
 from .prompts import Renderer, end_of_turn_id, load_preset
+from .tracking import Tracking, Where, typed_settings
 
 
 @dataclass
@@ -563,8 +565,10 @@ def generate_pairs(
     backend: Backend | None = None,
     tokenizer=None,
     progress: bool = True,
+    where: Where | None = None,
 ) -> dict:
-    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary."""
+    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary.
+    `where`: the cfg.report_to trackers' run (default: beside `out`)."""
     from tqdm.auto import tqdm
 
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
@@ -576,12 +580,14 @@ def generate_pairs(
     stats = ReadStats()
     prompts: list[PromptRecord] = []
     preset_of: dict[str, str] = {}
+    columns = column_map(cfg.columns)
     for i, source in enumerate(sources):
-        for p in read_prompts(source, cfg.limit, stats):
+        for p in read_prompts(source, cfg.limit, stats, columns):
             prompts.append(p)
             preset_of[p.id] = preset_names[i if len(preset_names) > 1 else 0]
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
+    upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
@@ -594,6 +600,8 @@ def generate_pairs(
     if not todo:
         writer.close()
         return summary
+    tracking = Tracking(cfg.report_to, where or Where.beside(out, "generate", file=True), "generate",
+                        typed_settings(model=model_cfg, generate=cfg), model_cfg.device)
     owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)
     if owned:
         backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
@@ -653,10 +661,13 @@ def generate_pairs(
                 summary["new_tokens"] += sum(len(s.ids) + int(s.finished) for s in samples[k0:k0 + 2 * K])
                 rec["preset"] = preset_of[p.id]
                 rec["generation"] = settings
-                writer.write(rec)
+                writer.write(conversational(rec))
                 summary["pairs_written"] += 1
                 bar.update(1)
-            bar.set_postfix(pairs_per_s=f"{summary['pairs_written'] / max(time.time() - t0, 1e-9):.2f}")
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix(pairs_per_s=f"{summary['pairs_written'] / elapsed:.2f}")
+            tracking.log({"generate/pairs_per_s": summary["pairs_written"] / elapsed,
+                          "generate/new_tokens_per_s": summary["new_tokens"] / elapsed}, step=summary["pairs_written"])
     finally:
         bar.close()
         writer.close()
@@ -670,4 +681,6 @@ def generate_pairs(
         summary["model_flops"] = forward_flops(backend.model, summary["prefilled_tokens"] + summary["new_tokens"],
                                                summary["new_tokens"])
     summary["seconds"] = round(time.time() - t0, 2)
+    with tracking:
+        tracking.log({f"generate/{k}": v for k, v in summary.items()}, step=summary["pairs_written"])
     return summary

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .card import command_line, write_card
 from .config import ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import read_jsonl, swap_sides, write_json
 from .errors import DlmaError, os_error_message
@@ -36,11 +37,18 @@ from .models import resolve_device, resolve_dtype
 from .objectives import Method, method, methods, objective
 from .report import phrasing_table, write_report
 from .reward import score_file
+from .tracking import LOGGING_DIR, Where
 from .train import KL_REFERENCE, train_model
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _settings(cfg: Any) -> dict:
+    """A stage's settings as its key sees them: where it reports (report_to) does not change what it
+    makes, and an unused column mapping is left out, so older run directories keep their keys."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "report_to" and not (k == "columns" and not v)}
 
 
 def _files(spec: str | None) -> list:
@@ -208,7 +216,7 @@ class Pipeline:
         and model settings its answers are the same: a comparison answers them once, not per method.
         (The copied records still carry their generation settings, which evaluate checks.)
         """
-        key = _key("baseline-answers", to_dict(self.cfg.evaluate), to_dict(self.cfg.model))
+        key = _key("baseline-answers", _settings(self.cfg.evaluate), to_dict(self.cfg.model))
         write_json(sdir / "baseline-key.json", {"key": key})
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / "evaluate"
@@ -218,6 +226,10 @@ class Pipeline:
                     if not (sdir / f.name).exists():
                         shutil.copy(f, sdir / f.name)
                 return
+
+    def _where(self, rnd: int, stage: str) -> Where:
+        """A stage's tracker run: project = the run directory's name, RUN_DIR/tensorboard/round-K/STAGE."""
+        return Where(self.dir.resolve().name, f"round-{rnd}/{stage}", self.dir / LOGGING_DIR)
 
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
@@ -241,7 +253,7 @@ class Pipeline:
                              "seeds": {"generate": cfg.generate.seed, "train": cfg.train.seed, "evaluate": cfg.evaluate.seed},
                              "device": str(resolve_device(cfg.model.device)), "threads": torch.get_num_threads(),
                              "platform": platform.platform(), "machine": _machine(cfg.model),
-                             "stages": old.get("stages", {}),
+                             "stages": old.get("stages", {}), "command": command_line(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(self.manifest_path, self.manifest)
             policy, upstream = cfg.model.model, _key(_model_stamp(cfg.model.model))
@@ -253,6 +265,8 @@ class Pipeline:
             self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self.manifest["final_model"] = str(self.dir / "final-model")
             write_json(self.manifest_path, self.manifest)
+            if (self.dir / "final-model" / "train_summary.json").is_file():  # a model `dlma train` saved
+                write_card(self.dir / "final-model", self.dir)  # its card again, now with the run's evaluation
             final = dict(rounds[-1])
             if len(rounds) > 1:
                 final["rounds"] = [_headline(m) for m in rounds]
@@ -263,9 +277,10 @@ class Pipeline:
         mcfg = dataclasses.replace(cfg.model, model=policy)
         gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
-        gen_key = _key("generate", {k: v for k, v in to_dict(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
+        gen_key = _key("generate", {k: v for k, v in _settings(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
                        upstream, _files(gcfg.prompts), _files(gcfg.preset))
-        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
+        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress,
+                                                                       where=self._where(rnd, "generate")))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
@@ -273,10 +288,11 @@ class Pipeline:
             # preset None: each pair's own; the reference of cut responses is made here, once, for training
             scfg = dataclasses.replace(cfg.score, judge=spec.judge,
                                        response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
-            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
+            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
 
             def score(d: Path) -> dict:
-                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress)
+                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress,
+                                     where=self._where(rnd, "score"))
                 if spec.orient:
                     summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec.orient)
                 return summary
@@ -287,23 +303,26 @@ class Pipeline:
             data_key = score_key
 
         tcfg = train_config(cfg)
-        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _files(tcfg.preset))
+        train_key = _key("train", to_dict(dataclasses.replace(tcfg, report_to=[])), to_dict(cfg.model), data_key,
+                         _files(tcfg.preset))
 
         def train(d: Path) -> dict:
             if tcfg.kl_alpha:
                 self._reuse_kl_answers(rnd, d / "model")
-            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress)
+            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress,
+                               where=self._where(rnd, "train"))
 
         self._stage("train", rnd, train_key, train)
         new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
 
         ecfg = cfg.evaluate
-        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
+        eval_key = _key("evaluate", _settings(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
                         _files(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
             self._reuse_baseline_answers(rnd, eval_key, d)
-            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress)
+            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress,
+                                   where=self._where(rnd, "evaluate"))
 
         self._stage("evaluate", rnd, eval_key, evaluate)
         metrics = json.loads((self.dir / f"round-{rnd}" / "evaluate" / "metrics.json").read_text())

@@ -21,13 +21,16 @@ from typing import Sequence
 import torch
 
 from .config import ModelConfig, ScoreConfig
-from .data import JsonlWriter, check_finite, read_jsonl, read_pairs, resume_chunks, write_json
+from .data import JsonlWriter, check_finite, read_pairs, resume_chunks, write_json
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
+from .pairfile import conversational, upgrade
+from .pairstats import contrast, quantiles
 from .models import bf16_supported, load_model, resolve_device, resolve_dtype
 from .prompts import Preset, Renderer, as_messages, load_preset
 from .textjudge import LetterJudge
+from .tracking import Tracking, Where, typed_settings
 
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
 JUDGES = ("self-reward", "text", "both")
@@ -262,18 +265,12 @@ def judge_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
 
 
 # -- summaries -------------------------------------------------------------------------
-def _quantiles(xs: list[float]) -> dict:
-    s = sorted(xs)
-    q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
-    return {"min": s[0], "p10": q(0.1), "p25": q(0.25), "median": q(0.5), "p75": q(0.75), "p90": q(0.9), "max": s[-1]}
-
-
 def _accuracy(xs: list[float]) -> float:
     return sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in xs) / len(xs)
 
 
 def _describe(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "quantiles": _quantiles(xs),
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "quantiles": quantiles(xs),
             "fraction_positive": sum(x > 0 for x in xs) / len(xs)}
 
 
@@ -346,11 +343,12 @@ def scoring_precision(precision: str, model_cfg: ModelConfig) -> tuple[str, str]
 
 
 def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *, model=None, tokenizer=None,
-               progress: bool = True, summary_path: str | None = None) -> dict:
+               progress: bool = True, summary_path: str | None = None, where: Where | None = None) -> dict:
     """Score a pair file into `out` (JSONL, resumable), returning the summary of the whole output.
 
     Records already in `out` are skipped; the summary covers them too, so a resumed run
     reports the same numbers as an uninterrupted one. summary_path, when set, gets a copy.
+    `where`: the cfg.report_to trackers' run (default: beside `out`).
     """
     from tqdm.auto import tqdm
 
@@ -363,6 +361,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
     if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
+    upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
         "reference": cfg.reference, "precision": precision, "max_context": cfg.max_context,
@@ -400,7 +399,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
                     group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
                 new = [rec for rec in group if rec["id"] not in writer.done]
                 for rec in new:
-                    writer.write(rec)
+                    writer.write(conversational(rec))
                 done += len(new)
                 bar.update(len(new))
                 bar.set_postfix(pairs_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
@@ -409,11 +408,31 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
         writer.close()
     if stats.get("positions"):  # the positions the model computed (shared prefixes once)
         stats["model_flops"] = forward_flops(model, stats["positions"], stats.get("head_positions", 0))
-    summary = summarize_scores(read_jsonl(out))
+    records = read_pairs(str(out))
+    summary = summarize_scores(records)
     summary.update(judge=judge, already_done=len(pairs) - len(todo), scored=len(todo), output=str(out),
                    seconds=round(time.time() - t0, 2), **stats)
     if todo:
         summary["pairs_per_s"] = round(len(todo) / max(time.time() - t0, 1e-9), 3)
     if summary_path:
         write_json(summary_path, summary)
+    if cfg.report_to:
+        with Tracking(cfg.report_to, where or Where.beside(out, "score", file=True), "score",
+                      typed_settings(model=model_cfg, score=cfg), model_cfg.device) as tracking:
+            track_scores(tracking, records, summary)
     return summary
+
+
+def track_scores(tracking: Tracking, records: list[dict], summary: dict) -> None:
+    """R's histogram and quantiles, the share with R > 0, each preset's contrast rate, accuracy on
+    human labels and throughput, at step = pairs in the file."""
+    step = len(records)
+    rs = [float(r["self_reward"]) for r in records if r.get("self_reward") is not None]
+    tracking.histogram("score/self_reward", rs, step=step)
+    sr = summary.get("self_reward") or {}
+    values = {f"score/self_reward_{k}": v for k, v in (sr.get("quantiles") or {}).items()}
+    values.update({"score/self_reward_mean": sr.get("mean"), "score/self_reward_positive": sr.get("fraction_positive"),
+                   "score/accuracy": summary.get("accuracy"), "score/pairs_per_s": summary.get("pairs_per_s"),
+                   "score/contexts_truncated": summary.get("contexts_truncated")})
+    values.update({f"score/contrast/{name}": c["rate"] for name, c in contrast(records).items()})
+    tracking.log({k: v for k, v in values.items() if v is not None}, step=step)

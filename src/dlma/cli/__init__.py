@@ -10,7 +10,7 @@ import sys
 
 from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts", "serve"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts", "serve", "push"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -23,6 +23,7 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
   run          all of it in one resumable command
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
   serve        answer chat requests with a model on a local OpenAI-compatible API
+  push         publish an aligned model and its pairs on the Hugging Face Hub
 
 Every stage reads and writes files (JSONL, model directories, reports), so each can be
 run alone. `dlma COMMAND --help` explains each one.

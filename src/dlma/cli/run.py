@@ -8,9 +8,11 @@ from importlib import resources
 import yaml
 
 from ..config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ..errors import DlmaError
 from .common import formatter
 
 DEFAULT_CONFIG = "default.yaml"
+STAGES = ("generate", "score", "train", "evaluate")  # the sections that take report_to
 
 HELP = """\
 Run DLMA end to end in a run directory:
@@ -28,6 +30,7 @@ examples:
   dlma run --run-dir runs/exp1 --set train.lr=1e-6 --set generate.limit=512
   dlma run --compare dlma,rlcd,context-distillation   # the paper's comparison, one report
   dlma run --model Qwen/Qwen2.5-7B-Instruct --config my.yaml   # bigger models: see README
+  dlma run --report-to tensorboard --push-to-hub me/smollm2-dlma  # track every stage; publish
 """
 
 
@@ -41,6 +44,11 @@ def register(sub) -> None:
     p.add_argument("--method", help="dlma, rlcd, context-distillation, rlaif or dlma-listwise (config: method)")
     p.add_argument("--rounds", type=int, help="iterations of generate -> score -> train (config: rounds)")
     p.add_argument("--compare", metavar="M1,M2,...", help="run several methods into RUN_DIR/<method>/ with one combined report")
+    p.add_argument("--report-to", nargs="*", metavar="TRACKER",
+                   help="tensorboard, wandb or none for every stage (config: generate/score/train/evaluate.report_to); "
+                        "TensorBoard logs go to RUN_DIR/tensorboard")
+    p.add_argument("--push-to-hub", metavar="REPO", help="after the run, upload the final model to REPO and its pairs to "
+                                                         "REPO-pairs (as `dlma push`)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -59,6 +67,8 @@ def resolve_config(args) -> RunConfig:
     named = [f"{key}={getattr(args, flag)}" for flag, key in
              (("run_dir", "run_dir"), ("model", "model.model"), ("method", "method"), ("rounds", "rounds"))
              if getattr(args, flag) is not None]
+    if args.report_to is not None:
+        named += [f"{section}.report_to={','.join(args.report_to) or 'none'}" for section in STAGES]
     return apply_overrides(cfg, named + args.overrides)
 
 
@@ -70,6 +80,9 @@ def run(args) -> int:
         yaml.safe_dump(to_dict(cfg), sys.stdout, sort_keys=False)
         return 0
     progress = not args.no_progress
+    if args.compare and args.push_to_hub:
+        raise DlmaError("--push-to-hub uploads one run; after --compare push a method's run with "
+                        "`dlma push RUN_DIR/METHOD REPO`")
     if args.compare:
         methods = [m.strip() for m in args.compare.split(",") if m.strip()]
         runs = compare(cfg, methods, progress=progress)
@@ -84,4 +97,9 @@ def run(args) -> int:
     print(format_table(metrics))
     print(f"\naligned model: {cfg.run_dir}/final-model")
     print(f"report: {cfg.run_dir}/round-{cfg.rounds}/evaluate/index.html")
+    if args.push_to_hub:
+        from ..push import push
+
+        pushed = push(cfg.run_dir, args.push_to_hub)
+        print(f"pushed: model {pushed['model']}, pairs {pushed['dataset']}")
     return 0

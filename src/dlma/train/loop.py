@@ -17,12 +17,13 @@ import contextlib
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..card import command_line, write_card
 from ..config import ModelConfig, TrainConfig
 from ..data import read_pairs
 from ..errors import DlmaError
@@ -30,6 +31,7 @@ from ..machine import forward_flops
 from ..models import load_tokenizer, load_weights
 from ..objectives import objective
 from ..prompts import Renderer, load_preset
+from ..tracking import Where, typed_settings
 from . import checkpoints as ck
 from .examples import Example, build_examples, check_presets_named, kl_on, nll_on, select_pairs, whole_chosen_kept
 from .order import epoch_plan, lr_at
@@ -49,16 +51,19 @@ if TYPE_CHECKING:
 MAX_NONFINITE_STEPS = 3
 
 
-def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, progress: bool = True) -> dict:
-    """Train on a (scored) pair file and save the model to out_dir; returns the run summary."""
+def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, progress: bool = True,
+                where: Where | None = None) -> dict:
+    """Train on a (scored) pair file and save the model to out_dir; returns the run summary.
+    `where`: the --report-to trackers' run (default: out_dir/tensorboard/train-NAME)."""
     out = Path(out_dir)
-    accelerator = make_accelerator(model_cfg, cfg, out)
+    where = where or Where.beside(out, "train", file=False)
+    accelerator = make_accelerator(model_cfg, cfg, out, where)
     key = ck.resume_key(cfg, model_cfg, data, accelerator.num_processes)
     finished = ck.finished_summary(out, key)
     if finished is not None:
         return finished
     run = setup(accelerator, model_cfg, cfg, data, out, key)
-    log = Log(run, progress)
+    log = Log(run, progress, where)
     while run.step < run.total:
         epoch, micros = run.micro_batches()
         result = train_step(run.model, run.optimizer, micros, cfg, run.pad_id, accelerator,
@@ -231,7 +236,7 @@ def _finite(x: float) -> float | None:
 class Log:
     """Where the steps are reported: metrics.jsonl (main process), --report-to trackers, the progress bar."""
 
-    def __init__(self, run: TrainRun, progress: bool):
+    def __init__(self, run: TrainRun, progress: bool, where: Where):
         from tqdm.auto import tqdm
 
         self.accelerator, self.progress = run.accelerator, progress
@@ -239,7 +244,7 @@ class Log:
         self.main = run.accelerator.is_main_process
         self.trackers = bool(run.accelerator.log_with) if hasattr(run.accelerator, "log_with") else False
         if self.trackers:
-            run.accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(run.cfg).items()})
+            run.accelerator.init_trackers(where.run, config=typed_settings(train=run.cfg, model=run.model_cfg))
         self.bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.cfg.loss}", unit="step",
                         disable=not (progress and self.main), dynamic_ncols=True)
 
@@ -278,7 +283,7 @@ def probe(run: TrainRun, log: Log) -> None:
 
 def finish(run: TrainRun, log: Log) -> dict:
     """After the last step: the final model (the selected step's weights, where one was
-    selected) and train_summary.json; the checkpoints go, a finished run needs none."""
+    selected), train_summary.json and the model card; the checkpoints go, a finished run needs none."""
     accelerator = run.accelerator
     if run.stepper is not None:
         run.stepper.remove()
@@ -289,6 +294,7 @@ def finish(run: TrainRun, log: Log) -> dict:
     result = summary(run)
     if accelerator.is_main_process:
         ck.write_summary(run.out, result)
+        write_card(run.out)
         if run.selector is not None:
             run.selector.cleanup()
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
@@ -322,6 +328,7 @@ def summary(run: TrainRun) -> dict:
         "kl_pairs": sum(bool(e.kl_answer) for e in run.examples),
         "kl": last.get("kl") if last else None,
         "resume_key": run.key,
+        "command": command_line(),
     }
     if run.selector is not None:
         out["selection"] = run.selector.summary()
