@@ -198,7 +198,7 @@ def test_scoring_precision_auto_is_exact_on_a_cpu_and_mixed_on_a_bf16_gpu(monkey
     """A GPU cannot run here, so the device checks are stood in for; the choice itself is real."""
     import torch
 
-    import dlma.models as M
+    import dlma.reward as M  # the device checks as the scorer imported them
     from dlma.config import ModelConfig, ScoreConfig
     from dlma.reward import scoring_precision
 
