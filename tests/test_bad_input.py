@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 
 import pytest
@@ -99,6 +100,33 @@ def test_the_same_checks_for_yaml_set_and_python(tmp_path, capsys):
         with pytest.raises(DlmaError, match="must be"):
             cls(**kw)
     assert GenerateConfig(limit=None).limit is None and TrainConfig(max_steps=None).max_steps is None
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (TrainConfig, {"lr": math.inf}), (TrainConfig, {"interpolate": math.inf}), (TrainConfig, {"margin_weight": math.nan}),
+    (TrainConfig, {"beta": math.inf}), (TrainConfig, {"margin_clip": (-math.inf, 40.0)}), (TrainConfig, {"min_reward": math.nan}),
+    (TrainConfig, {"kl_alpha": math.inf}), (TrainConfig, {"warmup_ratio": math.nan}), (GenerateConfig, {"temperature": math.nan}),
+    (EvalConfig, {"judge_timeout": math.inf}),
+])
+def test_numbers_that_reach_the_weights_are_finite(cls, kw):
+    """--lr inf and --interpolate inf saved a model of NaNs with exit 0; --margin-weight nan skipped every step."""
+    (name,) = kw
+    with pytest.raises(DlmaError, match=rf"{name} \(--{name.replace('_', '-')}\) must be a finite number"):
+        cls(**kw)
+
+
+def test_set_values_are_not_silently_converted():
+    """--set generate.limit=2.9 became 2, [a,b] the string "['a', 'b']", yes the learning rate 1.0."""
+    from dlma.config import RunConfig, apply_overrides, from_dict
+
+    for key, value, says in (("generate.limit", "2.9", "not a whole number"), ("generate.limit", ".inf", "not a whole number"),
+                             ("generate.prompts", "[a,b]", "comma-separated: a,b"), ("train.lr", "yes", "not a number"),
+                             ("seeds", "[1.5]", "not a whole number"), ("train.margin_clip", "[true, 2]", "not a number"),
+                             ("run_dir", "", "run_dir (--run-dir) must be a directory")):
+        with pytest.raises(DlmaError, match=re.escape(says)):
+            apply_overrides(RunConfig(), [f"{key}={value}"])
+    assert apply_overrides(RunConfig(), ["generate.limit=3.0", "generate.prompts=a,b"]).generate.limit == 3
+    assert from_dict(GenerateConfig, {"limit": 4}).limit == 4
 
 
 @pytest.mark.parametrize("broken", ["tokenizer-only directory", "unknown id"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -30,9 +31,22 @@ def _bad(name: str, rule: str, value: Any) -> DlmaError:
     return DlmaError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
 
 
+def _check_finite(obj: Any) -> None:
+    """Every float setting (and each float of a tuple) must be a finite number: an inf or NaN
+    passes `>=` style checks or none at all, and reaches the weights (lr, interpolate) or skips
+    every training step (margin_weight), so it is refused before any work."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise _bad(f.name, "a finite number", v)
+
+
 def _check(obj: Any, **rules: Any) -> None:
-    """Range checks shared by the command line, YAML and Python: rules map a field name to
-    ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for optional fields."""
+    """Range checks shared by the command line, YAML and Python: every float finite, and rules map
+    a field name to ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for
+    optional fields."""
+    _check_finite(obj)
     for name, (op, bound) in rules.items():
         v = getattr(obj, name)
         if v is None and typing.get_origin(_hints(type(obj))[name]) in (typing.Union, types.UnionType):
@@ -158,6 +172,8 @@ class TrainConfig:
             raise _bad("reward_norm", "none or preset", self.reward_norm)
         if not 0 <= self.label_smoothing < 0.5:
             raise _bad("label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        if not 0 <= self.lora_dropout < 1:
+            raise _bad("lora_dropout", "in [0, 1)", self.lora_dropout)
         if self.warmup_ratio > 1:
             raise _bad("warmup_ratio", "at most 1", self.warmup_ratio)
         lo, hi = self.margin_clip
@@ -251,6 +267,10 @@ class RunConfig:
     seeds: typing.List[int] = opt([], "--compare: train and evaluate every method once per seed (data order and initialisation) on the same pairs, and report mean and spread; empty: train.seed only")
     method_train: typing.Dict[str, typing.Dict[str, typing.Any]] = opt({}, "--compare: training settings per method, e.g. {rlcd: {lr: 2.0e-5}} (each method's own learning rate, chosen on the validation split)")
 
+    def __post_init__(self) -> None:
+        if not str(self.run_dir).strip():  # Path("") is the working directory: stages would land among the user's files
+            raise _bad("run_dir", "a directory", self.run_dir)
+
 
 # -- dataclass <-> argparse / YAML -----------------------------------------------
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -326,7 +346,7 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
                 value = value.replace(",", " ").split()
             if len(value) != len(args):
                 raise ValueError(f"expected {len(args)} values")
-            return tuple(a(v) for a, v in zip(args, value))
+            return tuple(_scalar(a, v) for a, v in zip(args, value))
         if origin is dict:
             if not isinstance(value, dict):
                 raise ValueError("expected a mapping")
@@ -335,12 +355,22 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
-            return [inner(v) for v in value]
-        if tp is float and isinstance(value, str):
-            return float(value)
-        return tp(value)
+            return [_scalar(inner, v) for v in value]
+        return _scalar(tp, value)
     except (TypeError, ValueError) as exc:
         raise DlmaError(f"{where}: {name}={value!r} is not a valid {getattr(tp, '__name__', tp)} ({exc})") from None
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """int, float or str from a YAML value, without the silent conversions Python's own make:
+    int(2.9) is 2, float(True) is 1.0, str(['a', 'b']) is a string that reads as two sources."""
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError("a yes/no value is not a number")
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("not a whole number")
+    if tp is str and isinstance(value, (list, dict)):
+        raise ValueError("expected one string; several sources or presets are one string, comma-separated: a,b")
+    return tp(value)
 
 
 def typed_overrides(cls: type, data: dict, where: str) -> dict:
