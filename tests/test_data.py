@@ -105,3 +105,22 @@ def test_duplicate_pair_ids_are_rejected_with_file_and_line(tmp_path, capsys):
         assert "dup.jsonl:3: duplicate id 'a'" in capsys.readouterr().err
     f.write_text("".join(json.dumps(dict(rec, id=i)) + "\n" for i in ("a", "b", "c")))
     assert [p["id"] for p in read_pairs(str(f))] == ["a", "b", "c"]
+
+
+def test_one_writer_per_output_and_no_reading_what_is_being_written(tmp_path):
+    """Two writers of one file appended every record twice; a file still being written was read as a
+    finished one. The lock is the run directory's (one mechanism) and goes with its holder."""
+    from dlma.data import check_not_input
+
+    out = tmp_path / "out.jsonl"
+    with JsonlWriter(out) as first:
+        first.write({"id": "a", "prompt": "hi", "chosen": "x", "rejected": "y"})
+        with pytest.raises(DlmaError, match=rf"{out} is being written by another dlma process \(pid \d+ on .*\)"):
+            JsonlWriter(out)
+        with pytest.raises(DlmaError, match="out.jsonl is still being written by another dlma process"):
+            read_pairs(str(out))
+    assert [p["id"] for p in read_pairs(str(out))] == ["a"]  # closed: readable, and writable again
+    JsonlWriter(out).close()
+    with pytest.raises(DlmaError, match="is the input file"):
+        check_not_input(tmp_path / "." / "out.jsonl", [out])
+    check_not_input(tmp_path / "other.jsonl", [out])

@@ -265,3 +265,16 @@ def test_report_keeps_hostile_text_inert(tmp_path, monkeypatch):
     for p in tmp_path.rglob("*"):
         if p.is_file():
             assert b"sk-dlma-test-secret" not in p.read_bytes(), p
+
+
+def test_one_evaluate_writes_a_report_at_a_time(tmp_path):
+    from dlma.data import release_lock, take_lock
+    from dlma.errors import DlmaError
+
+    lock = take_lock(tmp_path / "report" / ".lock", str)  # another evaluate writing the same report
+    try:
+        with pytest.raises(DlmaError, match=r"report is in use by another dlma evaluate \(pid \d+"):
+            evaluate_models(ModelConfig(dtype="float32"), EvalConfig(limit=1, max_new_tokens=2, judge=[]),
+                            str(tmp_path / "report"), model="embedded", progress=False)
+    finally:
+        release_lock(lock)

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import gzip
 import io
 import json
 import math
 import os
+import platform
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 from .errors import DataError, DlmaError
 from .prompts import Messages, as_messages
@@ -104,6 +106,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    check_not_being_written(path)
     return _readable(path, _iter_any(path))
 
 
@@ -310,12 +313,77 @@ def check_finite(record: dict, keys: list[str], where: str) -> None:
             raise DlmaError(f"{where}: record {record.get('id')!r} has {k}={v}; refusing to write a non-finite value")
 
 
+# -- one writer at a time ----------------------------------------------------------------
+def take_lock(lock: Path, in_use: Callable[[str], str]) -> IO[str]:
+    """Hold an exclusive lock on the file `lock` and write the holder ("pid N on HOST") into it.
+
+    One mechanism for every writer: `dlma run` locks its directory, each JSONL output its own
+    lock file. flock goes with the process, so a killed writer leaves no stale lock; a second
+    taker is refused at once with the DlmaError in_use(holder). release_lock gives it back."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DlmaError(in_use(holder)) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {platform.node()}")
+    f.flush()
+    return f
+
+
+def release_lock(f: IO[str]) -> None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def writer_lock(path: str | Path) -> Path:
+    """The lock file of a JSONL output: hidden, beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def check_not_being_written(path: str | Path) -> None:
+    """A file another dlma process is still writing is refused as input: read now, it holds only
+    the records written so far (training on 16 of 24 pairs, exit 0)."""
+    lock = writer_lock(path)
+    if not lock.is_file():
+        return
+    with open(lock, encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise DlmaError(f"{path} is still being written by another dlma process ({holder}); "
+                            "wait for it to finish") from None
+
+
+def check_not_input(out: str | Path, inputs: Sequence[Path]) -> None:
+    """--out naming an input file would resume "after" every input record: nothing done, exit 0."""
+    for src in inputs:
+        same = os.path.samefile(src, out) if src.exists() and Path(out).exists() else src.resolve() == Path(out).resolve()
+        if same:
+            raise DlmaError(f"--out {out} is the input file {src}; write the output to another file")
+
+
+def named_files(spec: str | None) -> list[str]:
+    """The existing files a comma-separated setting names (prompt sources, presets), as named; other
+    names (bundled sets and presets, datasets) name no file."""
+    return [x.strip() for x in (spec or "").split(",") if x.strip() and Path(x.strip()).is_file()]
+
+
 class JsonlWriter:
     """Append-only JSONL output that resumes: `done` holds the ids already written.
 
     A trailing partial line (from a kill mid-write) is cut off on open, and a write that fails
     (disk full, file-size limit) is undone before the error propagates, so the file always
-    holds whole records and a rerun resumes after the last one.
+    holds whole records and a rerun resumes after the last one. The writer holds the file's
+    lock from open to close: a second writer of the same file is refused before it reads it
+    (two appending at once wrote every record twice).
     """
 
     def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0, settings: dict | None = None):
@@ -324,12 +392,18 @@ class JsonlWriter:
         self.done: set[str] = set()
         self._fsync_every = fsync_every
         self._since_sync = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._repair_and_load()
-        if settings is not None:
-            self._check_settings(settings)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = None
+        self._lock = take_lock(writer_lock(self.path), lambda holder: (
+            f"{self.path} is being written by another dlma process ({holder}); wait for it to finish or choose another --out"))
+        try:
+            if self.path.exists():
+                self._repair_and_load()
+            if settings is not None:
+                self._check_settings(settings)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            release_lock(self._lock)
+            raise
         self._size = os.fstat(self._fd).st_size
 
     def _check_settings(self, settings: dict) -> None:
@@ -387,6 +461,7 @@ class JsonlWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+                release_lock(self._lock)
 
     def __enter__(self) -> "JsonlWriter":
         return self

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import EvalConfig, ModelConfig, to_dict
-from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts, resume_chunks
+from .data import JsonlWriter, PromptRecord, iter_jsonl, read_pairs, read_prompts, release_lock, resume_chunks, take_lock
 from .errors import DlmaError
 from .judges import (Item, TextJudge, OpenAIJudge, RewardModelJudge, SelfRewardJudge, Verdict, judge_slug,
                      parse_judge_spec, summarize_verdicts)
@@ -377,10 +377,20 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
     """Evaluate `model` (aligned) against `baseline`; write OUT/metrics.json and the report; return the metrics.
 
     preloaded: {name: (model, tokenizer)} already in memory (tests, the pipeline) to reuse.
+    One evaluation writes an OUT at a time (its lock): a second one is refused at once.
     """
-    t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(out / ".lock", lambda holder: f"{out} is in use by another dlma evaluate ({holder}); "
+                     "wait for it or choose another --out")
+    try:
+        return _evaluate(model_cfg, cfg, out, model=model, baseline=baseline, progress=progress, preloaded=preloaded)
+    finally:
+        release_lock(lock)
+
+
+def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str, baseline: str, progress: bool,
+              preloaded: dict[str, tuple] | None) -> dict:
+    t0 = time.time()
     preset = load_preset(cfg.preset)
     for spec in cfg.judge:
         parse_judge_spec(spec)  # fail on a typo before any model runs

@@ -14,13 +14,14 @@ import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .config import GenerateConfig, ModelConfig
-from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts, resume_chunks
+from .data import JsonlWriter, PromptRecord, ReadStats, check_not_input, named_files, read_prompts, resume_chunks
 from .errors import DlmaError
 from .machine import forward_flops
 from .logprobs import length_buckets
@@ -587,6 +588,7 @@ def generate_pairs(
             preset_of[p.id] = preset_names[i if len(preset_names) > 1 else 0]
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
+    check_not_input(out, [Path(f) for f in named_files(cfg.prompts)])
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,

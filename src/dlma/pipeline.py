@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import KL_LOSSES, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
-from .data import read_jsonl, write_json
+from .data import read_jsonl, release_lock, take_lock, write_json
 from .errors import DlmaError, os_error_message
 
 # method -> (score judge or None to skip scoring, training loss, how pairs are oriented)
@@ -79,24 +78,12 @@ def _peak_rss_mb() -> float:
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Refuse a second `dlma run` on the same directory while one is running."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise DlmaError(f"{run_dir} is in use by another dlma run ({holder}); wait for it or choose another run_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {platform.node()}")
-    f.flush()
+    f = take_lock(run_dir / ".lock", lambda holder: f"{run_dir} is in use by another dlma run ({holder}); "
+                  "wait for it or choose another run_dir")
     try:
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        release_lock(f)
 
 
 def _versions() -> dict[str, str]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .config import ModelConfig, ScoreConfig
-from .data import JsonlWriter, check_finite, read_pairs
+from .data import JsonlWriter, check_finite, check_not_input, named_files, read_pairs
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
@@ -365,6 +366,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     pairs = read_pairs(data, cfg.limit)
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
+    check_not_input(out, [Path(f) for f in named_files(data)])
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
     if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
