@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dlma.errors import DlmaError
@@ -150,3 +152,13 @@ def test_end_of_turn_follows_the_chat_template(tmp_path):
     assert r.response_ids("Sure.")[-1] == eot
     assert r.response_ids("Sure, here is", truncated=True)[-1] != eot
     assert end_of_turn_id(load_tokenizer("embedded")) == load_tokenizer("embedded").eos_token_id  # ChatML: <|im_end|>
+
+
+def test_placement_user_needs_a_user_turn(tokenizer):
+    """`placement: user` on a prompt without a user turn was `max() arg is an empty sequence`; such a
+    prompt is refused where it is read (as_messages), and the renderer says so too."""
+    preset = dataclasses.replace(load_preset("harmless"), placement="user")
+    with pytest.raises(DlmaError, match="the last message must be the user's"):
+        as_messages([{"role": "system", "content": "Be nice."}])
+    with pytest.raises(DlmaError, match="no user turn"):
+        Renderer(tokenizer, preset).context_text([{"role": "system", "content": "Be nice."}], "positive")

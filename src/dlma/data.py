@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -60,9 +61,31 @@ def bundled_path(name: str) -> Path:
 
 
 def _open_text(path: Path):
+    """Text of a (gzipped) file; utf-8-sig drops the byte-order mark Excel writes first, which
+    otherwise became part of the first column's name."""
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(obj: Any) -> str | None:
+    """The first lone UTF-16 surrogate in a JSON value's strings, else None. JSON reads "\\ud800"
+    without complaint, but it is no character: writing or tokenizing it failed with a traceback."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ascii(exc.object[exc.start:exc.end])
+    return None
+
+
+def _text_only(path: Path, lineno: int | None, obj: Any) -> None:
+    bad = lone_surrogate(obj)
+    if bad is not None:
+        raise DataError(path, lineno, f"holds the lone surrogate {bad}, which is no character (half of a pair?); "
+                        "fix the text")
 
 
 def _readable(path: Path, lines: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
@@ -102,6 +125,8 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            if _SURROGATE_ESCAPE.search(raw):  # only then can a string hold one
+                _text_only(path, lineno, obj)
             yield lineno, obj
 
 
@@ -127,14 +152,25 @@ def _iter_any(path: Path) -> Iterator[tuple[int, dict]]:
         for i, obj in enumerate(data, 1):
             if not isinstance(obj, dict):
                 raise DataError(path, None, f"item {i}: expected an object")
+            _text_only(path, None, obj)
             yield i, obj
     elif name.endswith((".csv", ".csv.gz", ".tsv")):
-        with _open_text(path) as f:
-            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-            for i, row in enumerate(reader, 2):  # line 1 is the header
-                yield i, dict(row)
+        yield from _csv_rows(path, "\t" if name.endswith(".tsv") else ",")
     else:
         raise DlmaError(f"{path}: unknown file type; use .jsonl, .json or .csv (optionally .gz)")
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    """(line, row) of a CSV file; a field may be as long as a prompt gets (the csv module's
+    default limit of 128 KiB was a traceback), and a malformed row is a DataError."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                yield reader.line_num, dict(row)
+        except csv.Error as exc:
+            raise DataError(path, reader.line_num, f"not valid CSV ({exc})") from None
 
 
 # -- HH-RLHF dialogues -------------------------------------------------------
@@ -179,11 +215,12 @@ def _prompt_of(obj: dict, path: Path, lineno: int) -> Messages:
     for key in ("prompt", "messages", "query", "question", "instruction"):
         if key in obj:
             p = obj[key]
-            if isinstance(p, str):
+            if not isinstance(p, (str, list)):
+                raise DataError(path, lineno, f"`{key}` must be a string or a list of {{role, content}} messages")
+            try:
                 return as_messages(p)
-            if isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
-                return as_messages(p)
-            raise DataError(path, lineno, f"`{key}` must be a string or a list of {{role, content}} messages")
+            except DlmaError as exc:
+                raise DataError(path, lineno, f"`{key}`: {exc}") from None
     raise DataError(path, lineno, "no `prompt` field (or HH-RLHF `chosen`/`rejected` dialogues)")
 
 

@@ -150,10 +150,23 @@ def load_preset(name_or_path: str) -> Preset:
 
 
 def as_messages(prompt: str | Sequence[dict]) -> Messages:
-    """A prompt given as a string or as chat messages -> chat messages."""
+    """A prompt given as a string or as chat messages -> chat messages.
+
+    Messages are {role, content} objects with text content, and a conversation ends with the
+    user's turn: what is generated or scored is the assistant's reply to it. (A null content
+    became the text "None"; a conversation that was only a system message, or ended with the
+    assistant's turn, was answered as if the user had spoken.) Else a DlmaError says why."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    msgs = list(prompt)
+    for i, m in enumerate(msgs, 1):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            got = {k: m.get(k) for k in ("role", "content")} if isinstance(m, dict) else m
+            raise DlmaError(f"message {i} must have a string `role` and a string `content`, got {got!r:.80}")
+    if msgs and msgs[-1]["role"] != "user":
+        raise DlmaError(f"the last message must be the user's (role user), not {msgs[-1]['role']!r}: "
+                        "the answer is the assistant's reply to it")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 _MARK = "\u2063dlma-end-of-turn-probe\u2063"
@@ -230,7 +243,9 @@ class Renderer:
             msgs.append({"role": "assistant", "content": ex.positive if side == "positive" else ex.negative})
         rest = [dict(m) for m in rest]
         if instr and p.placement == "user":
-            last = max(i for i, m in enumerate(rest) if m["role"] == "user")
+            last = max((i for i, m in enumerate(rest) if m["role"] == "user"), default=None)
+            if last is None:
+                raise DlmaError(f"preset {p.name!r} places its instruction in the user's turn, and this prompt has no user turn")
             rest[last]["content"] = f"{rest[last]['content']}\n\n({instr})"
         msgs.extend(rest)
         tag = instr if instr and p.placement in ("assistant", "plain") else None
