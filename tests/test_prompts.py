@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -152,6 +153,29 @@ def test_end_of_turn_follows_the_chat_template(tmp_path):
     assert r.response_ids("Sure.")[-1] == eot
     assert r.response_ids("Sure, here is", truncated=True)[-1] != eot
     assert end_of_turn_id(load_tokenizer("embedded")) == load_tokenizer("embedded").eos_token_id  # ChatML: <|im_end|>
+
+
+def test_presets_that_contrast_nothing_or_say_something_else_are_refused(tmp_path):
+    demo = "demonstrations:\n  - - user: hi\n      positive: Hello!\n      negative: What.\n"
+    for text, says in (("name: a\n" + demo + "demos_per_prompt: 0\n", "p+ and p- are the same text"),
+                       ("name: a\ndemonstrations: [[]]\n", "p+ and p- are the same text"),
+                       ("name: a\npositive: {instruction: x}\nnegative: {instruction: x}\n", "p+ and p- are the same text"),
+                       ("name: a\n" + demo.replace("What.", "Hello!"), "p+ and p- are the same text"),
+                       ("name: a\npositive: bare\ndemonstrations:\n  - - user: hi\n      negative: No.\n  - []\n", "same text"),
+                       ("name: a\n" + demo.replace("positive:", "positve:"), "unknown key(s) positve in a demonstration"),
+                       ("name: a\n" + demo + "demos_per_promt: 1\n", "unknown key(s) demos_per_promt at the top level"),
+                       ("name: a\n" + demo + "demos_per_prompt: two\n", "demos_per_prompt must be a whole number >= 0, got 'two'"),
+                       ("name: a\n" + demo + "demos_per_prompt: -1\n", "demos_per_prompt must be a whole number"),
+                       ("name: a\nnegative: {instruction: x, tone: rude}\n", "unknown key(s) tone in `negative`"),
+                       ("name: a\n" + demo.replace("      negative: What.\n", ""), "a demonstration has no negative")):
+        f = tmp_path / "p.yaml"
+        f.write_text(text)
+        with pytest.raises(DlmaError, match=re.escape(says)):
+            load_preset(str(f))
+    from dlma.search import candidates
+
+    for name in list_presets():  # every bundled preset, and every variant `prompts search` tries, contrasts
+        assert [preset_from_dict(d, n) for n, d in candidates(load_preset(name))]
 
 
 def test_placement_user_needs_a_user_turn(tokenizer):
