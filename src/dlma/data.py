@@ -12,6 +12,7 @@ import csv
 import fcntl
 import gzip
 import io
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from .errors import DataError, DlmaError
 from .prompts import Messages, as_messages
@@ -507,16 +508,16 @@ class JsonlWriter:
         self.close()
 
 
-def resume_chunks(items: Sequence[T], size: int, missing: Callable[[T], bool]) -> Iterator[list[T]]:
+def resume_chunks(items: Iterable[T], size: int, missing: Callable[[T], bool]) -> Iterator[list[T]]:
     """Chunks of `items` fixed by position (not by what is left), for those holding a missing item.
 
     A resumed stage recomputes a partly written chunk whole and writes only its missing
     records, so every record is computed in the very batch an uninterrupted run computes it
     in: batched float sums round the same way and the output is identical byte for byte.
+    `items` may be lazy (a million pairs of one prompt are not listed first).
     """
-    size = max(1, size)
-    for i in range(0, len(items), size):
-        chunk = list(items[i:i + size])
+    it = iter(items)
+    while chunk := list(itertools.islice(it, max(1, size))):
         if any(missing(x) for x in chunk):
             yield chunk
 

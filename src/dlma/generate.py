@@ -15,7 +15,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -569,10 +569,6 @@ def generate_pairs(
     progress: bool = True,
 ) -> dict:
     """Write one pair a line to `out`, resuming after the ids already there. Returns a summary."""
-    from tqdm.auto import tqdm
-
-    from .models import load_tokenizer
-
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
     preset_names = [x.strip() for x in cfg.preset.split(",") if x.strip()]
     if len(preset_names) not in (1, len(sources)):
@@ -594,16 +590,37 @@ def generate_pairs(
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
         "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend,
         "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})})
-    ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
-    todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
-    summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
-               "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "new_tokens": 0, "output": str(out)}
-    if not todo:
-        writer.close()
-        return summary
     owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)
-    if owned:
-        backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
+    try:
+        ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else (f"{p.id}:{k}" for k in range(cfg.num_pairs))  # noqa: E731
+        # pairs, not prompts, are the unit of work: a million pairs of one prompt are written as they come
+        units = lambda: ((p, pid) for p in prompts for pid in ids_for(p))  # noqa: E731
+        missing = sum(pid not in writer.done for _, pid in units())
+        todo = {p.id for p, pid in units() if pid not in writer.done}
+        summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
+                   "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "new_tokens": 0, "output": str(out)}
+        if not todo:
+            return summary
+        if owned:
+            backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
+        summary.update(_sample_pairs(backend, cfg, model_cfg, tokenizer, presets, preset_of, writer,
+                                     resume_chunks(units(), max(1, cfg.batch_size // 2) // cfg.num_samples,
+                                                   lambda u: u[1] not in writer.done), missing, progress))
+    finally:
+        writer.close()
+        if owned and backend is not None and hasattr(backend, "close"):
+            backend.close()
+    return summary
+
+
+def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig, tokenizer, presets: dict, preset_of: dict,
+                  writer: JsonlWriter, chunks: Iterator[list[tuple[PromptRecord, str]]], missing: int, progress: bool) -> dict:
+    """Sample, pick and write the pairs of `chunks` ((prompt, pair id) each); the summary's counts."""
+    from tqdm.auto import tqdm
+
+    from .models import load_tokenizer
+
+    summary = {"pairs_written": 0, "empty_responses": 0, "new_tokens": 0}
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
     renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
     settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -613,14 +630,13 @@ def generate_pairs(
         raise DlmaError(f"--num-samples {cfg.num_samples} picks pairs with the model's log-probs, which the "
                         f"{backend.name} backend does not expose; use the transformers backend")
     stats0 = dict(getattr(backend, "stats", {}))
-    chunk = max(1, cfg.batch_size // 2)
-    bar = tqdm(total=len(todo) * cfg.num_pairs, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=missing, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
     try:
         K = cfg.num_samples
-        for group in resume_chunks(prompts, chunk // K, lambda p: any(i not in writer.done for i in ids_for(p))):
+        for group in chunks:
             jobs: list[tuple[PromptRecord, str, str, int]] = [
-                (p, pid, side, k) for p in group for pid in ids_for(p) for side in ("positive", "negative") for k in range(K)]
+                (p, pid, side, k) for p, pid in group for side in ("positive", "negative") for k in range(K)]
             contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side, _ in jobs]
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
             # sample k > 0 of a side draws from a seed of its own; sample 0 is the one K = 1 draws
@@ -666,9 +682,6 @@ def generate_pairs(
             bar.set_postfix(pairs_per_s=f"{summary['pairs_written'] / max(time.time() - t0, 1e-9):.2f}")
     finally:
         bar.close()
-        writer.close()
-        if owned and hasattr(backend, "close"):
-            backend.close()
     summary["contexts_truncated"] = sum(r.truncated for r in renderers.values())
     for k in ("context_tokens", "prefilled_tokens"):  # how much of the contexts the shared prefixes saved
         if k in getattr(backend, "stats", {}):
