@@ -267,6 +267,23 @@ def test_report_keeps_hostile_text_inert(tmp_path, monkeypatch):
             assert b"sk-dlma-test-secret" not in p.read_bytes(), p
 
 
+def test_edited_prompts_are_answered_again(tmp_path, embedded):
+    """Cached answers are keyed by their prompt's text, not its id alone: an answer to a prompt
+    edited since was reused as the edited prompt's answer."""
+    from dlma.data import PromptRecord, read_jsonl
+    from dlma.evaluate import generate_answers
+    from dlma.prompts import load_preset
+
+    model, tok = embedded
+    cfg, path = EvalConfig(max_new_tokens=4, batch_size=2), tmp_path / "answers.jsonl"
+    ask = lambda text: generate_answers(model, tok, [PromptRecord("a", [{"role": "user", "content": text}])], cfg,  # noqa: E731
+                                        load_preset("harmless"), path, role="aligned", model_name="embedded", progress=False)
+    assert ask("Hi")[1] == 1 and ask("Hi")[1] == 0  # answered, then cached
+    got, made = ask("How do I bake bread?")
+    assert made == 1 and got["a"]["prompt"][0]["content"] == "How do I bake bread?"
+    assert ask("How do I bake bread?")[1] == 0 and len(read_jsonl(path)) == 2
+
+
 def test_one_evaluate_writes_a_report_at_a_time(tmp_path):
     from dlma.data import release_lock, take_lock
     from dlma.errors import DlmaError

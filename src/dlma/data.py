@@ -11,6 +11,7 @@ import contextlib
 import csv
 import fcntl
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -343,6 +344,14 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
     return out
 
 
+def pair_digest(rec: dict) -> str:
+    """A short hash of what a pair's generation log-probs were computed on (its prompt, both
+    responses and whether each was cut): scoring reuses them only for the pair as it was made."""
+    what = [rec.get("prompt"), rec.get("chosen"), rec.get("rejected"),
+            bool(rec.get("chosen_truncated")), bool(rec.get("rejected_truncated"))]
+    return f"{zlib.crc32(json.dumps(what, ensure_ascii=False).encode()):08x}"
+
+
 def check_finite(record: dict, keys: list[str], where: str) -> None:
     """A NaN or inf is an error naming the record, never a silent number in the output."""
     for k in keys:
@@ -412,6 +421,33 @@ def named_files(spec: str | None) -> list[str]:
     """The existing files a comma-separated setting names (prompt sources, presets), as named; other
     names (bundled sets and presets, datasets) name no file."""
     return [x.strip() for x in (spec or "").split(",") if x.strip() and Path(x.strip()).is_file()]
+
+
+def file_hashes(spec: str | None) -> list[list[str]]:
+    """[name, sha256 of the content] of each file a setting names: what keys a stage to its inputs'
+    content rather than their paths, so an edited file is never taken for the one that was used."""
+    out = []
+    for p in named_files(spec):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append([p, h.hexdigest()])
+    return out
+
+
+def check_same_inputs(writer: "JsonlWriter", made_from: Callable[[dict], tuple[str, Any]],
+                      current: Callable[[str], Any], source: str) -> None:
+    """Resume only records made from the input as it is now. made_from(record) gives the key of the
+    input record it was made from and what of that input it holds; current(key) gives the same from
+    the input now (None: not in the input any more). An input edited since (same id, other text)
+    is refused: resuming by id alone kept the old records and said "done"."""
+    for lineno, rec in iter_jsonl(writer.path):
+        key, held = made_from(rec)
+        now = current(key)
+        if now is not None and held != now:
+            raise DataError(writer.path, lineno, f"record {rec.get(writer.key)!r} was made from {key!r} as it was before "
+                            f"{source} was edited; rerun with the input that made it, or choose another --out to start again")
 
 
 class JsonlWriter:

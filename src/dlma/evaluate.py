@@ -124,12 +124,14 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
                 "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement,
                 **({"sampler": SAMPLER} if cfg.temperature > 0 else {})}
     have: dict[str, dict] = {}
+    asked = {p.id: p.prompt for p in prompts}
     if path.exists():
         for lineno, rec in iter_jsonl(path):
             if rec.get("generation") != settings:
                 raise DlmaError(f"{path}:{lineno}: cached answers were made with other settings "
                                 f"({rec.get('generation')} vs {settings}); choose another --out or delete the file")
-            have[rec["id"]] = rec
+            if rec.get("prompt") == asked.get(rec["id"]):  # an answer to a prompt edited since is answered again
+                have[rec["id"]] = rec
     todo = [p for p in prompts if p.id not in have]
     if todo:
         backend = TransformersBackend(model, tok, cfg.batch_size)

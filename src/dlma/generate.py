@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .config import GenerateConfig, ModelConfig
-from .data import JsonlWriter, PromptRecord, ReadStats, check_not_input, named_files, read_prompts, resume_chunks
+from .data import (JsonlWriter, PromptRecord, ReadStats, check_not_input, check_same_inputs, file_hashes, named_files,
+                   pair_digest, read_prompts, resume_chunks)
 from .errors import DlmaError
 from .machine import forward_flops
 from .logprobs import length_buckets
@@ -568,7 +569,10 @@ def generate_pairs(
     tokenizer=None,
     progress: bool = True,
 ) -> dict:
-    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary."""
+    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary.
+
+    A rerun resumes only what was made the same way from the same input: other settings, an
+    edited preset file or prompts edited since are refused, never mixed into the file."""
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
     preset_names = [x.strip() for x in cfg.preset.split(",") if x.strip()]
     if len(preset_names) not in (1, len(sources)):
@@ -585,13 +589,19 @@ def generate_pairs(
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
     check_not_input(out, [Path(f) for f in named_files(cfg.prompts)])
+    preset_files = file_hashes(cfg.preset)  # a preset file edited since is another preset
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
         "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend,
-        "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})})
+        "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {}),
+        **({"preset_files": preset_files} if preset_files else {})})
     owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)
     try:
+        by_id = {p.id: p for p in prompts}
+        check_same_inputs(writer, lambda rec: (rec.get("prompt_id"), [rec.get("prompt"), rec.get("label"), rec.get("preset")]),
+                          lambda pid: [by_id[pid].prompt, by_id[pid].label, preset_of[pid]] if pid in by_id else None,
+                          cfg.prompts)
         ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else (f"{p.id}:{k}" for k in range(cfg.num_pairs))  # noqa: E731
         # pairs, not prompts, are the unit of work: a million pairs of one prompt are written as they come
         units = lambda: ((p, pid) for p in prompts for pid in ids_for(p))  # noqa: E731
@@ -629,6 +639,8 @@ def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig,
     if cfg.num_samples > 1 and getattr(backend, "model", None) is None:
         raise DlmaError(f"--num-samples {cfg.num_samples} picks pairs with the model's log-probs, which the "
                         f"{backend.name} backend does not expose; use the transformers backend")
+    # a preset file named relative to here: its absolute path lets the pairs be scored from anywhere
+    preset_file = {name: str(Path(name).resolve()) for name in presets if Path(name).suffix in (".yaml", ".yml")}
     stats0 = dict(getattr(backend, "stats", {}))
     bar = tqdm(total=missing, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
@@ -674,7 +686,11 @@ def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig,
                     if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([s.stop_id] if s.finished else [])):
                         rec[f"gen_lp_{key}"] = s.logprob
                 summary["new_tokens"] += sum(len(s.ids) + int(s.finished) for s in samples[k0:k0 + 2 * K])
+                if "candidates" in rec or "gen_lp_chosen" in rec or "gen_lp_rejected" in rec:
+                    rec["gen_lp_of"] = pair_digest(rec)  # what they were computed on: an edited pair recomputes them
                 rec["preset"] = preset_of[p.id]
+                if preset_of[p.id] in preset_file:
+                    rec["preset_file"] = preset_file[preset_of[p.id]]
                 rec["generation"] = settings
                 writer.write(rec)
                 summary["pairs_written"] += 1

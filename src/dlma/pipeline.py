@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import KL_LOSSES, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
-from .data import read_jsonl, release_lock, take_lock, write_json
+from .data import file_hashes, read_jsonl, release_lock, take_lock, write_json
 from .errors import DlmaError, os_error_message
 
 # method -> (score judge or None to skip scoring, training loss, how pairs are oriented)
@@ -42,21 +42,6 @@ METHODS: dict[str, dict[str, Any]] = {
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _files(spec: str | None) -> list:
-    """Content hashes of the files a comma-separated setting names (prompt files, preset YAMLs), so a
-    stage redoes when a file is edited; other names (bundled sets and presets, datasets) are their names."""
-    out = []
-    for item in (spec or "").split(","):
-        p = Path(item.strip())
-        if item.strip() and p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out.append([item.strip(), h.hexdigest()])
-    return out
 
 
 def _model_stamp(name: str | None) -> Any:
@@ -260,7 +245,7 @@ class Pipeline:
         gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
         gen_key = _key("generate", {k: v for k, v in to_dict(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
-                       upstream, _files(gcfg.prompts), _files(gcfg.preset))
+                       upstream, file_hashes(gcfg.prompts), file_hashes(gcfg.preset))
         self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
@@ -269,7 +254,7 @@ class Pipeline:
             # preset None: each pair's own; the reference of cut responses is made here, once, for training
             scfg = dataclasses.replace(cfg.score, judge=spec["judge"],
                                        response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
-            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
+            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, file_hashes(scfg.preset))
 
             def score(d: Path) -> dict:
                 from .reward import score_file
@@ -285,7 +270,7 @@ class Pipeline:
             data_key = score_key
 
         tcfg = train_config(cfg)
-        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _files(tcfg.preset))
+        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, file_hashes(tcfg.preset))
 
         def train(d: Path) -> dict:
             from .train import train_model
@@ -298,8 +283,8 @@ class Pipeline:
         new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
 
         ecfg = cfg.evaluate
-        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
-                        _files(ecfg.pairs), _model_stamp(ecfg.reference))
+        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key, file_hashes(ecfg.prompts), file_hashes(ecfg.preset),
+                        file_hashes(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
             from .evaluate import evaluate_models
