@@ -5,8 +5,9 @@ outputs, and last `done.json` (key, summary, wall time, peak memory), renamed in
 place atomically. A stage's key hashes its settings and the keys of the stages it reads
 from, so a rerun skips stages whose key matches their `done.json`, resumes one that
 started with the same key (stage outputs are resumable), and redoes a stage, and
-everything after it, whose settings changed. RUN_DIR/final-model always points at the
-last round's trained model.
+everything after it, whose settings changed: beside the old one (STAGE.new), which it
+replaces only once complete, so a rerun whose settings fail keeps the old result. A corrupt
+marker counts as absent. RUN_DIR/final-model always points at the last round's trained model.
 """
 
 from __future__ import annotations
@@ -71,6 +72,39 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         release_lock(f)
 
 
+def _marker(path: Path) -> dict:
+    """A stage marker (started.json, done.json) or manifest.json. One that is corrupt (edited by
+    hand, cut by a full disk) counts as absent: the stage resumes or is redone, no traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _swap(work: Path, sdir: Path) -> None:
+    """Put a finished stage directory in place of the old one: old aside, new in, old away."""
+    if work == sdir:
+        return
+    old = sdir.with_name(sdir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if sdir.exists():
+        os.replace(sdir, old)
+    os.replace(work, sdir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_swap(sdir: Path) -> None:
+    """Complete a swap a kill cut between its renames: the finished new stage goes in, else the old comes back."""
+    new, old = sdir.with_name(sdir.name + ".new"), sdir.with_name(sdir.name + ".old")
+    if not sdir.exists():
+        if (new / "done.json").is_file():
+            os.replace(new, sdir)
+        elif old.exists():
+            os.replace(old, sdir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -107,29 +141,27 @@ class Pipeline:
     def _stage(self, name: str, rnd: int, key: str, fn: Callable[[Path], dict]) -> dict:
         sdir = self.dir / f"round-{rnd}" / name
         label = f"round {rnd} {name}"
-        done = sdir / "done.json"
-        if done.is_file():
-            marker = json.loads(done.read_text())
-            if marker.get("key") == key:
-                self.log(f"[{label}] done already, skipping")
-                self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
-                return marker["summary"]
-        started = sdir / "started.json"
-        if sdir.exists() and not (started.is_file() and json.loads(started.read_text()).get("key") == key):
-            self.log(f"[{label}] settings changed: redoing it")
-            shutil.rmtree(sdir)
-        if not sdir.exists() and self._copy_from_sibling(name, rnd, key, sdir):
-            self.log(f"[{label}] identical stage found in a sibling run: copied")
-            marker = json.loads(done.read_text())
+        _finish_swap(sdir)
+        marker = _marker(sdir / "done.json")
+        if marker.get("key") == key and "summary" in marker:
+            self.log(f"[{label}] done already, skipping")
             self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
             return marker["summary"]
+        work = self._workdir(sdir, key, label)
+        if not work.exists() and self._copy_from_sibling(name, rnd, key, work):
+            self.log(f"[{label}] identical stage found in a sibling run: copied")
+            _swap(work, sdir)
+            marker = _marker(sdir / "done.json")
+            self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
+            return marker["summary"]
+        started = work / "started.json"
         resuming = started.is_file()
-        sdir.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
         write_json(started, {"key": key})
         self.log(f"[{label}] {'resuming' if resuming else 'starting'}")
         t0 = time.time()
         try:
-            summary = fn(sdir)
+            summary = fn(work)
         except DlmaError as exc:
             raise DlmaError(f"stage {label}: {exc}") from None
         except FileNotFoundError as exc:
@@ -141,15 +173,28 @@ class Pipeline:
         marker = {"key": key, "summary": summary, "wall_s": round(time.time() - t0, 2), "peak_rss_mb": _peak_rss_mb(),
                   "matmul_peak_flops": (self.manifest.get("machine") or {}).get("matmul_peak_flops"),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(done, marker)
+        write_json(work / "done.json", marker)
+        _swap(work, sdir)
         self._record(f"round-{rnd}/{name}", {**marker, "skipped": False})
         return summary
+
+    def _workdir(self, sdir: Path, key: str, label: str) -> Path:
+        """Where a stage runs: its own directory when that is new or holds this key's unfinished work,
+        else beside it (STAGE.new), so that the old result stays in place, final-model and the report
+        with it, until the new one is complete: settings that fail late (train.min_reward above
+        every pair's R) then lose nothing."""
+        if not sdir.exists() or _marker(sdir / "started.json").get("key") == key:
+            return sdir
+        new = sdir.with_name(sdir.name + ".new")
+        if _marker(new / "started.json").get("key") != key:
+            shutil.rmtree(new, ignore_errors=True)  # an attempt with other settings
+            self.log(f"[{label}] settings changed: redoing it beside the old result, which stays until the new one is done")
+        return new
 
     def _copy_from_sibling(self, name: str, rnd: int, key: str, sdir: Path) -> bool:
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / name
-            marker = src / "done.json"
-            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            if _marker(src / "done.json").get("key") == key:
                 tmp = sdir.with_name(sdir.name + ".copy")
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(src, tmp)
@@ -190,7 +235,7 @@ class Pipeline:
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / "evaluate"
             marker = src / "baseline-key.json"
-            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            if _marker(marker).get("key") == key:
                 for f in src.glob("answers-baseline*.jsonl"):
                     if not (sdir / f.name).exists():
                         shutil.copy(f, sdir / f.name)
@@ -215,7 +260,7 @@ class Pipeline:
 
         cfg, spec = self.cfg, METHODS[self.cfg.method]
         with run_lock(self.dir):
-            old = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+            old = _marker(self.manifest_path)
             self.manifest = {"config": to_dict(cfg), "method": cfg.method, "versions": _versions(),
                              "seeds": {"generate": cfg.generate.seed, "train": cfg.train.seed, "evaluate": cfg.evaluate.seed},
                              "device": str(resolve_device(cfg.model.device)), "threads": torch.get_num_threads(),
@@ -439,6 +484,9 @@ def compare(cfg: RunConfig, methods: list[str], *, progress: bool = True) -> dic
     """
     from .report import write_report
 
+    if not methods:
+        raise DlmaError(f"--compare needs one or more methods, comma-separated, e.g. --compare dlma,rlcd "
+                        f"(available: {', '.join(METHODS)})")
     unknown = [m for m in methods if m not in METHODS] + [m for m in cfg.method_train if m not in METHODS]
     if unknown:
         raise DlmaError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
