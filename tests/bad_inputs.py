@@ -90,6 +90,61 @@ CASES = [
 ]
 
 
+@dataclass
+class Request:
+    """A malformed request to the chat server (`python -m dlma.serve`) and its answer: a status and a
+    JSON error, after which the server keeps serving."""
+
+    what: str
+    body: bytes
+    status: int
+    says: str
+    length: int | None = None       # the Content-Length sent (default: the body's)
+
+
+def _chat(**kw) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "Hi"}], **kw}).encode()
+
+
+REQUESTS = [
+    Request("a body that is a JSON list", b"[]", 400, "the body must be a JSON object, got list"),
+    Request("a body that is JSON null", b"null", 400, "the body must be a JSON object, got NoneType"),
+    Request("a body that is a JSON string", b'"x"', 400, "the body must be a JSON object, got str"),
+    Request("a body that is not JSON", b"{oops", 400, "body is not JSON"),
+    Request("messages that are not objects", json.dumps({"messages": [1, 2]}).encode(), 400, "message 1 must have a string `role`"),
+    Request("no messages", json.dumps({"messages": []}).encode(), 400, "`messages` must be a non-empty list"),
+    Request("a conversation ending with the assistant's turn",
+            json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}).encode(),
+            400, "the last message must be the user's"),
+    Request("a lone surrogate in a message", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "lone surrogate"),
+    Request("max_tokens \"abc\"", _chat(max_tokens="abc"), 400, "`max_tokens` must be a whole number of at least 1, got 'abc'"),
+    Request("max_tokens -5", _chat(max_tokens=-5), 400, "`max_tokens` must be a whole number of at least 1, got -5"),
+    Request("a negative Content-Length", _chat(), 400, "Content-Length must be between 0 and", length=-5),
+    Request("a Content-Length of 1 GB", _chat(), 413, "Content-Length must be between 0 and", length=1 << 30),
+    Request("a Content-Length longer than the body sent", _chat(), 408, "the body did not arrive", length=len(_chat()) + 100),
+]
+
+
+def send(url: str, req: Request, timeout: float = 30) -> tuple[int, dict]:
+    """POST req to url's /chat/completions with its Content-Length as given; (status, JSON answer)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.putrequest("POST", u.path + "/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(req.body) if req.length is None else req.length))
+        conn.endheaders()
+        if req.length is None or req.length >= 0:
+            conn.send(req.body)
+        res = conn.getresponse()
+        return res.status, json.loads(res.read())
+    finally:
+        conn.close()
+
+
 def materialise(case: Case, d: Path) -> list[str]:
     d.mkdir(parents=True, exist_ok=True)
     for name, make in case.files.items():
