@@ -9,7 +9,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -127,6 +131,21 @@ def test_set_values_are_not_silently_converted():
             apply_overrides(RunConfig(), [f"{key}={value}"])
     assert apply_overrides(RunConfig(), ["generate.limit=3.0", "generate.prompts=a,b"]).generate.limit == 3
     assert from_dict(GenerateConfig, {"limit": 4}).limit == 4
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path):
+    """A model id that is not cached, the Hub out of reach and HF_HUB_OFFLINE unset: transformers
+    printed ~23 retry lines over ~46 s before the error."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "Hi", "chosen": "x", "rejected": "y"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # a closed port; nothing cached
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "dlma.cli", "score", "--data", str(tmp_path / "p.jsonl"), "--out",
+                          str(tmp_path / "s.jsonl"), "--no-progress", "--model", "no-such-org/no-such-model"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "cannot load model 'no-such-org/no-such-model' (not cached): http://127.0.0.1:9 cannot be reached" in res.stderr
+    assert time.time() - t0 < 30
 
 
 @pytest.mark.parametrize("broken", ["tokenizer-only directory", "unknown id"])
