@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from bad_inputs import CASES, materialise
+from bad_inputs import CASES, HANDLED, running
 from dlma.cli import main
 from dlma.config import EvalConfig, GenerateConfig, ScoreConfig, TrainConfig
 from dlma.errors import DlmaError
@@ -167,6 +167,20 @@ def test_a_model_that_cannot_be_loaded_is_the_same_one_line_in_every_command(fil
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
 def test_catalogue(case, tmp_path, capsys):
-    """Every entry of the bad-input catalogue (docs/bad-input.md): one line, naming the problem."""
-    err = _error(capsys, materialise(case, tmp_path))
+    """Every entry of the bad-input catalogue (docs/bad-input.md): one line, naming the problem, and
+    nothing written: the files the case starts from are as they were."""
+    with running(case, tmp_path) as argv:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        err = _error(capsys, argv)
     assert case.says in err, err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_every_handled_misuse_names_a_test_that_exists():
+    """The rows of docs/bad-input.md for misuse that gets correct output each point at their test."""
+    import importlib
+
+    for h in HANDLED:
+        path, name = h.test.split("::")
+        module = importlib.import_module(path.removeprefix("tests/").removesuffix(".py"))
+        assert callable(getattr(module, name, None)), h.test
