@@ -295,3 +295,18 @@ def test_one_evaluate_writes_a_report_at_a_time(tmp_path):
                             str(tmp_path / "report"), model="embedded", progress=False)
     finally:
         release_lock(lock)
+
+
+def test_the_judge_cache_is_read_under_its_writers_lock(tmp_path):
+    """A reply cache a killed evaluation left with a half-written last line was a DataError on the
+    rerun (read before its writer repaired it); a second process sharing it is refused at once."""
+    from dlma.errors import DlmaError
+    from dlma.judges import VerdictCache
+
+    path = tmp_path / "judge-cache.jsonl"
+    path.write_text(json.dumps({"key": "k1", "model": "m", "reply": "A"}) + "\n" + '{"key": "k2", "mod')
+    cache = VerdictCache(path)
+    assert cache.get("k1") == "A" and cache.get("k2") is None
+    with pytest.raises(DlmaError, match="is being written by another dlma process"):
+        VerdictCache(path)
+    cache.close()
