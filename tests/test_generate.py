@@ -368,3 +368,27 @@ def test_vllm_backend_seeds_each_request_and_releases_the_engine(tmp_path, monke
     recs = read_pairs(str(out))
     assert len({(r["chosen"], r["rejected"]) for r in recs}) == 4
     assert all(r["chosen"] != r["rejected"] for r in recs)
+
+
+def test_a_huge_num_pairs_writes_pairs_as_they_come(tmp_path, tokenizer):
+    """--num-pairs in the millions sampled every pair of a prompt before writing the first (an
+    interrupt lost them all): pairs are the unit of work, a batch of them at a time."""
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.generate import Sample, generate_pairs
+
+    class Engine:
+        name, calls = "fake", 0
+
+        def sample(self, contexts, params, seeds=None):
+            assert len(contexts) <= 4, f"{len(contexts)} contexts sampled at once"
+            self.calls += 1
+            if self.calls > 2:
+                raise KeyboardInterrupt
+            return [Sample([], 0.0, True, tokenizer.eos_token_id) for _ in contexts]
+
+    (tmp_path / "p.jsonl").write_text('{"id": "q", "prompt": "Hello?"}\n')
+    out = tmp_path / "pairs.jsonl"
+    cfg = GenerateConfig(prompts=str(tmp_path / "p.jsonl"), num_pairs=1000, limit=1, batch_size=4, max_new_tokens=2)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pairs(ModelConfig(), cfg, str(out), backend=Engine(), tokenizer=tokenizer, progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == ["q:0", "q:1", "q:2", "q:3"]  # kept: resumed after them

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -31,9 +32,22 @@ def _bad(name: str, rule: str, value: Any) -> DlmaError:
     return DlmaError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
 
 
+def _check_finite(obj: Any) -> None:
+    """Every float setting (and each float of a tuple) must be a finite number: an inf or NaN
+    passes `>=` style checks or none at all, and reaches the weights (lr, interpolate) or skips
+    every training step (margin_weight), so it is refused before any work."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise _bad(f.name, "a finite number", v)
+
+
 def _check(obj: Any, **rules: Any) -> None:
-    """Range checks shared by the command line, YAML and Python: rules map a field name to
-    ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for optional fields."""
+    """Range checks shared by the command line, YAML and Python: every float finite, and rules map
+    a field name to ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for
+    optional fields."""
+    _check_finite(obj)
     for name, (op, bound) in rules.items():
         v = getattr(obj, name)
         if v is None and typing.get_origin(_hints(type(obj))[name]) in (typing.Union, types.UnionType):
@@ -45,6 +59,17 @@ def _check(obj: Any, **rules: Any) -> None:
             raise _bad(name, f"greater than {bound}", v)
         if op == "in" and not (number and bound[0] < v <= bound[1]):
             raise _bad(name, f"in ({bound[0]}, {bound[1]}]", v)
+
+
+def _bundled() -> tuple[str, str]:
+    """The bundled prompt sets and presets for the help texts, listed from where they live so that none is left out."""
+    from .data import BUNDLED
+    from .prompts import list_presets
+
+    return ", ".join(BUNDLED), ", ".join(list_presets())
+
+
+PROMPT_SETS, PRESETS = _bundled()
 
 
 @dataclass
@@ -61,8 +86,8 @@ class ModelConfig:
 
 @dataclass
 class GenerateConfig:
-    prompts: str = opt("hh-harmless:train", "prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled `hh-harmless[:train|:test]`, `benign-train`, `safety-eval`, or cached HF datasets")
-    preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file; comma-separated to give each prompt source its own")
+    prompts: str = opt("hh-harmless:train", f"prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled sets ({PROMPT_SETS}; the hh-harmless ones take :train or :test), or cached HF datasets")
+    preset: str = opt("harmless", f"contrastive prompt pair: a bundled preset ({PRESETS}) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
     num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples; all 2K are kept in the record for --loss listwise")
     max_new_tokens: int = opt(64, "longest response, in tokens")
@@ -161,6 +186,8 @@ class TrainConfig:
             raise _bad("noise_flip", "in [0, 1]", self.noise_flip)
         if not 0 <= self.label_smoothing < 0.5:
             raise _bad("label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        if not 0 <= self.lora_dropout < 1:
+            raise _bad("lora_dropout", "in [0, 1)", self.lora_dropout)
         if self.warmup_ratio > 1:
             raise _bad("warmup_ratio", "at most 1", self.warmup_ratio)
         lo, hi = self.margin_clip
@@ -183,9 +210,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: str = opt("hh-harmless:test,safety-eval", "held-out prompts: comma-separated sources (files or bundled sets); prompts labelled unsafe/safe give refusal rates")
+    prompts: str = opt("hh-harmless:test,safety-eval", f"held-out prompts: comma-separated sources (files or bundled sets: {PROMPT_SETS}); prompts labelled unsafe/safe give refusal rates")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
-    preset: str = opt("harmless", "preset of the self-reward judge and of the judging question (harmless, helpful, or a YAML file)")
+    preset: str = opt("harmless", f"preset of the self-reward judge and of the judging question: a bundled preset ({PRESETS}) or a YAML file")
     judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
     max_new_tokens: int = opt(128, "longest answer, in tokens")
     temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
@@ -214,7 +241,7 @@ class EvalConfig:
 
 @dataclass
 class ScoreConfig:
-    preset: typing.Optional[str] = opt(None, "preset whose p+/p- define the score (default: the pairs' own `preset`, else harmless)")
+    preset: typing.Optional[str] = opt(None, f"preset whose p+/p- define the score: a bundled preset ({PRESETS}) or a YAML file (default: the pairs' own `preset`, else harmless)")
     judge: str = opt("self-reward", "self-reward (probability judge R), text (RLAIF: the model answers 'A or B', both orders), or both")
     batch_size: int = opt(8, "contexts per forward pass")
     reference: bool = opt(True, "also store ref_lp_chosen/ref_lp_rejected under the bare context (training needs them)")
@@ -268,6 +295,10 @@ class RunConfig:
     evaluate: EvalConfig = section(EvalConfig, "evaluation against the starting model")
     seeds: typing.List[int] = opt([], "--compare: train and evaluate every method once per seed (data order and initialisation) on the same pairs, and report mean and spread; empty: train.seed only")
     method_train: typing.Dict[str, typing.Dict[str, typing.Any]] = opt({}, "--compare: training settings per method, e.g. {rlcd: {lr: 2.0e-5}} (each method's own learning rate, chosen on the validation split)")
+
+    def __post_init__(self) -> None:
+        if not str(self.run_dir).strip():  # Path("") is the working directory: stages would land among the user's files
+            raise _bad("run_dir", "a directory", self.run_dir)
 
 
 # -- dataclass <-> argparse / YAML -----------------------------------------------
@@ -344,7 +375,7 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
                 value = value.replace(",", " ").split()
             if len(value) != len(args):
                 raise ValueError(f"expected {len(args)} values")
-            return tuple(a(v) for a, v in zip(args, value))
+            return tuple(_scalar(a, v) for a, v in zip(args, value))
         if origin is dict:
             if not isinstance(value, dict):
                 raise ValueError("expected a mapping")
@@ -353,12 +384,22 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
-            return [inner(v) for v in value]
-        if tp is float and isinstance(value, str):
-            return float(value)
-        return tp(value)
+            return [_scalar(inner, v) for v in value]
+        return _scalar(tp, value)
     except (TypeError, ValueError) as exc:
         raise DlmaError(f"{where}: {name}={value!r} is not a valid {getattr(tp, '__name__', tp)} ({exc})") from None
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """int, float or str from a YAML value, without the silent conversions Python's own make:
+    int(2.9) is 2, float(True) is 1.0, str(['a', 'b']) is a string that reads as two sources."""
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError("a yes/no value is not a number")
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("not a whole number")
+    if tp is str and isinstance(value, (list, dict)):
+        raise ValueError("expected one string; several sources or presets are one string, comma-separated: a,b")
+    return tp(value)
 
 
 def typed_overrides(cls: type, data: dict, where: str) -> dict:

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import torch
 
 from .config import EvalConfig, ModelConfig, to_dict
-from .data import PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, resume_chunks
+from .data import (PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, release_lock,
+                   resume_chunks, take_lock)
 from .errors import DlmaError
 from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
 from .judges import (Item, OpenAIJudge, RewardModelJudge, SelfRewardJudge, TextJudge, Verdict, judge_slug,
@@ -87,12 +88,14 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
                 "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement,
                 **({"sampler": SAMPLER} if cfg.temperature > 0 else {})}
     have: dict[str, dict] = {}
+    asked = {p.id: p.prompt for p in prompts}
     if path.exists():
         for lineno, rec in iter_jsonl(path):
             if rec.get("generation") != settings:
                 raise DlmaError(f"{path}:{lineno}: cached answers were made with other settings "
                                 f"({rec.get('generation')} vs {settings}); choose another --out or delete the file")
-            have[rec["id"]] = rec
+            if rec.get("prompt") == asked.get(rec["id"]):  # an answer to a prompt edited since is answered again
+                have[rec["id"]] = rec
     todo = [p for p in prompts if p.id not in have]
     if todo:
         backend = TransformersBackend(model, tok, cfg.batch_size)
@@ -371,10 +374,21 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
 
     preloaded: {name: (model, tokenizer)} already in memory (tests, the pipeline) to reuse.
     where: the cfg.report_to trackers' run (default: OUT/tensorboard/evaluate-OUT).
+    One evaluation writes an OUT at a time (its lock): a second one is refused at once.
     """
-    t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(out / ".lock", lambda holder: f"{out} is in use by another dlma evaluate ({holder}); "
+                     "wait for it or choose another --out")
+    try:
+        return _evaluate(model_cfg, cfg, out, model=model, baseline=baseline, progress=progress, preloaded=preloaded,
+                         where=where)
+    finally:
+        release_lock(lock)
+
+
+def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str, baseline: str, progress: bool,
+              preloaded: dict[str, tuple] | None, where: Where | None) -> dict:
+    t0 = time.time()
     preset = load_preset(cfg.preset)
     for spec in cfg.judge:
         parse_judge_spec(spec)  # fail on a typo before any model runs

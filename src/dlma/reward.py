@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .config import ModelConfig, ScoreConfig
-from .data import JsonlWriter, check_finite, read_pairs, resume_chunks, write_json
+from .data import (JsonlWriter, check_finite, check_not_input, check_same_inputs, file_hashes, named_files, pair_digest,
+                   read_pairs, resume_chunks, write_json)
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
@@ -33,6 +35,8 @@ from .textjudge import LetterJudge
 from .tracking import Tracking, Where, typed_settings
 
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
+# what of a pair its score depends on: a scored record whose input differs in one of them is stale
+PAIR_INPUT = ("prompt", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "preset")
 JUDGES = ("self-reward", "text", "both")
 JUDGE_ALIASES = {"probability": "self-reward", "self_reward": "self-reward"}
 
@@ -49,7 +53,10 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
     in one R flipped its sign on 1 in 8 generated pairs, so bf16 scoring recomputes all
     four terms in one precision (a branch of the same tree: ~15% more tokens)."""
     gen = rec.get("generation") or {}
-    if rec.get("preset") not in (preset.name, preset.source or preset.name):  # generate records what it was given
+    # generate records the preset as it was given (and a preset file's absolute path)
+    if rec.get("preset") != preset.name and (preset.source or preset.name) not in (rec.get("preset"), rec.get("preset_file")):
+        return False
+    if rec.get("gen_lp_of") != pair_digest(rec):  # the pair was edited after generation: its log-probs are another text's
         return False
     room = int(gen.get("max_context", 1024)) - int(gen.get("max_new_tokens", 0))  # generate's context cut
     if max(len(ctx["positive"]), len(ctx["negative"])) > room:
@@ -103,10 +110,19 @@ class _Layout:
         return ctx, c, r
 
 
+def pair_preset(rec: dict) -> str | None:
+    """The preset a pair was made under. A preset file named relative to where the pairs were
+    generated is found by the absolute path generate recorded beside it (`preset_file`)."""
+    name, where = rec.get("preset"), rec.get("preset_file")
+    if name and where and not Path(name).is_file() and Path(where).is_file():
+        return where
+    return name
+
+
 def _resolve_preset(preset: Preset | str | None, pairs: list[dict]) -> Preset:
     if isinstance(preset, Preset):
         return preset
-    return load_preset(preset or next((p["preset"] for p in pairs if p.get("preset")), "harmless"))
+    return load_preset(preset or next((pair_preset(p) for p in pairs if p.get("preset")), "harmless"))
 
 
 # bf16 bodies moved R by up to 0.75 on 32 generated pairs (benchmarks/score.py); a mixed-mode
@@ -358,19 +374,26 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     pairs = read_pairs(data, cfg.limit)
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
+    check_not_input(out, [Path(f) for f in named_files(data)])
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
     if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
     upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
+    # preset files by content: one edited since scores otherwise
+    preset_files = file_hashes(cfg.preset or ",".join(sorted({str(pair_preset(p)) for p in pairs if p.get("preset")})))
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
         "reference": cfg.reference, "precision": precision, "max_context": cfg.max_context,
         **({"ensemble": True} if cfg.ensemble else {}),
-        **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {})})
-    todo = [p for p in pairs if p["id"] not in writer.done]
+        **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {}),
+        **({"preset_files": preset_files} if preset_files else {})})
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()
     try:
+        by_id = {p["id"]: p for p in pairs}
+        check_same_inputs(writer, lambda rec: (rec.get("id"), [rec.get(k) for k in PAIR_INPUT]),
+                          lambda i: [by_id[i].get(k) for k in PAIR_INPUT] if i in by_id else None, data)
+        todo = [p for p in pairs if p["id"] not in writer.done]
         if todo:
             if model is None:
                 model, tokenizer = load_model(model_cfg.model, load_dtype, model_cfg.device, attn=model_cfg.attn_implementation)
@@ -381,7 +404,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             # (a run may mix sources, e.g. harmful prompts under `harmless`, benign ones under `helpful`).
             by_preset: dict[str | None, list[dict]] = {}
             for rec in pairs:
-                by_preset.setdefault(cfg.preset or rec.get("preset"), []).append(rec)
+                by_preset.setdefault(cfg.preset or pair_preset(rec), []).append(rec)
             work = [(_resolve_preset(name, recs), group) for name, recs in by_preset.items()
                     for group in resume_chunks(recs, chunk, lambda r: r["id"] not in writer.done)]
             for preset, group in work:

@@ -18,7 +18,8 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
 
   1. generate  sample a better answer under a positive prompt p+ and a worse one under p-
   2. score     judge each pair with the model's own probabilities (self-rewarding score R)
-  3. train     DPO shifted by R, with the bare query as context (baselines: dpo, ipo, sft)
+  3. train     DPO shifted by R, with the bare query as context (listwise: Plackett-Luce over
+               best-of-K samples; baselines: dpo, ipo, sft)
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first

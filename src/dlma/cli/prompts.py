@@ -82,9 +82,10 @@ def register(sub) -> None:
 def run_list(args) -> int:
     from ..prompts import list_presets, load_preset
 
-    for name in list_presets():
-        pr = load_preset(name)
-        print(f"{name:16s} {pr.description}")
+    names = list_presets()
+    width = max(map(len, names)) + 2  # the longest name keeps two spaces before its description
+    for name in names:
+        print(f"{name:{width}s}{load_preset(name).description}")
     return 0
 
 

@@ -26,7 +26,8 @@ Configuration: the shipped defaults (see --print-config), then --config FILE, th
 options below, then --set section.key=value (e.g. --set train.beta=0.2).
 
 examples:
-  dlma run                                   # embedded model, harmless preset, quick default
+  dlma run                                   # the default: the embedded model learns to refuse harmful
+                                             # requests, not harmless ones (~20 min on a CPU)
   dlma run --run-dir runs/exp1 --set train.lr=1e-6 --set generate.limit=512
   dlma run --compare dlma,rlcd,context-distillation   # the paper's comparison, one report
   dlma run --model Qwen/Qwen2.5-7B-Instruct --config my.yaml   # bigger models: see README
@@ -85,7 +86,7 @@ def run(args) -> int:
                         "`dlma push RUN_DIR/METHOD REPO`")
     if args.compare:
         methods = [m.strip() for m in args.compare.split(",") if m.strip()]
-        runs = compare(cfg, methods, progress=progress)
+        runs = compare(cfg, methods, progress=progress)  # refuses an empty list (`--compare ,`)
         print(format_table(runs[methods[0]], runs))
         print()
         print(format_compare(runs))

@@ -26,7 +26,8 @@ def register(sub) -> None:
                        formatter_class=formatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; default: 8000)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer a request may ask for (default: 256)")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of a request that gives none (default: 64)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="the most max_tokens a request gets (default: 1024)")
     add_config_args(p, ModelConfig)
     p.set_defaults(func=run)
 
@@ -37,7 +38,8 @@ def run(args) -> int:
 
     mc = config_from_args(ModelConfig, args)
     model, tok = load_model(mc.model, mc.dtype, mc.device, attn=mc.attn_implementation)
-    srv = ChatServer(model, tok, host=args.host, port=args.port, name=mc.model, max_tokens=args.max_tokens)
+    srv = ChatServer(model, tok, host=args.host, port=args.port, name=mc.model, max_tokens=args.max_tokens,
+                     max_tokens_cap=args.max_tokens_cap)
     print(f"serving {mc.model} at {srv.url} (Ctrl-C to stop)", flush=True)
     try:
         srv.httpd.serve_forever()
