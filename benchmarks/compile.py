@@ -23,10 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from train_layout import model_and_examples, step, step_benchmark_args, verdict  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from train_layout import model_and_examples, step_benchmark_args, verdict  # noqa: E402
+
+from dlma.config import TrainConfig  # noqa: E402
 
 from dlma.machine import cpu_kind  # noqa: E402
-from dlma.train import compile_layers  # noqa: E402
+from dlma.train import compile_layers, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -36,15 +39,17 @@ def main() -> None:
     layers = compile_layers(models["compiled"])
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, fused=True) for k, m in models.items()}
     secs, first, losses = {k: 0.0 for k in models}, {}, {k: [] for k in models}
+    cfg = TrainConfig(lr=args.lr, rpo_alpha=0.0, share_context=True)
+    accelerator = Accelerator(cpu=True)
     batches = [ex[i:i + args.batch_size] for i in range(0, len(ex), args.batch_size)][:args.steps]
     for n, batch in enumerate(batches):
         for k in (("eager", "compiled") if n % 2 == 0 else ("compiled", "eager")):
-            loss, _, s = step(models[k], opts[k], batch, tok.pad_token_id, pack=True)
-            losses[k].append(loss)
+            res = train_step(models[k], opts[k], [batch], cfg, tok.pad_token_id, accelerator)
+            losses[k].append(res.loss)
             if n:
-                secs[k] += s
+                secs[k] += res.seconds
             else:
-                first[k] = s
+                first[k] = res.seconds
     pairs = sum(len(b) for b in batches[1:])
     print(f"machine: {cpu_kind()}; float32; torch {torch.__version__}")
     print(f"pairs: {len(ex)} ({'file ' + args.data if args.data else 'bundled prompts, written responses'}), "

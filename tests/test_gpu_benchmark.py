@@ -46,10 +46,10 @@ def test_gpu_benchmark_tiny_runs_every_stage(tmp_path):
     assert not list(tmp_path.glob("dlma-bench-gpu-*")), "work directory left behind"
 
 
-def test_gpu_session_script_runs_its_four_commands_at_the_tiny_shape(tmp_path):
-    """benchmarks/gpu_session.sh is the whole of a lent GPU's few minutes: tried here with --tiny, each
+def test_gpu_suite_script_runs_its_four_commands_at_the_tiny_shape(tmp_path):
+    """benchmarks/gpu_suite.sh is a GPU's whole measurement in under 10 minutes: tried here with --tiny, each
     of its four gpu.py commands must finish (rc 0) and leave its stage lines in the summary."""
-    script = SCRIPT.parent / "gpu_session.sh"
+    script = SCRIPT.parent / "gpu_suite.sh"
     logs = tmp_path / "logs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -90,7 +90,8 @@ def test_select_pairs_flips_and_filters():
              {"id": "b", "chosen": "x", "rejected": "y", "self_reward": 0.5},
              {"id": "c", "chosen": "x", "rejected": "y", "self_reward": 4.0}]
     kept, counts = select_pairs(pairs, TrainConfig(flip_negative=True, min_reward=1.0))
-    assert counts == {"pairs_read": 3, "pairs_noise_flipped": 0, "pairs_flipped": 1, "pairs_filtered": 1, "pairs_used": 2}
+    assert counts == {"pairs_read": 3, "pairs_noise_flipped": 0, "pairs_flipped": 1, "pairs_unusable": 0, "pairs_filtered": 1,
+                      "pairs_used": 2}
     a = kept[0]
     assert (a["chosen"], a["rejected"], a["self_reward"], a["ref_lp_chosen"]) == ("y", "x", 3.0, -2.0)
     # the references of the openings and the cut flags move with their responses too
@@ -942,3 +943,52 @@ def test_a_new_objective_is_one_function_and_one_entry(scored, tmp_path, monkeyp
     assert s["loss"] == "hinge" and s["steps"] == 2 and s["first_loss"] == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(Exception, match="--kl-alpha is not a term of --loss hinge"):
         TrainConfig(loss="hinge", kl_alpha=1.0)
+
+
+def test_a_model_with_nonfinite_weights_is_never_saved(scored, tmp_path):
+    """An update that overflows the weights (here a 3e38 learning rate, then extrapolated past the
+    trained weights) stops with one line instead of saving a model of NaN/inf with success."""
+    from dlma.errors import DlmaError
+    from dlma.train import train_model
+
+    out = tmp_path / "run"
+    with pytest.raises(DlmaError, match=r"the trained weights hold NaN or inf in \d+ of \d+ tensors"):
+        train_model(ModelConfig(dtype="float32", device="cpu"),
+                    TrainConfig(loss="dpo", max_steps=1, batch_size=2, limit=4, lr=3e38, warmup_ratio=0.0,
+                                lr_schedule="constant", interpolate=2.0, save_steps=0, mixed_precision="no"),
+                    str(scored[0]), str(out), progress=False)
+    assert not (out / "config.json").exists() and not (out / "train_summary.json").exists()
+
+
+def test_resume_follows_the_pair_files_content_and_unteachable_pairs_are_dropped(scored, tmp_path):
+    """A pair file edited after a finished run is other data: the run is not returned as if it were
+    trained on it. Pairs whose two answers are the same, or whose chosen answer is empty, are dropped."""
+    from dlma.errors import DlmaError
+    from dlma.train import select_pairs, train_model
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(Path(scored[0]).read_text())
+    cfg = TrainConfig(loss="dpo", max_steps=1, batch_size=2, limit=4, save_steps=0, mixed_precision="no")
+    mc = ModelConfig(dtype="float32", device="cpu")
+    train_model(mc, cfg, str(data), str(tmp_path / "m"), progress=False)
+    assert train_model(mc, cfg, str(data), str(tmp_path / "m"), progress=False)["steps"] == 1  # same file: finished
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1]) + "\n")  # the file changed since
+    with pytest.raises(DlmaError, match="trained from another version of the pair file"):
+        train_model(mc, cfg, str(data), str(tmp_path / "m"), progress=False)
+    pairs = [{"id": "a", "chosen": "same", "rejected": "same"}, {"id": "b", "chosen": " ", "rejected": "y"},
+             {"id": "c", "chosen": "x", "rejected": "y"}]
+    kept, counts = select_pairs(pairs, TrainConfig(loss="dpo"))
+    assert [p["id"] for p in kept] == ["c"] and counts["pairs_unusable"] == 2
+
+
+def test_reference_logprobs_outside_float32_or_above_zero_are_input_errors(tmp_path):
+    from dlma.data import read_pairs
+    from dlma.errors import DataError
+
+    good = {"id": "a", "prompt": "hi", "chosen": "x", "rejected": "y", "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0}
+    for key, bad in (("ref_lp_chosen", 1e308), ("ref_lp_rejected", -1e39), ("lp_chosen_pos", 3.5)):
+        f = tmp_path / f"{key}.jsonl"
+        f.write_text(json.dumps(dict(good, **{key: bad})) + "\n")
+        with pytest.raises(DataError, match=rf"{key}.jsonl:1: `{key}` is .*a summed log-probability lies in"):
+            read_pairs(str(f))

@@ -397,22 +397,30 @@ def load_eval_prompts(sources: str, limit: int | None = None) -> list[PromptReco
 
 
 def _balanced(prompts: list[PromptRecord], limit: int | None) -> list[PromptRecord]:
-    """The first `limit` prompts, dealt round-robin over the labels; a request's phrasings
-    (records sharing `request`) are taken together, so every phrasing is measured on the same requests."""
+    """The first `limit` prompts, dealt round-robin over the labels, each label an equal share; a
+    request's phrasings (records sharing `request`) are taken together, so every phrasing is
+    measured on the same requests, and only the last request of a share is cut to fit it."""
     if limit is None or len(prompts) <= limit:
         return prompts
     units: dict[Any, list[PromptRecord]] = {}
     for p in prompts:
         units.setdefault(p.extra.get("request", p.id), []).append(p)
-    by_label: dict[str | None, list[list[PromptRecord]]] = {}
+    queues: dict[str | None, list[list[PromptRecord]]] = {}
     for unit in units.values():
-        by_label.setdefault(unit[0].label, []).append(unit)
+        queues.setdefault(unit[0].label, []).append(unit)
+    share = {label: limit // len(queues) + (i < limit % len(queues)) for i, label in enumerate(queues)}
     picked: list[PromptRecord] = []
-    queues = list(by_label.values())
-    while len(picked) < limit and any(queues):
-        for q in queues:
-            if q and len(picked) < limit:
-                picked += q.pop(0)
+    while len(picked) < limit and any(queues.values()):
+        took = False
+        for label, q in queues.items():
+            room = min(share[label], limit - len(picked))
+            if q and room > 0:
+                unit = q.pop(0)[:room]
+                picked += unit
+                share[label] -= len(unit)
+                took = True
+        if not took:  # the labels left have used their shares: what remains of the limit goes to them
+            share = dict.fromkeys(share, limit - len(picked))
     return picked
 
 
@@ -424,6 +432,10 @@ def swap_sides(rec: dict) -> dict:
     if isinstance(out.get("self_reward"), (int, float)):
         out["self_reward"] = -out["self_reward"]
     return out
+
+
+LOGPROB_FIELDS = ("ref_lp_", "lp_", "gen_lp_")  # summed log-probabilities: <= 0, and within float32, which trains on them
+FLOAT32_MAX = 3.4e38
 
 
 def read_pairs(source: str, limit: int | None = None) -> list[dict]:
@@ -463,6 +475,10 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
         for key, value in obj.items():
             if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
                 raise DataError(path, lineno, f"`{key}` is {value}; numbers must be finite (no NaN or Infinity)")
+            if key.startswith(LOGPROB_FIELDS) and isinstance(value, (int, float)) and not -FLOAT32_MAX < value <= 1e-3:
+                raise DataError(path, lineno, f"`{key}` is {value}; a summed log-probability lies in (-3.4e38, 0]")
+            if key == "self_reward" and isinstance(value, (int, float)) and abs(value) >= FLOAT32_MAX:
+                raise DataError(path, lineno, f"`self_reward` is {value}; beyond what training computes in (float32)")
         rec.setdefault("id", f"{path.name.split('.')[0]}-{index:05d}")
         rec["id"] = str(rec["id"])
         if rec["id"] in first_line:
@@ -658,6 +674,13 @@ class JsonlWriter:
         if self._fsync_every and self._since_sync >= self._fsync_every:
             os.fsync(self._fd)
             self._since_sync = 0
+
+    def reopen(self) -> None:
+        """Append to the file now at `path` (after it was replaced whole, e.g. rewritten in the
+        stored form), keeping the lock."""
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
 
     def close(self) -> None:
         if self._fd is not None:

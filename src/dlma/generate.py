@@ -591,7 +591,6 @@ def generate_pairs(
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
     check_not_input(out, [Path(f) for f in named_files(cfg.prompts)])
-    upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
     preset_files = file_hashes(cfg.preset)  # a preset file edited since is another preset
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
@@ -605,6 +604,8 @@ def generate_pairs(
         check_same_inputs(writer, lambda rec: (rec.get("prompt_id"), [rec.get("prompt"), rec.get("label"), rec.get("preset")]),
                           lambda pid: [by_id[pid].prompt, by_id[pid].label, preset_of[pid]] if pid in by_id else None,
                           cfg.prompts)
+        if upgrade(out):  # an older dlma's partial output, checked above: stored as this one stores it before appending
+            writer.reopen()
         ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else (f"{p.id}:{k}" for k in range(cfg.num_pairs))  # noqa: E731
         # pairs, not prompts, are the unit of work: a million pairs of one prompt are written as they come
         units = lambda: ((p, pid) for p in prompts for pid in ids_for(p))  # noqa: E731

@@ -27,7 +27,7 @@ from .data import (JsonlWriter, check_finite, check_not_input, check_same_inputs
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
-from .pairfile import conversational, upgrade
+from .pairfile import ANSWERS, answer_text, conversational, upgrade
 from .pairstats import contrast, quantiles
 from .models import bf16_supported, load_model, resolve_device, resolve_dtype
 from .prompts import Preset, Renderer, as_messages, load_preset
@@ -37,6 +37,12 @@ from .tracking import Tracking, Where, typed_settings
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
 # what of a pair its score depends on: a scored record whose input differs in one of them is stale
 PAIR_INPUT = ("prompt", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "preset")
+
+
+def _pair_input(rec: dict) -> list:
+    """What a scored record holds of the pair it was made from, answers as text whichever form
+    (stored messages or in-memory strings) the record is in."""
+    return [answer_text(rec.get(k)) if k in ANSWERS else rec.get(k) for k in PAIR_INPUT]
 JUDGES = ("self-reward", "text", "both")
 JUDGE_ALIASES = {"probability": "self-reward", "self_reward": "self-reward"}
 
@@ -378,7 +384,6 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
     if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
-    upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
     # preset files by content: one edited since scores otherwise
     preset_files = file_hashes(cfg.preset or ",".join(sorted({str(pair_preset(p)) for p in pairs if p.get("preset")})))
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
@@ -391,8 +396,10 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     t0 = time.time()
     try:
         by_id = {p["id"]: p for p in pairs}
-        check_same_inputs(writer, lambda rec: (rec.get("id"), [rec.get(k) for k in PAIR_INPUT]),
-                          lambda i: [by_id[i].get(k) for k in PAIR_INPUT] if i in by_id else None, data)
+        check_same_inputs(writer, lambda rec: (rec.get("id"), _pair_input(rec)),
+                          lambda i: _pair_input(by_id[i]) if i in by_id else None, data)
+        if upgrade(out):  # an older dlma's partial output, checked above: stored as this one stores it before appending
+            writer.reopen()
         todo = [p for p in pairs if p["id"] not in writer.done]
         if todo:
             if model is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ModelConfig, TrainConfig
-from ..data import write_json, write_text
+from ..data import file_hashes, write_json, write_text
 from ..errors import DlmaError
 
 SUMMARY = "train_summary.json"
@@ -29,7 +29,8 @@ RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to", "step
 def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int) -> dict:
     key = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
     key["margin_clip"] = list(cfg.margin_clip)
-    return {"train": key, "model": asdict(model_cfg), "data": os.path.abspath(data),
+    # the pair file by its content too: one grown or edited since is other data, never resumed as the same
+    return {"train": key, "model": asdict(model_cfg), "data": os.path.abspath(data), "data_content": file_hashes(data),
             "global_batch": cfg.batch_size * cfg.grad_accum * world}
 
 
@@ -45,8 +46,14 @@ def finished_summary(out: Path, key: dict) -> dict | None:
         return None
     summary = json.loads((out / SUMMARY).read_text())
     if summary.get("resume_key") != key:
-        raise DlmaError(f"{out} already holds a model trained with other settings; choose another --out")
+        why = "from another version of the pair file" if _only_data_differs(summary.get("resume_key"), key) else "with other settings"
+        raise DlmaError(f"{out} already holds a model trained {why}; choose another --out")
     return summary
+
+
+def _only_data_differs(old: dict | None, new: dict) -> bool:
+    return isinstance(old, dict) and {k: v for k, v in old.items() if k != "data_content"} == \
+        {k: v for k, v in new.items() if k != "data_content"}
 
 
 def checkpoint_to_resume(out: Path, key: dict) -> Path | None:
@@ -55,6 +62,9 @@ def checkpoint_to_resume(out: Path, key: dict) -> Path | None:
     if ckpt is not None:
         saved = json.loads((ckpt / STATE).read_text())
         if saved.get("resume_key") != key:
+            if _only_data_differs(saved.get("resume_key"), key):
+                raise DlmaError(f"{ckpt} was trained on another version of the pair file (it changed since); "
+                                "choose another --out")
             raise DlmaError(f"{ckpt} was written with other settings (or another number of processes x batch); "
                             f"rerun with the same flags to resume, or choose another --out")
     return ckpt

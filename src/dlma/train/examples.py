@@ -107,8 +107,8 @@ def _preset_normalised(pairs: list[dict]) -> list[dict]:
 
 def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
     """Swap a seeded --noise-flip share of the pairs (an ablation), flip pairs with R < 0 (if asked),
-    rescale R per preset (if asked), drop pairs with R < --min-reward, and for the ablation permute R
-    across the pairs kept."""
+    rescale R per preset (if asked), drop pairs that cannot teach (chosen identical to rejected, or an
+    empty chosen) and pairs with R < --min-reward, and for the ablation permute R across the pairs kept."""
     needs_r = (objective(cfg.loss).uses_reward or cfg.min_reward is not None or cfg.flip_negative
                or cfg.reward_norm != "none" or cfg.shuffle_reward)
     if needs_r:
@@ -119,7 +119,7 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
                                 f"{' / --flip-negative' if cfg.flip_negative else ''}"
                                 f"{' / --reward-norm' if cfg.reward_norm != 'none' else ''}"
                                 f"{' / --shuffle-reward' if cfg.shuffle_reward else ''} needs; run `dlma score` first")
-    out, flipped, filtered = [], 0, 0
+    out, flipped, filtered, unusable = [], 0, 0, 0
     seen = []
     noisy = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 7919))
                 [:round(cfg.noise_flip * len(pairs))].tolist()) if cfg.noise_flip else set()
@@ -133,6 +133,9 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
     if cfg.reward_norm == "preset":
         seen = _preset_normalised(seen)
     for rec in seen:
+        if rec.get("chosen") == rec.get("rejected") or not str(rec.get("chosen", "")).strip():
+            unusable += 1  # the same answer twice teaches nothing; an empty o+ would teach saying nothing
+            continue
         if cfg.min_reward is not None and rec["self_reward"] < cfg.min_reward:
             filtered += 1
             continue
@@ -141,7 +144,7 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
         perm = torch.randperm(len(out), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         out = [dict(rec, self_reward=out[j]["self_reward"]) for rec, j in zip(out, perm)]
     return out, {"pairs_read": len(pairs), "pairs_noise_flipped": len(noisy), "pairs_flipped": flipped,
-                 "pairs_filtered": filtered, "pairs_used": len(out)}
+                 "pairs_unusable": unusable, "pairs_filtered": filtered, "pairs_used": len(out)}
 
 
 def _ranked(rec: dict, renderer, response_tokens: int | None = None) -> dict:

@@ -206,8 +206,10 @@ def account(run: TrainRun, epoch: int, result: StepResult) -> dict:
     stats, loss = result.stats, result.loss
     run.bad_in_a_row = run.bad_in_a_row + 1 if result.bad else 0
     if run.bad_in_a_row >= MAX_NONFINITE_STEPS:
+        weights = ("none reached the weights" if all(bool(torch.isfinite(p).all()) for p in run.params)
+                   else "but an earlier update already left NaN or inf in the weights")
         raise DlmaError(f"training stopped at step {run.step}: {run.bad_in_a_row} steps in a row had a NaN or infinite "
-                        "loss or gradient (skipped; none reached the weights). Lower --lr, try --mixed-precision no, "
+                        f"loss or gradient (skipped; {weights}). Lower --lr, try --mixed-precision no, "
                         "or check the pair file")
     run.first_loss = loss if run.first_loss is None and not result.bad else run.first_loss
     run.tokens += stats.tokens

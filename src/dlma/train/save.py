@@ -32,6 +32,14 @@ def interpolated(state: dict, start: dict, ratio: float) -> dict:
     return out
 
 
+def refuse_nonfinite(state: dict) -> None:
+    """A model holding NaN or inf is never saved as if it were trained: say which tensors, and stop."""
+    bad = [name for name, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DlmaError(f"the trained weights hold NaN or inf in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}); "
+                        "nothing was saved. Lower --lr, try --max-grad-norm 1, or check the pair file")
+
+
 def save_final(accelerator, model, tok, out: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """Save the model and tokenizer to `out`, moved `cfg.interpolate` of the way from the starting weights."""
     unwrapped = accelerator.unwrap_model(model)
@@ -51,6 +59,7 @@ def save_final(accelerator, model, tok, out: Path, cfg: TrainConfig, model_cfg: 
         if cfg.lora_r > 0 and cfg.save_merged:
             unwrapped = unwrapped.merge_and_unload()
             state = None
+        refuse_nonfinite(state if state is not None else unwrapped.state_dict())
         if cfg.lora_r > 0 and not cfg.save_merged:
             unwrapped.save_pretrained(out)
         else:
