@@ -21,15 +21,15 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
 from .data import read_jsonl, read_prompts, write_json
+from .detectors import for_preset
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
 from .models import load_model
 from .prompts import Preset, load_preset
-from .refusal import REFUSAL_PHRASES, is_refusal, wilson_interval
+from .refusal import REFUSAL_PHRASES, rate
 from .report import COLORS, png_bytes, pyplot
 from .reward import score_file
 
@@ -66,25 +66,12 @@ def leaked_words(answer: str, query: str, topic: set[str]) -> set[str]:
     return (_words(answer) & topic) - _words(query)
 
 
-def detector(preset: Preset) -> Callable[[str], bool] | None:
-    """Whether an answer shows the preset's attribute, by its `detector:` (None: no detector)."""
-    if preset.detector == "refusal":
-        return is_refusal
-    if preset.detector == "answer":
-        return lambda text: bool(text.strip()) and not is_refusal(text)
-    return None
-
-
-def _rate(k: int, n: int) -> dict:
-    return {"rate": k / n if n else None, "count": k, "n": n, "ci": wilson_interval(k, n)}
-
-
 def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     """The check's numbers for scored pair records (pure: no model)."""
     n = len(records)
     if not n:
         raise DlmaError("no pairs to check")
-    out: dict = {"preset": preset.name, "pairs": n, "detector": preset.detector}
+    out: dict = {"preset": preset.name, "pairs": n}
     topic = demonstration_words(preset)
     query = lambda r: " ".join(m["content"] for m in r["prompt"])
     for key, side in (("chosen", "positive"), ("rejected", "negative")):
@@ -92,25 +79,26 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
         counts = Counter(w for ws in leaks for w in ws)
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]  # ties alphabetically: the same every run
         out[side] = {
-            "truncated": _rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
-            "empty": _rate(sum(not r[key].strip() for r in records), n),
-            "leakage": _rate(sum(bool(ws) for ws in leaks), n),
+            "truncated": rate(sum(bool(r.get(f"{key}_truncated")) for r in records), n),
+            "empty": rate(sum(not r[key].strip() for r in records), n),
+            "leakage": rate(sum(bool(ws) for ws in leaks), n),
             "leaked_words": [[w, c] for w, c in top],
         }
-    shows = detector(preset)
+    shows = for_preset(preset)
     if shows is not None:
-        pos = [shows(r["chosen"]) for r in records]
-        neg = [shows(r["rejected"]) for r in records]
-        out["positive"]["shows_attribute"] = _rate(sum(pos), n)
-        out["negative"]["shows_attribute"] = _rate(sum(neg), n)
-        out["contrast"] = _rate(sum(p and not q for p, q in zip(pos, neg)), n)
+        out["detector"] = shows.description
+        pos = [shows(r["chosen"], bool(r.get("chosen_truncated"))) for r in records]
+        neg = [shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in records]
+        out["positive"]["shows_attribute"] = rate(sum(pos), n)
+        out["negative"]["shows_attribute"] = rate(sum(neg), n)
+        out["contrast"] = rate(sum(p and not q for p, q in zip(pos, neg)), n)
     rs = [float(r["self_reward"]) for r in records]
     s = sorted(rs)
     out["self_reward"] = {"median": statistics.median(rs), "p10": s[int(0.1 * (n - 1))], "p90": s[int(0.9 * (n - 1))],
-                          "positive": _rate(sum(x > 0 for x in rs), n)}
+                          "positive": rate(sum(x > 0 for x in rs), n)}
     if shows is not None:
         decisive = [(p, r) for p, q, r in zip(pos, neg, rs) if p != q]
-        out["self_reward"]["agrees_with_detector"] = _rate(sum((r > 0) == p for p, r in decisive), len(decisive))
+        out["self_reward"]["agrees_with_detector"] = rate(sum((r > 0) == p for p, r in decisive), len(decisive))
         good = [r for p, q, r in zip(pos, neg, rs) if p and not q]
         other = [r for p, q, r in zip(pos, neg, rs) if not (p and not q)]
         out["self_reward"]["median_contrasting"] = statistics.median(good) if good else None
@@ -131,7 +119,7 @@ def render_table(summary: dict) -> str:
     pos, neg, sr = summary["positive"], summary["negative"], summary["self_reward"]
     rows = []
     if "shows_attribute" in pos:
-        rows.append((f"shows the attribute ({summary['detector']} detector)", format_rate(pos["shows_attribute"]),
+        rows.append((f"shows the attribute ({summary['detector']})", format_rate(pos["shows_attribute"]),
                      format_rate(neg["shows_attribute"])))
     rows += [("topic leakage from demonstrations", format_rate(pos["leakage"]), format_rate(neg["leakage"])),
              ("leaked words", ", ".join(f"{w} {c}" for w, c in pos["leaked_words"][:5]) or "-",
@@ -219,10 +207,11 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
         if "accuracy" not in lab:
             raise DlmaError(f"{cfg.pairs}: no human-labelled pairs (HH-RLHF dialogues or records with human_label: true)")
         rs = [float(r["self_reward"]) for r in read_jsonl(out_dir / "labelled-scored.jsonl") if r.get("human_label")]
-        summary["labelled"] = {"source": cfg.pairs, "accuracy": _rate(sum(r > 0 for r in rs), len(rs)),
+        summary["labelled"] = {"source": cfg.pairs, "accuracy": rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
-    shows = detector(preset)
-    contrasting = None if shows is None else [shows(r["chosen"]) and not shows(r["rejected"]) for r in records]
+    shows = for_preset(preset)
+    contrasting = None if shows is None else [shows(r["chosen"], bool(r.get("chosen_truncated")))
+                                               and not shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in records]
     (out_dir / "check.png").write_bytes(plot_contrast(summary, [r["self_reward"] for r in records], contrasting))
     summary["seconds"] = round(time.time() - t0, 1)
     summary["files"] = {k: str(out_dir / f) for k, f in (("table", "check.md"), ("plot", "check.png"), ("json", "check.json"))}

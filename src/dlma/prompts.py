@@ -17,16 +17,19 @@ from typing import Literal, Sequence
 
 import yaml
 
+from .detectors import normalise
 from .errors import DlmaError, yaml_error
 
 Side = Literal["positive", "negative", "bare"]
 SIDES: tuple[Side, ...] = ("positive", "negative", "bare")
 PLACEMENTS = ("system", "user", "assistant", "plain")
 Messages = list[dict[str, str]]
-# What `detector:` in a preset may name: how to tell from its text whether an answer shows the
-# preset's attribute (`dlma prompts check`). refusal: the answer opens with a refusal (harmless
-# on harmful requests); answer: it does not (no-overrefusal); None: no detector (helpful).
-DETECTORS = (None, "refusal", "answer")
+# What `role:` in a preset may say about its pairs. attribute: o+ shows the attribute and o- does
+# not, and the pairs teach it. retain: p+ keeps the model's own answers to prompts that only look
+# like the attribute's target (no-overrefusal: harmless questions that sound alarming), so the
+# training terms that hold the model's answers where they were (`train.rpo_roles`, `train.kl_roles`)
+# apply to its pairs.
+ROLES = ("attribute", "retain")
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Preset:
     (appended to the last user turn), `assistant` (a tag opening the assistant turn), or
     `plain` (the paper's `USER: ... ASSISTANT(tag):` template, for models without a chat
     template). Demonstrations are earlier user/assistant turns before the query.
+    detector says how an answer is measured for the attribute (`dlma.detectors`: refusal, a phrase
+    list, a length rule, a regex or a user's function); role says what its pairs are for (ROLES).
     """
 
     name: str
@@ -61,7 +66,8 @@ class Preset:
     attribute: str = ""
     description: str = ""
     judge_question: str = ""
-    detector: str | None = None
+    detector: str | dict | None = None  # how answers are measured for the attribute (dlma.detectors)
+    role: str = "attribute"
     check_prompts: str | None = None
     positive_bare: bool = False
     source: str = field(default="", compare=False)  # what load_preset was given (a name or a YAML path): pair files record it
@@ -69,8 +75,9 @@ class Preset:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise DlmaError(f"preset {self.name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.detector not in DETECTORS:
-            raise DlmaError(f"preset {self.name!r}: detector must be one of {', '.join(map(str, DETECTORS))}, got {self.detector!r}")
+        normalise(self.detector, f"preset {self.name!r}")
+        if self.role not in ROLES:
+            raise DlmaError(f"preset {self.name!r}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not (self.positive_instruction or self.negative_instruction or self.demonstrations):
             raise DlmaError(f"preset {self.name!r} has neither instructions nor demonstrations")
         if self.positive_bare and self.positive_instruction:
@@ -116,6 +123,7 @@ def preset_from_dict(data: dict, source: str) -> Preset:
             description=str(data.get("description", "")),
             judge_question=str(data.get("judge_question") or f"Which response is more {data.get('attribute', 'appropriate')}?"),
             detector=data.get("detector"),
+            role=str(data.get("role", "attribute")),
             check_prompts=data.get("check_prompts"),
             positive_bare=bare,
         )
