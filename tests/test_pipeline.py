@@ -284,21 +284,23 @@ def test_train_defaults_are_the_run_defaults():
     yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
     assert not {"lr", "max_grad_norm"} & set(yaml_train)
     assert TrainConfig().rpo_alpha == by_hand.rpo_alpha == 0.0  # by hand: the paper's loss alone
-    assert (shipped.rpo_alpha, shipped.rpo_presets) == (0.2, ["no-overrefusal"])
-    assert TrainConfig().kl_alpha == by_hand.kl_alpha == 0.0 and (shipped.kl_alpha, shipped.kl_presets) == (1.0, ["no-overrefusal"])
+    assert (shipped.rpo_alpha, shipped.rpo_roles) == (0.2, ["retain"])
+    assert TrainConfig().kl_alpha == by_hand.kl_alpha == 0.0 and (shipped.kl_alpha, shipped.kl_roles) == (1.0, ["retain"])
     assert TrainConfig().interpolate == by_hand.interpolate == 1.0 and shipped.interpolate == 0.75  # by hand: as trained
 
 
 def test_shipped_run_config_names_the_presets_it_trains_on():
-    """The default run's NLL and KL terms name presets its generate stage uses (a name matching no pair is an error)."""
+    """The default run's NLL and KL terms reach presets its generate stage uses, through the role they declare."""
     from dlma.cli.run import shipped_defaults
     from dlma.prompts import load_preset
+    from dlma.terms import preset_roles, role_terms
 
     cfg = shipped_defaults()
     presets = cfg.generate.preset.split(",")
-    assert cfg.train.rpo_alpha > 0 and set(cfg.train.rpo_presets) <= set(presets)
-    assert cfg.train.kl_alpha > 0 and set(cfg.train.kl_presets) <= set(presets)
+    tcfg, notes = role_terms(cfg.train, preset_roles(presets))
+    assert not notes and tcfg.rpo_alpha > 0 and tcfg.kl_alpha > 0 and tcfg.rpo_presets == tcfg.kl_presets == ["no-overrefusal"]
     assert all(load_preset(p).name == p for p in presets + ["no-overrefusal-bare"])
+    assert load_preset("no-overrefusal-bare").role == "retain" and load_preset("harmless").role == "attribute"
 
 
 def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):

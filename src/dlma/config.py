@@ -18,6 +18,7 @@ import yaml
 
 from . import objectives
 from .errors import DlmaError, yaml_error
+from .prompts import ROLES
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -98,9 +99,11 @@ class TrainConfig:
     # hand gives the pipeline's result. The NLL term raised refusals but over-refusals faster.
     rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
     rpo_whole: bool = opt(False, "the NLL term covers the whole chosen response even where --response-tokens cuts the pair loss to the openings (keeps what follows an opening like the model's own where o+ is the model's own answer, e.g. `positive: bare`)")
-    rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty: every pair")
+    rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty (and no --rpo-roles): every pair")
+    rpo_roles: typing.List[str] = opt([], "apply the NLL term to pairs of the presets that declare one of these roles (`role:` in a preset: attribute, retain), besides --rpo-presets; a role no preset of the pairs has leaves the term off")
     kl_alpha: float = opt(0.0, "weight of a KL term that keeps the answers to the --kl-presets pairs' prompts the untouched model's: per-token KL(untouched || model) on the untouched model's greedy answer to each such prompt, computed once before the first step (a retain term; e.g. no-overrefusal: answer harmless questions as before while the pair loss teaches refusing harmful ones). 0 = off")
-    kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty: every pair")
+    kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty (and no --kl-roles): every pair")
+    kl_roles: typing.List[str] = opt([], "pairs of the presets that declare one of these roles carry the KL term, besides --kl-presets; a role no preset of the pairs has leaves the term off")
     kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term covers")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
@@ -164,6 +167,10 @@ class TrainConfig:
                               ("step_in_backward", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise _bad(name, " or ".join((", ".join(allowed[:-1]), allowed[-1])), getattr(self, name))
+        for name in ("rpo_roles", "kl_roles"):
+            unknown = [r for r in getattr(self, name) if r not in ROLES]
+            if unknown:
+                raise _bad(name, "a list of preset roles (" + ", ".join(ROLES) + ")", unknown)
         obj = objectives.objective(self.loss)
         for term, on, flag in (("nll", self.rpo_alpha > 0, "--rpo-alpha"), ("nll_whole", self.rpo_whole and self.rpo_alpha > 0, "--rpo-whole"),
                                ("kl", self.kl_alpha > 0, "--kl-alpha")):

@@ -23,7 +23,8 @@ from ..errors import DlmaError
 from ..generate import SamplingParams, TransformersBackend
 from ..logprobs import branch_logits, score_sequences
 from ..objectives import objective
-from .examples import Example, kl_on, set_reference
+from ..terms import kl_on
+from .examples import Example, set_reference
 from .runtime import lazy_ranks, weights_dtype
 
 if TYPE_CHECKING:
