@@ -180,10 +180,12 @@ def test_every_method_can_train_on_what_its_scoring_gives():
     import dataclasses
 
     from dlma.cli.run import shipped_defaults
-    from dlma.pipeline import METHODS, train_config
+    from dlma.objectives import methods
+    from dlma.stages import train_config
     from dlma.train import select_pairs
 
     shipped = shipped_defaults()
+    METHODS = methods()
     assert shipped.train.min_reward is not None  # what makes this a test
     for method, spec in METHODS.items():
         pair = {"id": "a", "chosen": "x", "rejected": "y"}
@@ -224,11 +226,12 @@ def test_rlaif_orientation_moves_every_per_side_field(tmp_path):
 
 @pytest.mark.slow
 def test_compare_puts_methods_side_by_side(tmp_path):
-    from dlma.pipeline import METHODS
+    from dlma.objectives import methods as registered
 
+    METHODS = registered()
     run_dir = tmp_path / "cmp"
     # every method that runs with the shipped config (listwise needs best-of-K generation)
-    methods = [m for m, spec in METHODS.items() if spec["loss"] != "listwise"]
+    methods = [m for m, spec in METHODS.items() if spec.loss != "listwise"]
     res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", ",".join(methods), "--no-progress", *TINY,
                                  "--set", "train.max_steps=2", "--set", "seeds=[0,1]",
                                  "--set", "method_train={rlcd: {lr: 3.0e-6}}"], env=ENV, capture_output=True, text=True, timeout=2400)
@@ -243,7 +246,7 @@ def test_compare_puts_methods_side_by_side(tmp_path):
             ["prompts"]["answers_generated"]["baseline"] for m in methods for seed in (0, 1)]
     assert made[0] == 2 and not any(made[1:])
     # so do the untouched answers the KL term holds (the pair losses carry it; SFT has no pairs)
-    kl_runs = [m for m in methods if METHODS[m]["loss"] in ("dlma", "dpo")]
+    kl_runs = [m for m in methods if METHODS[m].loss in ("dlma", "dpo")]
     assert res.stderr.count("[round 1 train] the KL term's untouched answers copied from") == 2 * len(kl_runs) - 1
     rlcd = json.loads((run_dir / "rlcd" / "seed-1" / "round-1" / "train" / "model" / "train_summary.json").read_text())
     assert rlcd["resume_key"]["train"]["lr"] == 3.0e-6 and rlcd["resume_key"]["train"]["seed"] == 1  # its own lr, the seed

@@ -186,7 +186,7 @@ class TrainConfig:
 class EvalConfig:
     prompts: str = opt("hh-harmless:test,safety-eval", "held-out prompts: comma-separated sources (files or bundled sets); prompts labelled unsafe/safe give refusal rates")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
-    preset: str = opt("harmless", "preset of the self-reward judge and of the judging question (harmless, helpful, or a YAML file)")
+    preset: typing.Optional[str] = opt(None, "preset whose detector measures the attribute on the answers and whose p+/p- and question judge them (a bundled name or a YAML file); default: the run's first preset (`dlma run`, or a stage command's --recipe/--config), else harmless")
     judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
     max_new_tokens: int = opt(128, "longest answer, in tokens")
     temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")

@@ -4,6 +4,8 @@
 deployment uses), then measures:
 
 - judges: win / tie / lose of aligned vs baseline for each `--judge` (see `dlma.judges`);
+- the attribute: how often each model's answers show the preset's attribute, by the preset's
+  detector (`dlma.detectors`), with 95% Wilson intervals;
 - harmlessness without a judge: refusal rate on prompts labelled `unsafe` and over-refusal
   on prompts labelled `safe` (`dlma.refusal`);
 - text quality: perplexity of each model's answers under a reference model (default: the
@@ -34,6 +36,7 @@ import torch
 
 from .config import EvalConfig, ModelConfig, to_dict
 from .data import PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, resume_chunks
+from .detectors import attribute_rate, for_preset
 from .errors import DlmaError
 from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
 from .judges import (Item, OpenAIJudge, RewardModelJudge, SelfRewardJudge, TextJudge, Verdict, judge_slug,
@@ -44,6 +47,7 @@ from .prompts import Preset, Renderer, load_preset
 from .refusal import is_refusal, refusal_rates
 from .report import write_report
 from .reward import summarize_scores
+from .stages import FALLBACK_EVAL_PRESET
 
 ROLES = ("aligned", "baseline")
 TRAINING_FIELDS = ("step", "loss", "reward_margin", "reward_accuracy", "lr", "tokens_per_s")
@@ -245,6 +249,18 @@ def phrasing_rates(prompts: Sequence[PromptRecord], answers: dict[str, dict[str,
     return {"phrasings": order, "rates": rates, "summary": summary}
 
 
+def attribute_rates(preset: Preset, prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict]]) -> dict | None:
+    """How often each model's answers show the preset's attribute, by its detector, over all prompts,
+    with 95% Wilson intervals; None where the preset has no detector or a refusal one (those are
+    the refusal rates, measured on labelled prompts)."""
+    shows = for_preset(preset)
+    if shows is None or shows.by_label:
+        return None
+    return {"preset": preset.name, "attribute": preset.attribute, "detector": shows.description,
+            **{role: attribute_rate([(answers[role][p.id]["answer"], answers[role][p.id]["truncated"]) for p in prompts], shows)
+               for role in ROLES}}
+
+
 # -- judges ------------------------------------------------------------------------------
 def build_judge(spec: str, pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, out: Path):
     kind, name = parse_judge_spec(spec)
@@ -373,7 +389,7 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    preset = load_preset(cfg.preset)
+    preset = load_preset(cfg.preset or FALLBACK_EVAL_PRESET)
     for spec in cfg.judge:
         parse_judge_spec(spec)  # fail on a typo before any model runs
     prompts = load_eval_prompts(cfg.prompts, cfg.limit)
@@ -415,6 +431,7 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
             quality_safe[role] = quality_metrics({i: answers[role][i] for i in safe}, *perplexities(scored, safe))
     labels = [p.label for p in prompts]
     refusal = {role: refusal_rates([answers[role][p.id]["answer"] for p in prompts], labels) for role in ROLES}
+    attribute = attribute_rates(preset, prompts, answers)
     by_phrasing = phrasing_rates(prompts, answers)
 
     items = [Item(p.id, p.prompt, answers["aligned"][p.id]["answer"], answers["baseline"][p.id]["answer"],
@@ -439,6 +456,7 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
                     "answers_generated": generated},
         "judges": judges,
         "refusal": {**refusal, "detector": "dlma.refusal: refusal phrases in the first two sentences of an answer"},
+        **({"attribute": attribute} if attribute else {}),
         **({"phrasing": by_phrasing} if by_phrasing else {}),
         **({"sampled_refusal": {**sampled, "samples": cfg.samples, "temperature": cfg.sample_temperature}} if sampled else {}),
         "quality": quality,
