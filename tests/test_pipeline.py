@@ -167,12 +167,13 @@ def test_second_concurrent_run_is_refused(tmp_path):
     assert res.returncode != 0 and "in use by another dlma run" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_missing_prompt_file_names_the_stage(tmp_path):
+def test_missing_prompt_file_is_found_before_any_stage(tmp_path):
     res = subprocess.run(DLMA + ["run", "--run-dir", str(tmp_path / "r"), "--no-progress",
                                  "--set", f"generate.prompts={tmp_path / 'nope.jsonl'}", "--set", "generate.preset=harmless"],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert "stage round 1 generate" in res.stderr and "nope.jsonl" in res.stderr
+    assert "generate.prompts" in res.stderr and "nope.jsonl: no such file" in res.stderr and "--prompts FILE" in res.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_every_method_can_train_on_what_its_scoring_gives():
@@ -189,12 +190,12 @@ def test_every_method_can_train_on_what_its_scoring_gives():
     assert shipped.train.min_reward is not None  # what makes this a test
     for method, spec in METHODS.items():
         pair = {"id": "a", "chosen": "x", "rejected": "y"}
-        if spec["judge"] in ("self-reward", "both"):
+        if spec.judge in ("self-reward", "both"):
             pair["self_reward"] = 1.0
-        if spec["judge"] in ("text", "both"):
+        if spec.judge in ("text", "both"):
             pair["judge_score"] = 0.25
         tcfg = train_config(dataclasses.replace(shipped, method=method))
-        assert tcfg.loss == spec["loss"]
+        assert tcfg.loss == spec.loss
         kept, _ = select_pairs([pair], tcfg)
         assert len(kept) == 1, method
     assert train_config(shipped).min_reward == shipped.train.min_reward  # dlma keeps its filter
@@ -271,8 +272,8 @@ def test_listwise_method_needs_best_of_k_generation(tmp_path):
 
 
 def test_train_defaults_are_the_run_defaults():
-    """`dlma train` by hand trains like `dlma run`: lr and clipping come from TrainConfig, not the YAML; the
-    run's NLL term is the YAML's, since it names the default run's preset."""
+    """`dlma train` by hand has the run's lr and clipping (TrainConfig's, not the YAML's); its terms and
+    interpolation are the recipe's with `--recipe safety` (tests/test_recipes.py), the paper's loss alone without."""
     from importlib import resources
 
     import yaml

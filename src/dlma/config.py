@@ -76,12 +76,14 @@ class GenerateConfig:
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
     batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share; benchmarks/generate.py --baseline-batch-size measures it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
-    backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
+    backend: str = opt("transformers", "generation engine: transformers, vllm (where installed), or auto (vllm where it is installed and a CUDA GPU is present, else transformers)")
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
 
     def __post_init__(self) -> None:
         _check(self, num_pairs=(">=", 1), num_samples=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
                limit=(">=", 1), batch_size=(">=", 1), max_context=(">=", 1))
+        if self.backend not in ("transformers", "vllm", "auto"):
+            raise _bad("backend", "transformers, vllm or auto", self.backend)
         if self.max_context <= self.max_new_tokens:
             raise DlmaError(f"max_context (--max-context) must be larger than max_new_tokens (--max-new-tokens), "
                             f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
@@ -182,6 +184,20 @@ class TrainConfig:
                             "(clipping needs the global norm of every gradient first; passes add up gradients)")
 
 
+JUDGE_KINDS = ("self-reward", "llm:MODEL", "reward:MODEL", "cost:MODEL", "openai:MODEL")
+
+
+def parse_judge_spec(spec: str) -> tuple[str, str | None]:
+    """Which kind of judge a `--judge` names: 'llm:Qwen/Qwen2.5-7B-Instruct' -> ('llm', 'Qwen/Qwen2.5-7B-Instruct');
+    'self-reward' -> ('self-reward', None)."""
+    if spec == "self-reward":
+        return spec, None
+    kind, sep, name = spec.partition(":")
+    if not sep or not name or kind not in ("llm", "reward", "cost", "openai"):
+        raise DlmaError(f"unknown judge {spec!r}; use one of: {', '.join(JUDGE_KINDS)}")
+    return kind, name
+
+
 @dataclass
 class EvalConfig:
     prompts: str = opt("hh-harmless:test,safety-eval", "held-out prompts: comma-separated sources (files or bundled sets); prompts labelled unsafe/safe give refusal rates")
@@ -210,6 +226,8 @@ class EvalConfig:
         _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
                batch_size=(">=", 1), max_context=(">=", 1), pairs_limit=(">=", 1), examples=(">=", 0),
                judge_timeout=(">", 0), judge_retries=(">=", 0), judge_rate=(">=", 0), judge_concurrency=(">=", 1))
+        for spec in self.judge:
+            parse_judge_spec(spec)
 
 
 @dataclass
@@ -257,6 +275,7 @@ def section(factory: Any, help: str) -> Any:
 class RunConfig:
     """Everything `dlma run` does; the sections are the stage commands' options."""
 
+    description: str = opt("", "what the run is for, in a line (`dlma recipes` lists the recipes' own)")
     run_dir: str = opt("runs/default", "where stages, the final model and the report go")
     method: str = opt("dlma", "how pairs are scored and trained: " + objectives.method_help())
     rounds: int = opt(1, "generate -> score -> train repeats, the latest policy generating and serving as reference")
@@ -267,6 +286,51 @@ class RunConfig:
     evaluate: EvalConfig = section(EvalConfig, "evaluation against the starting model")
     seeds: typing.List[int] = opt([], "--compare: train and evaluate every method once per seed (data order and initialisation) on the same pairs, and report mean and spread; empty: train.seed only")
     method_train: typing.Dict[str, typing.Dict[str, typing.Any]] = opt({}, "--compare: training settings per method, e.g. {rlcd: {lr: 2.0e-5}} (each method's own learning rate, chosen on the validation split)")
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """A setting a user brings to `dlma run` as an option of its own (and a top-level YAML key)."""
+
+    key: str  # section.key
+    flag: str
+    metavar: str
+    help: str
+
+    @property
+    def yaml_key(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+RUN_INPUTS = (
+    RunInput("model.model", "--model", "MODEL", "starting model: embedded, a Hugging Face id or a local directory"),
+    RunInput("generate.prompts", "--prompts", "FILE[,FILE]", "prompts to align on: .jsonl/.json/.csv files or bundled sets"),
+    RunInput("generate.preset", "--preset", "PRESET[,PRESET]", "contrastive pair of each prompt source: a bundled name or a YAML file (one, or one per source)"),
+    RunInput("evaluate.prompts", "--eval-prompts", "FILE[,FILE]", "held-out prompts the aligned and the starting model answer"),
+)
+
+
+def spelling(key: str) -> str:
+    """How `dlma run` sets `key` (section.key): its own option where it has one, else --set."""
+    own = next((i for i in RUN_INPUTS if i.key == key), None)
+    return f"{own.flag} {own.metavar}" if own else f"--set {key}=VALUE"
+
+
+def expand_inputs(data: dict, where: str) -> dict:
+    """A run YAML's top-level input keys (`model: NAME`, `prompts:`, `preset:`, `eval_prompts:`) moved into
+    their sections, as `dlma run --model/--prompts/--preset/--eval-prompts` set them."""
+    out = dict(data)
+    for inp in RUN_INPUTS:
+        name = inp.yaml_key
+        if name not in out or (name == "model" and isinstance(out[name], dict)):
+            continue
+        section, key = inp.key.split(".")
+        into = dict(out.get(section) or {}) if section != name else {}
+        if key in into:
+            raise DlmaError(f"{where}: {name} and {section}.{key} both given; keep one")
+        into[key] = out.pop(name)
+        out[section] = into
+    return out
 
 
 # -- dataclass <-> argparse / YAML -----------------------------------------------
@@ -426,6 +490,8 @@ def load_yaml(cls: type, path: str, base: Any = None) -> Any:
         raise DlmaError(f"{path}: invalid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise DlmaError(f"{path}: expected a mapping at the top level")
+    if cls is RunConfig:
+        data = expand_inputs(data, path)
     if base is not None:
         data = _deep_merge(to_dict(base), data)
     return from_dict(cls, data, path)

@@ -157,6 +157,14 @@ def load_preset(name_or_path: str) -> Preset:
     return preset
 
 
+def source_presets(sources: list[str], presets: list[str]) -> list[str]:
+    """The preset each prompt source is generated under: one preset for all, or one per source in order."""
+    if len(presets) not in (1, len(sources)):
+        raise DlmaError(f"--preset names {len(presets)} presets for {len(sources)} prompt sources; "
+                        "give one preset, or one per source in the same order")
+    return presets * len(sources) if len(presets) == 1 else list(presets)
+
+
 def as_messages(prompt: str | Sequence[dict]) -> Messages:
     """A prompt given as a string or as chat messages -> chat messages."""
     if isinstance(prompt, str):

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "recipes", "prompts"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -21,6 +21,7 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
   3. train     DPO shifted by R, with the bare query as context (baselines: dpo, ipo, sft)
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
+  recipes      the named configurations `dlma run --recipe NAME` starts from
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
 
 Every stage reads and writes files (JSONL, model directories, reports), so each can be
