@@ -212,3 +212,24 @@ def test_own_model_directory_prompts_and_preset_run_to_the_end(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
     assert again["models"]["baseline"] == model and again["attribute"]["aligned"] == metrics["attribute"]["aligned"]
+
+
+@pytest.mark.parametrize("attribute", ["concise", "see-a-professional"])
+def test_example_attributes_are_runnable_and_held_out(attribute):
+    """The two example attributes check out as `dlma run --recipe attribute` takes them, and no demonstration of
+    their preset nearly duplicates one of their prompts (a copied demonstration would inflate the held-out rate)."""
+    from pathlib import Path
+
+    from dlma.data import read_prompts
+    from dlma.overlap import near_duplicate_index
+    from dlma.prompts import load_preset
+
+    d = Path(__file__).resolve().parent.parent / "examples" / attribute
+    cfg = _run("--recipe", "attribute", "--prompts", str(d / "train.jsonl"), "--preset", str(d / f"{attribute}.yaml"),
+               "--eval-prompts", str(d / "test.jsonl"))
+    assert all("is off" in n for n in check_run(cfg))
+    preset = load_preset(str(d / f"{attribute}.yaml"))
+    assert preset.detector and preset.role == "attribute"
+    index = near_duplicate_index([ex.user for group in preset.demonstrations for ex in group])
+    for split in ("train", "val", "test"):
+        assert not [p.prompt[0]["content"] for p in read_prompts(str(d / f"{split}.jsonl")) if index.match(p.prompt[0]["content"])]
