@@ -95,3 +95,25 @@ def test_check_and_evaluate_count_with_the_same_detector(tmp_path):
     a = attribute_rates(preset, prompts, answers)
     assert (a["aligned"]["count"], a["baseline"]["count"], a["detector"]) == (2, 1, "ends within 4 words")
     assert attribute_rates(load_preset("harmless"), prompts, answers) is None  # refusal: the labelled refusal rates
+
+
+def test_the_attribute_is_reported_before_and_after():
+    """The terminal table and the seed comparison carry the attribute row; refusal rows only where prompts are labelled."""
+    from dlma.pipeline import format_compare, format_table, seed_spread
+    from dlma.refusal import rate, refusal_rates
+    from dlma.report import quality_table
+
+    def metrics(after: int) -> dict:
+        q = {"perplexity": 2.0, "mean_tokens": 30.0, "distinct_2": 0.5}
+        return {"attribute": {"preset": "concise", "attribute": "concise", "detector": "ends within 30 words",
+                              "baseline": rate(3, 100), "aligned": rate(after, 100)},
+                "refusal": {r: refusal_rates(["x"] * 3, [None] * 3) for r in ("aligned", "baseline")},
+                "quality": {"aligned": q, "baseline": q}}
+
+    table = format_table(metrics(40))
+    assert "concise: ends within 30 words (higher is better)  3.0% (3/100) [1.0-8.5]  40.0% (40/100) [30.9-49.8]" in table
+    assert "refusals on harmful prompts" not in table and "answer perplexity" in table
+    runs = {"dlma": dict(metrics(40), seeds=seed_spread([metrics(40), metrics(50)], [0, 1]))}
+    compare = format_compare(runs)
+    assert "shows the attribute" in compare and "45.0% (sd 7.1)" in compare and "harmful refused" not in compare
+    assert quality_table(metrics(40))[1][0][1].startswith("40.0% (40/100) [95% CI 30.9-49.8%]")

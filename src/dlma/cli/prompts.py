@@ -80,11 +80,14 @@ def register(sub) -> None:
 
 
 def run_list(args) -> int:
+    from ..detectors import for_preset
     from ..prompts import list_presets, load_preset
 
     for name in list_presets():
         pr = load_preset(name)
-        print(f"{name:16s} {pr.description}")
+        shows = for_preset(pr)
+        print(f"{name:20s} {pr.description}")
+        print(f"{'':20s} measured: {shows.description if shows else 'no detector'}; role: {pr.role}")
     return 0
 
 
