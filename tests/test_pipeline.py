@@ -308,14 +308,16 @@ def test_shipped_run_config_names_the_presets_it_trains_on():
 
 
 def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):
-    """An edited prompt file or a local model directory retrained in place redoes the stages, not `done already`."""
+    """An edited prompt file, preset or a local model directory retrained in place redoes the stages, not `done already`;
+    an edited detector redoes the evaluation alone."""
     import dataclasses
 
     from dlma.cli.run import shipped_defaults
     from dlma.pipeline import Pipeline
 
-    prompts, model_dir = tmp_path / "prompts.jsonl", tmp_path / "model"
+    prompts, model_dir, preset = tmp_path / "prompts.jsonl", tmp_path / "model", tmp_path / "mine.yaml"
     prompts.write_text('{"prompt": "How do I bake bread?"}\n')
+    preset.write_text("name: mine\npositive: {instruction: Be brief.}\nnegative: {instruction: Ramble.}\ndetector: {max_words: 30}\n")
     model_dir.mkdir()
     (model_dir / "model.safetensors").write_bytes(b"weights v1")
 
@@ -333,7 +335,7 @@ def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, m
         monkeypatch.setattr(Pipeline, "_stage", stage)
         cfg = shipped_defaults()
         cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, model=str(model_dir)),
-                                  generate=dataclasses.replace(cfg.generate, prompts=str(prompts), preset="harmless"),
+                                  generate=dataclasses.replace(cfg.generate, prompts=str(prompts), preset=str(preset)),
                                   evaluate=dataclasses.replace(cfg.evaluate, prompts=str(prompts)))
         Pipeline(cfg, progress=False, log=lambda m: None).run()
         return seen
@@ -346,3 +348,9 @@ def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, m
     (model_dir / "model.safetensors").write_bytes(b"weights v2, retrained")
     retrained = keys()
     assert all(retrained[s] != edited[s] for s in first)
+    # how the attribute is measured is read by evaluation alone: only it redoes
+    preset.write_text(preset.read_text().replace("max_words: 30", "max_words: 20"))
+    measured = keys()
+    assert [s for s in first if measured[s] != retrained[s]] == ["evaluate"]
+    preset.write_text(preset.read_text().replace("Be brief.", "Be very brief."))
+    assert all(keys()[s] != measured[s] for s in first)

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import yaml
+
 from .config import EvalConfig, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import read_jsonl, write_json
 from .errors import DlmaError, os_error_message
@@ -45,8 +47,8 @@ def _key(*parts: Any) -> str:
 
 
 def _files(spec: str | None) -> list:
-    """Content hashes of the files a comma-separated setting names (prompt files, preset YAMLs), so a
-    stage redoes when a file is edited; other names (bundled sets and presets, datasets) are their names."""
+    """Content hashes of the files a comma-separated setting names (prompt files, the evaluation's preset), so
+    a stage redoes when a file is edited; other names (bundled sets and presets, datasets) are their names."""
     out = []
     for item in (spec or "").split(","):
         p = Path(item.strip())
@@ -56,6 +58,23 @@ def _files(spec: str | None) -> list:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
             out.append([item.strip(), h.hexdigest()])
+    return out
+
+
+# Preset keys only evaluation and `dlma prompts check` read: editing how the attribute is measured
+# redoes the evaluation alone, not the generation, scoring and training before it.
+MEASURE_ONLY = ("detector", "description", "check_prompts")
+
+
+def _presets(spec: str | None) -> list:
+    """Preset files (of a comma-separated setting) by their content less MEASURE_ONLY; bundled presets by name."""
+    out = []
+    for item in (spec or "").split(","):
+        p = Path(item.strip())
+        if item.strip() and p.is_file():
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            kept = {k: v for k, v in data.items() if k not in MEASURE_ONLY} if isinstance(data, dict) else data
+            out.append([item.strip(), hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()])
     return out
 
 
@@ -260,14 +279,14 @@ class Pipeline:
         gcfg = generate_config(cfg, rnd)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
         gen_key = _key("generate", {k: v for k, v in to_dict(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
-                       upstream, _files(gcfg.prompts), _files(gcfg.preset))
+                       upstream, _files(gcfg.prompts), _presets(gcfg.preset))
         self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
         scfg = score_config(cfg)  # preset None: each pair's own
         if scfg is not None:
-            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _files(scfg.preset))
+            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _presets(scfg.preset))
 
             def score(d: Path) -> dict:
                 summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress)
@@ -281,7 +300,7 @@ class Pipeline:
             data_key = score_key
 
         tcfg = train_config(cfg)
-        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _files(tcfg.preset))
+        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _presets(tcfg.preset))
 
         def train(d: Path) -> dict:
             if tcfg.kl_alpha:
