@@ -59,12 +59,14 @@ def build(name: str, parts: list[str]) -> list[dict]:
 
 
 def main() -> None:
+    from dlma.data import read_prompts
     from dlma.overlap import near_duplicate_index
     from dlma.prompts import list_presets, load_preset
 
     sets = {name: build(name, parts) for name, parts in SPLITS.items()}
     anchors = [r["prompt"] for n in ("harmful-train", "benign-train") for r in sets[n]]
     anchors += [ex.user for p in list_presets() for demos in load_preset(p).demonstrations for ex in demos]
+    anchors += [p.prompt[-1]["content"] for p in read_prompts("hh-harmless-first:train")]
     index = near_duplicate_index(anchors)
     hits = [(held, r["id"], r["prompt"], index.match(r["prompt"])) for held in ("safety-val", "safety-test") for r in sets[held]]
     hits = [h for h in hits if h[3] is not None]

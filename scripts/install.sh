@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up dlma in a virtual environment at .venv (created if missing).
-#   bash scripts/install.sh          # library, CLI, embedded model, test tools
-#   bash scripts/install.sh --bench  # also TRL, for benchmarks/train.py
+#   bash scripts/install.sh          # library, CLI, embedded model, test tools (with TRL, datasets,
+#                                    # TensorBoard and build, which the integration tests use)
+#   bash scripts/install.sh --bench  # the same plus what benchmarks/ needs
+# Users pick extras instead: pip install 'dlma[trl]', '[vllm]', '[hub]', '[lora]', '[tracking]', '[datasets]'.
 # PyTorch: machines with an NVIDIA driver get the default (CUDA) wheel; others get
 # torch==2.13.0, which must be a CPU build: set TORCH_INDEX_URL (for example the
 # PyTorch CPU index) where your default index would give a CUDA build.

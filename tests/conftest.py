@@ -35,3 +35,22 @@ def tiny_pairs(tmp_path_factory, embedded):
     generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=6, max_new_tokens=24, batch_size=12), str(out),
                    backend=TransformersBackend(model, tok, 12), tokenizer=tok, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_pairs, embedded, tmp_path_factory):
+    """The tiny pairs scored and trained for two steps by dlma's own stages, both reporting to TensorBoard:
+    (scored file, model directory)."""
+    from dlma.config import ModelConfig, ScoreConfig, TrainConfig
+    from dlma.reward import score_file
+    from dlma.train import train_model
+
+    model, tok = embedded
+    d = tmp_path_factory.mktemp("trained")
+    scored = d / "scored.jsonl"
+    score_file(ModelConfig(dtype="float32"), ScoreConfig(batch_size=4, report_to=["tensorboard"]), str(tiny_pairs),
+               str(scored), model=model, tokenizer=tok, progress=False)
+    train_model(ModelConfig(dtype="float32", device="cpu"),
+                TrainConfig(max_steps=2, batch_size=2, save_steps=0, report_to=["tensorboard"]), str(scored),
+                str(d / "model"), progress=False)
+    return scored, d / "model"

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
-from bad_inputs import CASES, materialise
+from bad_inputs import CASES, HANDLED, running
 from dlma.cli import main
 from dlma.config import EvalConfig, GenerateConfig, ScoreConfig, TrainConfig
 from dlma.errors import DlmaError
@@ -101,6 +106,48 @@ def test_the_same_checks_for_yaml_set_and_python(tmp_path, capsys):
     assert GenerateConfig(limit=None).limit is None and TrainConfig(max_steps=None).max_steps is None
 
 
+@pytest.mark.parametrize("cls,kw", [
+    (TrainConfig, {"lr": math.inf}), (TrainConfig, {"interpolate": math.inf}), (TrainConfig, {"margin_weight": math.nan}),
+    (TrainConfig, {"beta": math.inf}), (TrainConfig, {"margin_clip": (-math.inf, 40.0)}), (TrainConfig, {"min_reward": math.nan}),
+    (TrainConfig, {"kl_alpha": math.inf}), (TrainConfig, {"warmup_ratio": math.nan}), (GenerateConfig, {"temperature": math.nan}),
+    (EvalConfig, {"judge_timeout": math.inf}),
+])
+def test_numbers_that_reach_the_weights_are_finite(cls, kw):
+    """--lr inf and --interpolate inf saved a model of NaNs with exit 0; --margin-weight nan skipped every step."""
+    (name,) = kw
+    with pytest.raises(DlmaError, match=rf"{name} \(--{name.replace('_', '-')}\) must be a finite number"):
+        cls(**kw)
+
+
+def test_set_values_are_not_silently_converted():
+    """--set generate.limit=2.9 became 2, [a,b] the string "['a', 'b']", yes the learning rate 1.0."""
+    from dlma.config import RunConfig, apply_overrides, from_dict
+
+    for key, value, says in (("generate.limit", "2.9", "not a whole number"), ("generate.limit", ".inf", "not a whole number"),
+                             ("generate.prompts", "[a,b]", "comma-separated: a,b"), ("train.lr", "yes", "not a number"),
+                             ("seeds", "[1.5]", "not a whole number"), ("train.margin_clip", "[true, 2]", "not a number"),
+                             ("run_dir", "", "run_dir (--run-dir) must be a directory")):
+        with pytest.raises(DlmaError, match=re.escape(says)):
+            apply_overrides(RunConfig(), [f"{key}={value}"])
+    assert apply_overrides(RunConfig(), ["generate.limit=3.0", "generate.prompts=a,b"]).generate.limit == 3
+    assert from_dict(GenerateConfig, {"limit": 4}).limit == 4
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path):
+    """A model id that is not cached, the Hub out of reach and HF_HUB_OFFLINE unset: transformers
+    printed ~23 retry lines over ~46 s before the error."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "Hi", "chosen": "x", "rejected": "y"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # a closed port; nothing cached
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "dlma.cli", "score", "--data", str(tmp_path / "p.jsonl"), "--out",
+                          str(tmp_path / "s.jsonl"), "--no-progress", "--model", "no-such-org/no-such-model"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "cannot load model 'no-such-org/no-such-model' (not cached): http://127.0.0.1:9 cannot be reached" in res.stderr
+    assert time.time() - t0 < 30
+
+
 @pytest.mark.parametrize("broken", ["tokenizer-only directory", "unknown id"])
 def test_a_model_that_cannot_be_loaded_is_the_same_one_line_in_every_command(files, capsys, tokenizer, broken):
     if broken == "unknown id":
@@ -120,6 +167,20 @@ def test_a_model_that_cannot_be_loaded_is_the_same_one_line_in_every_command(fil
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
 def test_catalogue(case, tmp_path, capsys):
-    """Every entry of the bad-input catalogue (docs/bad-input.md): one line, naming the problem."""
-    err = _error(capsys, materialise(case, tmp_path))
+    """Every entry of the bad-input catalogue (docs/bad-input.md): one line, naming the problem, and
+    nothing written: the files the case starts from are as they were."""
+    with running(case, tmp_path) as argv:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        err = _error(capsys, argv)
     assert case.says in err, err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_every_handled_misuse_names_a_test_that_exists():
+    """The rows of docs/bad-input.md for misuse that gets correct output each point at their test."""
+    import importlib
+
+    for h in HANDLED:
+        path, name = h.test.split("::")
+        module = importlib.import_module(path.removeprefix("tests/").removesuffix(".py"))
+        assert callable(getattr(module, name, None)), h.test

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -105,3 +106,56 @@ def test_duplicate_pair_ids_are_rejected_with_file_and_line(tmp_path, capsys):
         assert "dup.jsonl:3: duplicate id 'a'" in capsys.readouterr().err
     f.write_text("".join(json.dumps(dict(rec, id=i)) + "\n" for i in ("a", "b", "c")))
     assert [p["id"] for p in read_pairs(str(f))] == ["a", "b", "c"]
+
+
+def test_csv_with_a_byte_order_mark_and_a_150_kb_field(tmp_path):
+    """Excel writes a byte-order mark first (it became part of the first column's name: "no `prompt`
+    field"); a prompt of 150 KB exceeded the csv module's 128 KiB field limit (a traceback)."""
+    (tmp_path / "excel.csv").write_bytes("\ufeffprompt,label\nhello,safe\n".encode("utf-8"))
+    (tmp_path / "long.csv").write_text("prompt\n" + "x" * 150_000 + "\nshort\n")
+    assert [(p.prompt[0]["content"], p.label) for p in read_prompts(str(tmp_path / "excel.csv"))] == [("hello", "safe")]
+    assert [len(p.prompt[0]["content"]) for p in read_prompts(str(tmp_path / "long.csv"))] == [150_000, 5]
+
+
+def test_prompts_must_end_with_the_users_turn_in_text(tmp_path):
+    f = tmp_path / "p.jsonl"
+    for prompt, says in (([{"role": "system", "content": "Be nice."}], "p.jsonl:1: `prompt`: the last message must be the user's"),
+                         ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "not 'assistant'"),
+                         ([{"role": "user", "content": None}], "message 1 must have a string `role` and a string `content`"),
+                         ([{"role": "user"}], "message 1 must have")):
+        f.write_text(json.dumps({"id": "a", "prompt": prompt}) + "\n")
+        with pytest.raises(DataError, match=re.escape(says)):
+            read_prompts(str(f))
+        f.write_text(json.dumps({"id": "a", "prompt": prompt, "chosen": "x", "rejected": "y"}) + "\n")
+        with pytest.raises(DataError, match="p.jsonl:1"):
+            read_pairs(str(f))
+    for name in ("hh-harmless", "hh-harmless-first", "benign-train", "harmful-train", "safety-val", "safety-test", "safety-eval"):
+        assert all(p.prompt[-1]["role"] == "user" for p in read_prompts(name))  # the bundled sets all pass
+
+
+def test_a_lone_surrogate_is_a_data_error(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "ok \\ud83d\\ude00"}\n{"id": "b", "prompt": "bad \\ud800"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: holds the lone surrogate '\\ud800'"):
+        read_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "p.json").write_text('[{"prompt": "x", "chosen": "\\udfff", "rejected": "y"}]')
+    with pytest.raises(DataError, match="p.json: holds the lone surrogate"):
+        read_pairs(str(tmp_path / "p.json"))
+
+
+def test_one_writer_per_output_and_no_reading_what_is_being_written(tmp_path):
+    """Two writers of one file appended every record twice; a file still being written was read as a
+    finished one. The lock is the run directory's (one mechanism) and goes with its holder."""
+    from dlma.data import check_not_input
+
+    out = tmp_path / "out.jsonl"
+    with JsonlWriter(out) as first:
+        first.write({"id": "a", "prompt": "hi", "chosen": "x", "rejected": "y"})
+        with pytest.raises(DlmaError, match=rf"{out} is being written by another dlma process \(pid \d+ on .*\)"):
+            JsonlWriter(out)
+        with pytest.raises(DlmaError, match="out.jsonl is still being written by another dlma process"):
+            read_pairs(str(out))
+    assert [p["id"] for p in read_pairs(str(out))] == ["a"]  # closed: readable, and writable again
+    JsonlWriter(out).close()
+    with pytest.raises(DlmaError, match="is the input file"):
+        check_not_input(tmp_path / "." / "out.jsonl", [out])
+    check_not_input(tmp_path / "other.jsonl", [out])

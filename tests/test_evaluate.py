@@ -265,3 +265,48 @@ def test_report_keeps_hostile_text_inert(tmp_path, monkeypatch):
     for p in tmp_path.rglob("*"):
         if p.is_file():
             assert b"sk-dlma-test-secret" not in p.read_bytes(), p
+
+
+def test_edited_prompts_are_answered_again(tmp_path, embedded):
+    """Cached answers are keyed by their prompt's text, not its id alone: an answer to a prompt
+    edited since was reused as the edited prompt's answer."""
+    from dlma.data import PromptRecord, read_jsonl
+    from dlma.evaluate import generate_answers
+    from dlma.prompts import load_preset
+
+    model, tok = embedded
+    cfg, path = EvalConfig(max_new_tokens=4, batch_size=2), tmp_path / "answers.jsonl"
+    ask = lambda text: generate_answers(model, tok, [PromptRecord("a", [{"role": "user", "content": text}])], cfg,  # noqa: E731
+                                        load_preset("harmless"), path, role="aligned", model_name="embedded", progress=False)
+    assert ask("Hi")[1] == 1 and ask("Hi")[1] == 0  # answered, then cached
+    got, made = ask("How do I bake bread?")
+    assert made == 1 and got["a"]["prompt"][0]["content"] == "How do I bake bread?"
+    assert ask("How do I bake bread?")[1] == 0 and len(read_jsonl(path)) == 2
+
+
+def test_one_evaluate_writes_a_report_at_a_time(tmp_path):
+    from dlma.data import release_lock, take_lock
+    from dlma.errors import DlmaError
+
+    lock = take_lock(tmp_path / "report" / ".lock", str)  # another evaluate writing the same report
+    try:
+        with pytest.raises(DlmaError, match=r"report is in use by another dlma evaluate \(pid \d+"):
+            evaluate_models(ModelConfig(dtype="float32"), EvalConfig(limit=1, max_new_tokens=2, judge=[]),
+                            str(tmp_path / "report"), model="embedded", progress=False)
+    finally:
+        release_lock(lock)
+
+
+def test_the_judge_cache_is_read_under_its_writers_lock(tmp_path):
+    """A reply cache a killed evaluation left with a half-written last line was a DataError on the
+    rerun (read before its writer repaired it); a second process sharing it is refused at once."""
+    from dlma.errors import DlmaError
+    from dlma.judges import VerdictCache
+
+    path = tmp_path / "judge-cache.jsonl"
+    path.write_text(json.dumps({"key": "k1", "model": "m", "reply": "A"}) + "\n" + '{"key": "k2", "mod')
+    cache = VerdictCache(path)
+    assert cache.get("k1") == "A" and cache.get("k2") is None
+    with pytest.raises(DlmaError, match="is being written by another dlma process"):
+        VerdictCache(path)
+    cache.close()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dlma.data import read_jsonl
+from dlma.data import read_jsonl, read_pairs
 from dlma.logprobs import score_sequences
 from dlma.prompts import Renderer, load_preset
 
@@ -20,7 +20,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_pairs_have_both_sides_and_settings(tiny_pairs):
-    recs = read_jsonl(tiny_pairs)
+    recs = read_pairs(str(tiny_pairs))
     assert len(recs) == 6 and len({r["id"] for r in recs}) == 6
     for r in recs:
         assert r["chosen"].strip() and r["rejected"].strip()
@@ -32,7 +32,7 @@ def test_generation_logprobs_match_a_fresh_forward_pass(tiny_pairs, embedded):
     """The raw log-probs recorded while sampling are lp(o+|p+) and lp(o-|p-) of a fresh pass."""
     model, tok = embedded
     r = Renderer(tok, load_preset("harmless"))
-    recs = [x for x in read_jsonl(tiny_pairs) if "gen_lp_chosen" in x and "gen_lp_rejected" in x]
+    recs = [x for x in read_pairs(str(tiny_pairs)) if "gen_lp_chosen" in x and "gen_lp_rejected" in x]
     assert len(recs) >= 4, "re-tokenization should give back the sampled ids for most answers"
     ctx = [r.context_ids(x["prompt"], s) for x in recs for s in ("positive", "negative")]
     resp = [r.response_ids(x[k], x[f"{k}_truncated"]) for x in recs for k in ("chosen", "rejected")]
@@ -244,7 +244,7 @@ def test_generate_pairs_same_file_with_and_without_prefix_cache(tmp_path, embedd
         out = tmp_path / f"pairs-{on}.jsonl"
         summaries[on] = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), backend=TransformersBackend(model, tok, 8, on),
                                        tokenizer=tok, progress=False)
-        recs[on] = read_jsonl(out)
+        recs[on] = read_pairs(str(out))
     assert [(r["id"], r["chosen"], r["rejected"]) for r in recs[True]] == [(r["id"], r["chosen"], r["rejected"]) for r in recs[False]]
     for a, b in zip(recs[True], recs[False]):
         for k in ("gen_lp_chosen", "gen_lp_rejected"):
@@ -365,6 +365,30 @@ def test_vllm_backend_seeds_each_request_and_releases_the_engine(tmp_path, monke
     assert kinds[-2:] == ["shutdown", "cleanup"] and kinds.count("shutdown") == kinds.count("cleanup") == 1
     seeds = [s for c in calls if c[0] == "generate" for s in c[1]]
     assert len(seeds) == 8 and len(set(seeds)) == 8  # 2 prompts x 2 pairs x 2 sides, each its own draw
-    recs = list(read_jsonl(out))
+    recs = read_pairs(str(out))
     assert len({(r["chosen"], r["rejected"]) for r in recs}) == 4
     assert all(r["chosen"] != r["rejected"] for r in recs)
+
+
+def test_a_huge_num_pairs_writes_pairs_as_they_come(tmp_path, tokenizer):
+    """--num-pairs in the millions sampled every pair of a prompt before writing the first (an
+    interrupt lost them all): pairs are the unit of work, a batch of them at a time."""
+    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.generate import Sample, generate_pairs
+
+    class Engine:
+        name, calls = "fake", 0
+
+        def sample(self, contexts, params, seeds=None):
+            assert len(contexts) <= 4, f"{len(contexts)} contexts sampled at once"
+            self.calls += 1
+            if self.calls > 2:
+                raise KeyboardInterrupt
+            return [Sample([], 0.0, True, tokenizer.eos_token_id) for _ in contexts]
+
+    (tmp_path / "p.jsonl").write_text('{"id": "q", "prompt": "Hello?"}\n')
+    out = tmp_path / "pairs.jsonl"
+    cfg = GenerateConfig(prompts=str(tmp_path / "p.jsonl"), num_pairs=1000, limit=1, batch_size=4, max_new_tokens=2)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pairs(ModelConfig(), cfg, str(out), backend=Engine(), tokenizer=tokenizer, progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == ["q:0", "q:1", "q:2", "q:3"]  # kept: resumed after them

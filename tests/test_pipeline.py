@@ -90,7 +90,7 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     # the kept training step is chosen on validation prompts (probes at steps 3 and 6, resumed from a checkpoint)
     select = ["--set", "train.select_prompts=safety-val", "--set", "train.select_limit=4", "--set", "train.select_every=3",
               "--set", "train.select_max_new_tokens=6"]
-    cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", *TINY, *select]
+    cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", "--report-to", "tensorboard", *TINY, *select]
     r1 = run_dir / "round-1"
 
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,6 +141,12 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final-model")
     assert model.config.model_type == "llama"
+    # the final model's card: the run's evaluation with its split and intervals, and the command
+    card = (run_dir / "final-model" / "README.md").read_text()
+    assert "## Evaluation" in card and "refusal rate on unsafe prompts" in card and "95% CI" in card
+    assert "`safety-test` (2)" in card and "dlma.cli run --run-dir" in card and "(method `dlma`)" in card
+    for stage in ("generate", "score", "train", "evaluate"):  # --report-to reached every stage
+        assert list((run_dir / "tensorboard" / "round-1" / stage).glob("events.out.tfevents.*")), stage
 
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
@@ -156,6 +162,14 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "[round 1 generate] done already" in changed.stderr and "[round 1 score] done already" in changed.stderr
     assert "[round 1 train] settings changed" in changed.stderr
+
+    # settings that fail only once training reads its pairs: the trained stage, final-model and the report stay
+    trained = json.loads((r1 / "train" / "done.json").read_text())["key"]
+    late = subprocess.run(cmd + ["--set", "train.beta=0.3", "--set", "train.min_reward=1e9"], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert late.returncode == 2 and "no pairs left" in late.stderr.strip().splitlines()[-1], late.stderr[-3000:]
+    assert json.loads((r1 / "train" / "done.json").read_text())["key"] == trained
+    assert (run_dir / "final-model" / "config.json").is_file() and (r1 / "evaluate" / "index.html").is_file()
 
 
 def test_second_concurrent_run_is_refused(tmp_path):
@@ -186,9 +200,8 @@ def test_every_method_can_train_on_what_its_scoring_gives():
     from dlma.train import select_pairs
 
     shipped = shipped_defaults()
-    METHODS = methods()
     assert shipped.train.min_reward is not None  # what makes this a test
-    for method, spec in METHODS.items():
+    for method, spec in methods().items():
         pair = {"id": "a", "chosen": "x", "rejected": "y"}
         if spec.judge in ("self-reward", "both"):
             pair["self_reward"] = 1.0
@@ -196,11 +209,13 @@ def test_every_method_can_train_on_what_its_scoring_gives():
             pair["judge_score"] = 0.25
         tcfg = train_config(dataclasses.replace(shipped, method=method))
         assert tcfg.loss == spec.loss
+        assert (tcfg.min_reward is not None) == spec.selects_by_reward, method  # only methods that use R filter by it
         kept, _ = select_pairs([pair], tcfg)
         assert len(kept) == 1, method
     assert train_config(shipped).min_reward == shipped.train.min_reward  # dlma keeps its filter
+    assert train_config(dataclasses.replace(shipped, method="rlcd")).min_reward is None  # RLCD: the pairs as they come
     assert shipped.train.kl_alpha > 0  # the KL term: kept by every loss over sampled responses, dropped by SFT's
-    kept_kl = {m: train_config(dataclasses.replace(shipped, method=m)).kl_alpha for m in METHODS}
+    kept_kl = {m: train_config(dataclasses.replace(shipped, method=m)).kl_alpha for m in methods()}
     assert kept_kl["dlma-listwise"] == kept_kl["dlma"] == shipped.train.kl_alpha and kept_kl["context-distillation"] == 0.0
 
 
@@ -354,3 +369,64 @@ def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, m
     assert [s for s in first if measured[s] != retrained[s]] == ["evaluate"]
     preset.write_text(preset.read_text().replace("Be brief.", "Be very brief."))
     assert all(keys()[s] != measured[s] for s in first)
+
+
+def _pipeline(tmp_path, logs: list):
+    import dataclasses
+
+    from dlma.cli.run import shipped_defaults
+    from dlma.pipeline import Pipeline
+
+    return Pipeline(dataclasses.replace(shipped_defaults(), run_dir=str(tmp_path / "run")), progress=False, log=logs.append)
+
+
+def _trains(version: str, fail: bool = False):
+    def fn(d: Path) -> dict:
+        (d / "model").mkdir(parents=True, exist_ok=True)
+        (d / "model" / "weights").write_text(version)
+        if fail:
+            raise DlmaError("no pairs left to train on")
+        return {"version": version}
+    return fn
+
+
+def test_a_rerun_whose_settings_fail_keeps_the_old_result(tmp_path):
+    """A finished stage rerun with settings that fail late (train.min_reward above every pair's R) was
+    deleted before they were checked: final-model dangled beside a stale report. The new stage runs
+    beside the old one (STAGE.new) and replaces it only once complete."""
+    logs: list = []
+    pipe = _pipeline(tmp_path, logs)
+    train, final = tmp_path / "run" / "round-1" / "train", tmp_path / "run" / "final-model" / "weights"
+    assert pipe._stage("train", 1, "old", _trains("old")) == {"version": "old"}
+    pipe._link_final(str(train / "model"))
+    with pytest.raises(DlmaError, match="stage round 1 train: no pairs left"):
+        pipe._stage("train", 1, "new", _trains("new", fail=True))
+    assert final.read_text() == "old" and json.loads((train / "done.json").read_text())["key"] == "old"
+    assert any("settings changed: redoing it beside the old result" in m for m in logs)
+    assert pipe._stage("train", 1, "new", _trains("new")) == {"version": "new"}  # resumed beside, then swapped in
+    assert final.read_text() == "new" and not train.with_name("train.new").exists() and not train.with_name("train.old").exists()
+    assert pipe._stage("train", 1, "new", _trains("other", fail=True)) == {"version": "new"}  # done: skipped
+    # a kill between the swap's two renames: the next run puts the finished new stage in place
+    pipe._stage("train", 1, "newer", _trains("newer"))
+    os.replace(train, train.with_name("train.new"))
+    assert pipe._stage("train", 1, "newer", _trains("x", fail=True)) == {"version": "newer"} and final.read_text() == "newer"
+
+
+def test_corrupt_markers_count_as_absent(tmp_path, monkeypatch):
+    """A corrupt done.json, started.json or manifest.json was a JSONDecodeError traceback."""
+    from dlma.pipeline import Pipeline
+
+    logs: list = []
+    pipe = _pipeline(tmp_path, logs)
+    train = tmp_path / "run" / "round-1" / "train"
+    pipe._stage("train", 1, "k", _trains("one"))
+    (train / "done.json").write_text('{"key": "k", "summ')  # cut short
+    assert pipe._stage("train", 1, "k", _trains("two")) == {"version": "two"} and logs[-1] == "[round 1 train] resuming"
+    (train / "started.json").write_text("[1, 2]")
+    (train / "done.json").unlink()
+    assert pipe._stage("train", 1, "k", _trains("three")) == {"version": "three"}
+    (tmp_path / "run" / "manifest.json").write_text("{not json")
+    monkeypatch.setattr(Pipeline, "_round", lambda self, rnd, spec, policy, upstream: (policy, upstream, {"round": rnd}))
+    monkeypatch.setattr(Pipeline, "_link_final", lambda self, policy: None)
+    assert pipe.run() == {"round": 1}
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["method"] == "dlma"

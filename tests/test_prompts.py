@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
 from dlma.errors import DlmaError
@@ -150,3 +153,62 @@ def test_end_of_turn_follows_the_chat_template(tmp_path):
     assert r.response_ids("Sure.")[-1] == eot
     assert r.response_ids("Sure, here is", truncated=True)[-1] != eot
     assert end_of_turn_id(load_tokenizer("embedded")) == load_tokenizer("embedded").eos_token_id  # ChatML: <|im_end|>
+
+
+def test_help_texts_name_every_bundled_preset_prompt_set_and_loss(capsys):
+    """The help listed 2 of the 4 presets and 4 of the 7 prompt sets, called the default run a quick
+    harmless one, left out `listwise`, and `prompts list` ran a long name into its description."""
+    from dlma.cli import build_parser, main
+    from dlma.data import BUNDLED
+    from dlma.prompts import list_presets
+
+    def help_of(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    for cmd in ("generate", "evaluate", "score"):
+        text = help_of(cmd).replace("- ", "-")  # argparse wraps after a hyphen
+        assert all(name in text for name in list_presets()), (cmd, text)
+    for cmd in ("generate", "evaluate"):
+        text = help_of(cmd).replace("- ", "-")
+        assert all(name in text for name in BUNDLED), (cmd, text)
+    assert "listwise" in help_of()
+    assert "quick default" not in help_of("run") and "refuse harmful" in help_of("run")
+    assert main(["prompts", "list"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        name, gap, rest = line.partition("  ")
+        assert name in list_presets() and gap and rest.strip() == load_preset(name).description, line
+
+
+def test_presets_that_contrast_nothing_or_say_something_else_are_refused(tmp_path):
+    demo = "demonstrations:\n  - - user: hi\n      positive: Hello!\n      negative: What.\n"
+    for text, says in (("name: a\n" + demo + "demos_per_prompt: 0\n", "p+ and p- are the same text"),
+                       ("name: a\ndemonstrations: [[]]\n", "p+ and p- are the same text"),
+                       ("name: a\npositive: {instruction: x}\nnegative: {instruction: x}\n", "p+ and p- are the same text"),
+                       ("name: a\n" + demo.replace("What.", "Hello!"), "p+ and p- are the same text"),
+                       ("name: a\npositive: bare\ndemonstrations:\n  - - user: hi\n      negative: No.\n  - []\n", "same text"),
+                       ("name: a\n" + demo.replace("positive:", "positve:"), "unknown key(s) positve in a demonstration"),
+                       ("name: a\n" + demo + "demos_per_promt: 1\n", "unknown key(s) demos_per_promt at the top level"),
+                       ("name: a\n" + demo + "demos_per_prompt: two\n", "demos_per_prompt must be a whole number >= 0, got 'two'"),
+                       ("name: a\n" + demo + "demos_per_prompt: -1\n", "demos_per_prompt must be a whole number"),
+                       ("name: a\nnegative: {instruction: x, tone: rude}\n", "unknown key(s) tone in `negative`"),
+                       ("name: a\n" + demo.replace("      negative: What.\n", ""), "a demonstration has no negative")):
+        f = tmp_path / "p.yaml"
+        f.write_text(text)
+        with pytest.raises(DlmaError, match=re.escape(says)):
+            load_preset(str(f))
+    from dlma.search import candidates
+
+    for name in list_presets():  # every bundled preset, and every variant `prompts search` tries, contrasts
+        assert [preset_from_dict(d, n) for n, d in candidates(load_preset(name))]
+
+
+def test_placement_user_needs_a_user_turn(tokenizer):
+    """`placement: user` on a prompt without a user turn was `max() arg is an empty sequence`; such a
+    prompt is refused where it is read (as_messages), and the renderer says so too."""
+    preset = dataclasses.replace(load_preset("harmless"), placement="user")
+    with pytest.raises(DlmaError, match="the last message must be the user's"):
+        as_messages([{"role": "system", "content": "Be nice."}])
+    with pytest.raises(DlmaError, match="no user turn"):
+        Renderer(tokenizer, preset).context_text([{"role": "system", "content": "Be nice."}], "positive")

@@ -43,3 +43,23 @@ def test_score_refuses_to_append_with_other_settings(tmp_path, embedded):
             run(cfg)
         assert out.read_text() == before
     assert run(ScoreConfig(batch_size=2))["scored"] == 1  # the batch size does not change the records
+
+
+def test_an_edited_preset_file_is_other_settings(tmp_path, embedded):
+    """A preset file is keyed by its content, not its path: edited between two runs into one output,
+    the second run's pairs would be another preset's under the same name."""
+    from pathlib import Path
+
+    from dlma.generate import TransformersBackend, generate_pairs
+
+    model, tok = embedded
+    preset = tmp_path / "mine.yaml"
+    preset.write_text((Path(__file__).parents[1] / "src/dlma/presets/harmless.yaml").read_text())
+    out = tmp_path / "pairs.jsonl"
+    run = lambda limit: generate_pairs(ModelConfig(dtype="float32"),  # noqa: E731
+                                       GenerateConfig(preset=str(preset), limit=limit, max_new_tokens=2), str(out),
+                                       backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+    run(1)
+    preset.write_text(preset.read_text().replace("You politely refuse", "You always refuse"))
+    with pytest.raises(DlmaError, match="other settings .*preset_files"):
+        run(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -180,6 +181,7 @@ def test_resumed_scoring_is_byte_identical(embedded, tiny_pairs, tmp_path):
 def test_generation_logprobs_reused_for_a_preset_given_as_a_file(tmp_path):
     """generate records the preset as it was given (a YAML path for a user's file); scoring under
     the same file reuses the generator's log-probs, under another preset it does not."""
+    from dlma.data import pair_digest
     from dlma.prompts import load_preset
     from dlma.reward import _reusable
 
@@ -187,7 +189,8 @@ def test_generation_logprobs_reused_for_a_preset_given_as_a_file(tmp_path):
     f.write_text("name: mine\npositive: bare\nnegative: {instruction: refuse}\n")
     gen = {"dtype": "float32", "max_context": 1024, "max_new_tokens": 32, "model": "embedded"}
     ctx = {"positive": [1] * 10, "negative": [1] * 12}
-    rec = {"preset": str(f), "generation": gen}
+    rec = {"preset": str(f), "generation": gen, "prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    rec["gen_lp_of"] = pair_digest(rec)
     assert _reusable(rec, load_preset(str(f)), "float32", "embedded", ctx)
     assert _reusable(dict(rec, preset="mine"), load_preset(str(f)), "float32", "embedded", ctx)
     assert not _reusable(rec, load_preset("harmless"), "float32", "embedded", ctx)
@@ -198,7 +201,7 @@ def test_scoring_precision_auto_is_exact_on_a_cpu_and_mixed_on_a_bf16_gpu(monkey
     """A GPU cannot run here, so the device checks are stood in for; the choice itself is real."""
     import torch
 
-    import dlma.models as M
+    import dlma.reward as M  # the device checks as the scorer imported them
     from dlma.config import ModelConfig, ScoreConfig
     from dlma.reward import scoring_precision
 
@@ -212,3 +215,41 @@ def test_scoring_precision_auto_is_exact_on_a_cpu_and_mixed_on_a_bf16_gpu(monkey
     assert scoring_precision("exact", ModelConfig()) == ("exact", "auto")
     monkeypatch.setattr(M, "bf16_supported", lambda device: False)  # e.g. a V100
     assert scoring_precision("auto", ModelConfig()) == ("exact", "auto")
+
+
+def test_edited_pairs_and_relative_preset_files(tmp_path, monkeypatch, embedded):
+    """Pairs generated under a preset file named relative to where generate ran are scored from
+    anywhere (they named a file that was not there); a pair edited after generation has its
+    log-probs recomputed (they were reused, the old text's); a pair edited after it was scored into
+    --out is refused there (the stale score was kept with exit 0)."""
+    from dlma.config import GenerateConfig
+    from dlma.data import read_jsonl
+    from dlma.errors import DataError
+    from dlma.generate import TransformersBackend, generate_pairs
+
+    model, tok = embedded
+    made, elsewhere = tmp_path / "made", tmp_path / "elsewhere"
+    made.mkdir(), elsewhere.mkdir()
+    (made / "mine.yaml").write_text((Path(__file__).parents[1] / "src/dlma/presets/harmless.yaml").read_text())
+    monkeypatch.chdir(made)
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(prompts="harmful-train", preset="mine.yaml", limit=2,
+                                                                max_new_tokens=6, batch_size=4),
+                   "pairs.jsonl", backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+    monkeypatch.chdir(elsewhere)
+    data = made / "pairs.jsonl"
+    score = lambda src, out: score_file(ModelConfig(dtype="float32"), ScoreConfig(reference=False), str(src), str(out),  # noqa: E731
+                                        model=model, tokenizer=tok, progress=False)
+    assert score(data, "scored.jsonl")["reused_generation_logprobs"] == 2
+    pairs = read_jsonl(data)
+    pairs[0]["chosen"] = "I will not help with that."
+    edited = elsewhere / "edited.jsonl"
+    edited.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summary = score(edited, "scored-edited.jsonl")
+    assert summary["reused_generation_logprobs"] == 1
+    fresh = score_pairs(model, tok, str(made / "mine.yaml"), read_pairs(str(edited))[:1], reference=False, reuse_generation=False)
+    got = read_jsonl(elsewhere / "scored-edited.jsonl")[0]
+    assert got["lp_chosen_pos"] == pytest.approx(fresh[0]["lp_chosen_pos"], abs=1e-3) != pairs[0]["gen_lp_chosen"]
+    before = (elsewhere / "scored.jsonl").read_bytes()
+    with pytest.raises(DataError, match="scored.jsonl:1: record .* was made from .* as it was before .*edited.jsonl was edited"):
+        score(edited, "scored.jsonl")
+    assert (elsewhere / "scored.jsonl").read_bytes() == before

@@ -85,17 +85,36 @@ def _metrics(out: Path) -> list[dict]:
 def test_select_pairs_flips_and_filters():
     from dlma.train import select_pairs
 
-    pairs = [{"id": "a", "chosen": "x", "rejected": "y", "self_reward": -3.0, "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0},
+    pairs = [{"id": "a", "chosen": "x", "rejected": "y", "self_reward": -3.0, "ref_lp_chosen": -1.0, "ref_lp_rejected": -2.0,
+              "ref_lp_chosen_first": -0.5, "ref_lp_rejected_first": -0.25, "rejected_truncated": True},
              {"id": "b", "chosen": "x", "rejected": "y", "self_reward": 0.5},
              {"id": "c", "chosen": "x", "rejected": "y", "self_reward": 4.0}]
     kept, counts = select_pairs(pairs, TrainConfig(flip_negative=True, min_reward=1.0))
-    assert counts == {"pairs_read": 3, "pairs_flipped": 1, "pairs_filtered": 1, "pairs_used": 2}
+    assert counts == {"pairs_read": 3, "pairs_noise_flipped": 0, "pairs_flipped": 1, "pairs_filtered": 1, "pairs_used": 2}
     a = kept[0]
     assert (a["chosen"], a["rejected"], a["self_reward"], a["ref_lp_chosen"]) == ("y", "x", 3.0, -2.0)
+    # the references of the openings and the cut flags move with their responses too
+    assert (a["ref_lp_chosen_first"], a["ref_lp_rejected_first"], a["chosen_truncated"]) == (-0.25, -0.5, True)
     from dlma.errors import DlmaError
 
     with pytest.raises(DlmaError, match="self_reward"):
         select_pairs([{"id": "z", "chosen": "x", "rejected": "y"}], TrainConfig(loss="dlma"))
+
+
+def test_noise_flip_swaps_a_seeded_share_of_the_pairs():
+    """The ablation: a known share of pairs gets the worse answer as o+, with R's sign; a filter on R drops them."""
+    from dlma.train import select_pairs
+
+    pairs = [{"id": str(i), "chosen": f"good{i}", "rejected": f"bad{i}", "self_reward": 1.0 + i} for i in range(20)]
+    noisy, counts = select_pairs(pairs, TrainConfig(loss="dpo", noise_flip=0.25, seed=1))
+    wrong = [p for p in noisy if p.get("noise_flipped")]
+    assert counts["pairs_noise_flipped"] == 5 and len(wrong) == 5 and len(noisy) == 20
+    assert all(p["chosen"].startswith("bad") and p["self_reward"] < 0 for p in wrong)
+    assert select_pairs(pairs, TrainConfig(loss="dpo", noise_flip=0.25, seed=1))[0] == noisy  # seeded
+    assert {p["id"] for p in select_pairs(pairs, TrainConfig(loss="dpo", noise_flip=0.25, seed=2))[0]
+            if p.get("noise_flipped")} != {p["id"] for p in wrong}
+    filtered, counts = select_pairs(pairs, TrainConfig(noise_flip=0.25, seed=1, min_reward=0.0))
+    assert len(filtered) == 15 and not any(p.get("noise_flipped") for p in filtered)
 
 
 def test_select_pairs_normalises_per_preset_and_shuffles():
@@ -878,3 +897,48 @@ def test_compile_layers_compiles_under_gradient_checkpointing():
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert torch.allclose(logits.detach(), eager, atol=1e-3)
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_kl_keep_attribute_holds_only_answers_that_show_the_presets_attribute(tokenizer):
+    """--kl-keep attribute: under no-overrefusal an untouched refusal is not held (it would keep the over-refusal)."""
+    from dlma.prompts import attribute_detector, load_preset
+    from dlma.train.reference import shows_attribute
+
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answers = attribute_detector(load_preset("no-overrefusal"))
+    assert not shows_attribute(answers, enc("I'm sorry, but I can't help with that."), tokenizer)
+    assert shows_attribute(answers, enc("Run `kill -9 PID` to stop it."), tokenizer)
+    assert shows_attribute(None, enc("I'm sorry, but I can't help with that."), tokenizer)  # no detector: all held
+    with pytest.raises(Exception, match="kl_keep"):
+        TrainConfig(kl_keep="some")
+
+
+def test_a_new_objective_is_one_function_and_one_entry(scored, tmp_path, monkeypatch):
+    """A toy loss (a hinge on the implicit reward gap) written here and registered once: training,
+    the config check, `dlma run --method` and train_config all take it with no other change."""
+    import dataclasses
+
+    import torch
+
+    from dlma import objectives
+    from dlma.cli.run import shipped_defaults
+    from dlma.losses import LossBatch, LossSettings, PairLoss
+    from dlma.pipeline import train_config
+    from dlma.train import train_model
+
+    def hinge(b: LossBatch, s: LossSettings) -> PairLoss:
+        gap = (b.policy[:, 0] - b.reference[:, 0]) - (b.policy[:, 1] - b.reference[:, 1])
+        return PairLoss(torch.relu(1 - s.beta * gap), (s.beta * (b.policy[:, 0] - b.reference[:, 0])).detach(),
+                        (s.beta * (b.policy[:, 1] - b.reference[:, 1])).detach())
+
+    monkeypatch.setattr(objectives, "_OBJECTIVES", dict(objectives._OBJECTIVES))
+    objectives.register(objectives.Objective("hinge", hinge, "a hinge on the gap", terms=frozenset({"nll"}), method="hinge"))
+    assert "hinge" in objectives.loss_help() and "hinge" in objectives.methods()
+    tcfg = train_config(dataclasses.replace(shipped_defaults(), method="hinge"))
+    assert tcfg.loss == "hinge" and tcfg.kl_alpha == 0.0 and tcfg.rpo_alpha > 0  # the terms it takes, no others
+    s = train_model(ModelConfig(dtype="float32", device="cpu"), dataclasses.replace(tcfg, max_steps=2, batch_size=2, limit=4,
+                    rpo_alpha=0.0, save_steps=0), str(scored[0]), str(tmp_path / "m"), progress=False)
+    # before the first update the policy is the reference: a gap of 0, a hinge of 1
+    assert s["loss"] == "hinge" and s["steps"] == 2 and s["first_loss"] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(Exception, match="--kl-alpha is not a term of --loss hinge"):
+        TrainConfig(loss="hinge", kl_alpha=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -32,9 +33,22 @@ def _bad(name: str, rule: str, value: Any) -> DlmaError:
     return DlmaError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
 
 
+def _check_finite(obj: Any) -> None:
+    """Every float setting (and each float of a tuple) must be a finite number: an inf or NaN
+    passes `>=` style checks or none at all, and reaches the weights (lr, interpolate) or skips
+    every training step (margin_weight), so it is refused before any work."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise _bad(f.name, "a finite number", v)
+
+
 def _check(obj: Any, **rules: Any) -> None:
-    """Range checks shared by the command line, YAML and Python: rules map a field name to
-    ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for optional fields."""
+    """Range checks shared by the command line, YAML and Python: every float finite, and rules map
+    a field name to ('>=', x), ('>', x) or ('in', (lo, hi)) (lo < value <= hi); None passes for
+    optional fields."""
+    _check_finite(obj)
     for name, (op, bound) in rules.items():
         v = getattr(obj, name)
         if v is None and typing.get_origin(_hints(type(obj))[name]) in (typing.Union, types.UnionType):
@@ -46,6 +60,17 @@ def _check(obj: Any, **rules: Any) -> None:
             raise _bad(name, f"greater than {bound}", v)
         if op == "in" and not (number and bound[0] < v <= bound[1]):
             raise _bad(name, f"in ({bound[0]}, {bound[1]}]", v)
+
+
+def _bundled() -> tuple[str, str]:
+    """The bundled prompt sets and presets for the help texts, listed from where they live so that none is left out."""
+    from .data import BUNDLED
+    from .prompts import list_presets
+
+    return ", ".join(BUNDLED), ", ".join(list_presets())
+
+
+PROMPT_SETS, PRESETS = _bundled()
 
 
 @dataclass
@@ -62,8 +87,8 @@ class ModelConfig:
 
 @dataclass
 class GenerateConfig:
-    prompts: str = opt("hh-harmless:train", "prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled `hh-harmless[:train|:test]`, `benign-train`, `safety-eval`, or cached HF datasets")
-    preset: str = opt("harmless", "contrastive prompt pair: a bundled preset (harmless, helpful) or a YAML file; comma-separated to give each prompt source its own")
+    prompts: str = opt("hh-harmless:train", f"prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled sets ({PROMPT_SETS}; the hh-harmless ones take :train or :test), or cached HF datasets")
+    preset: str = opt("harmless", f"contrastive prompt pair: a bundled preset ({PRESETS}) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
     num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples; all 2K are kept in the record for --loss listwise")
     max_new_tokens: int = opt(64, "longest response, in tokens")
@@ -77,6 +102,8 @@ class GenerateConfig:
     batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share; benchmarks/generate.py --baseline-batch-size measures it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, vllm (where installed), or auto (vllm where it is installed and a CUDA GPU is present, else transformers)")
+    columns: typing.List[str] = opt([], "which columns of the prompt sources hold dlma's fields, as FIELD=COLUMN (prompt, id, label), e.g. prompt=question id=qid for a `datasets` dataset whose prompts are in `question`")
+    report_to: typing.List[str] = opt([], "also log throughput and counts to: tensorboard, wandb (when installed)")
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
 
     def __post_init__(self) -> None:
@@ -106,10 +133,12 @@ class TrainConfig:
     kl_alpha: float = opt(0.0, "weight of a KL term that keeps the answers to the --kl-presets pairs' prompts the untouched model's: per-token KL(untouched || model) on the untouched model's greedy answer to each such prompt, computed once before the first step (a retain term; e.g. no-overrefusal: answer harmless questions as before while the pair loss teaches refusing harmful ones). 0 = off")
     kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty (and no --kl-roles): every pair")
     kl_roles: typing.List[str] = opt([], "pairs of the presets that declare one of these roles carry the KL term, besides --kl-presets; a role no preset of the pairs has leaves the term off")
+    kl_keep: str = opt("all", "which untouched answers the KL term holds: all, or attribute (only those the pair's preset's detector says show its attribute, e.g. under no-overrefusal the ones that answer: an untouched model that already refuses some harmless requests would otherwise be held to those refusals)")
     kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term covers")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
     reward_norm: str = opt("none", "none, or preset: divide each pair's R by the median |R| of its preset's pairs and multiply by the median over all pairs, so presets whose R runs larger neither dominate the margin nor pass --min-reward more easily")
+    noise_flip: float = opt(0.0, "ablation: swap chosen and rejected of this share of the pairs (seeded by --seed; R changes sign with them), so a known share of pairs has the worse answer as o+: measures how well a loss that reads R tells wrong pairs from right ones")
     shuffle_reward: bool = opt(False, "ablation: permute R across the kept pairs (seeded by --seed), so the loss sees R's distribution but not which pair earned it")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
@@ -158,14 +187,18 @@ class TrainConfig:
                select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))
         if self.reward_norm not in ("none", "preset"):
             raise _bad("reward_norm", "none or preset", self.reward_norm)
+        if not 0 <= self.noise_flip <= 1:
+            raise _bad("noise_flip", "in [0, 1]", self.noise_flip)
         if not 0 <= self.label_smoothing < 0.5:
             raise _bad("label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        if not 0 <= self.lora_dropout < 1:
+            raise _bad("lora_dropout", "in [0, 1)", self.lora_dropout)
         if self.warmup_ratio > 1:
             raise _bad("warmup_ratio", "at most 1", self.warmup_ratio)
         lo, hi = self.margin_clip
         if lo > hi:
             raise DlmaError(f"margin_clip (--margin-clip) LO HI needs LO <= HI, got {lo} {hi}")
-        for name, allowed in (("lr_schedule", ("cosine", "linear", "constant")), ("mixed_precision", ("auto", "bf16", "fp16", "no")),
+        for name, allowed in (("kl_keep", ("all", "attribute")), ("lr_schedule", ("cosine", "linear", "constant")), ("mixed_precision", ("auto", "bf16", "fp16", "no")),
                               ("step_in_backward", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise _bad(name, " or ".join((", ".join(allowed[:-1]), allowed[-1])), getattr(self, name))
@@ -200,9 +233,9 @@ def parse_judge_spec(spec: str) -> tuple[str, str | None]:
 
 @dataclass
 class EvalConfig:
-    prompts: str = opt("hh-harmless:test,safety-eval", "held-out prompts: comma-separated sources (files or bundled sets); prompts labelled unsafe/safe give refusal rates")
+    prompts: str = opt("hh-harmless:test,safety-eval", f"held-out prompts: comma-separated sources (files or bundled sets: {PROMPT_SETS}); prompts labelled unsafe/safe give refusal rates")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
-    preset: typing.Optional[str] = opt(None, "preset whose detector measures the attribute on the answers and whose p+/p- and question judge them (a bundled name or a YAML file); default: the run's first preset (`dlma run`, or a stage command's --recipe/--config), else harmless")
+    preset: typing.Optional[str] = opt(None, f"preset whose detector measures the attribute on the answers and whose p+/p- and question judge them: a bundled preset ({PRESETS}) or a YAML file; default: the run's first preset (`dlma run`, or a stage command's --recipe/--config), else harmless")
     judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
     max_new_tokens: int = opt(128, "longest answer, in tokens")
     temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
@@ -221,6 +254,7 @@ class EvalConfig:
     judge_rate: float = opt(0.0, "openai: judge: at most this many requests per second (0 = unlimited)")
     judge_concurrency: int = opt(4, "openai: judge: requests in flight")
     judge_cache: typing.Optional[str] = opt(None, "openai: judge: reply cache file (default: OUT/judge-cache.jsonl)")
+    report_to: typing.List[str] = opt([], "also log the refusal, quality and judge tables to: tensorboard, wandb (when installed)")
 
     def __post_init__(self) -> None:
         _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
@@ -232,7 +266,7 @@ class EvalConfig:
 
 @dataclass
 class ScoreConfig:
-    preset: typing.Optional[str] = opt(None, "preset whose p+/p- define the score (default: the pairs' own `preset`, else harmless)")
+    preset: typing.Optional[str] = opt(None, f"preset whose p+/p- define the score: a bundled preset ({PRESETS}) or a YAML file (default: the pairs' own `preset`, else harmless)")
     judge: str = opt("self-reward", "self-reward (probability judge R), text (RLAIF: the model answers 'A or B', both orders), or both")
     batch_size: int = opt(8, "contexts per forward pass")
     reference: bool = opt(True, "also store ref_lp_chosen/ref_lp_rejected under the bare context (training needs them)")
@@ -241,6 +275,7 @@ class ScoreConfig:
     ensemble: bool = opt(False, "average R over every demonstration set of the preset (one scoring pass per set) instead of the set each query's hash picks")
     max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
+    report_to: typing.List[str] = opt([], "also log R's histogram and quantiles, the contrast rates and throughput to: tensorboard, wandb (when installed)")
     response_tokens: typing.Optional[int] = opt(None, "with --reference, also store the reference log-probs of each response's first N tokens, which `dlma train --response-tokens N` then reuses instead of computing them; `dlma run` takes train.response_tokens")
 
     def __post_init__(self) -> None:
@@ -286,6 +321,10 @@ class RunConfig:
     evaluate: EvalConfig = section(EvalConfig, "evaluation against the starting model")
     seeds: typing.List[int] = opt([], "--compare: train and evaluate every method once per seed (data order and initialisation) on the same pairs, and report mean and spread; empty: train.seed only")
     method_train: typing.Dict[str, typing.Dict[str, typing.Any]] = opt({}, "--compare: training settings per method, e.g. {rlcd: {lr: 2.0e-5}} (each method's own learning rate, chosen on the validation split)")
+
+    def __post_init__(self) -> None:
+        if not str(self.run_dir).strip():  # Path("") is the working directory: stages would land among the user's files
+            raise _bad("run_dir", "a directory", self.run_dir)
 
 
 @dataclass(frozen=True)
@@ -407,7 +446,7 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
                 value = value.replace(",", " ").split()
             if len(value) != len(args):
                 raise ValueError(f"expected {len(args)} values")
-            return tuple(a(v) for a, v in zip(args, value))
+            return tuple(_scalar(a, v) for a, v in zip(args, value))
         if origin is dict:
             if not isinstance(value, dict):
                 raise ValueError("expected a mapping")
@@ -416,12 +455,22 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
-            return [inner(v) for v in value]
-        if tp is float and isinstance(value, str):
-            return float(value)
-        return tp(value)
+            return [_scalar(inner, v) for v in value]
+        return _scalar(tp, value)
     except (TypeError, ValueError) as exc:
         raise DlmaError(f"{where}: {name}={value!r} is not a valid {getattr(tp, '__name__', tp)} ({exc})") from None
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """int, float or str from a YAML value, without the silent conversions Python's own make:
+    int(2.9) is 2, float(True) is 1.0, str(['a', 'b']) is a string that reads as two sources."""
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError("a yes/no value is not a number")
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("not a whole number")
+    if tp is str and isinstance(value, (list, dict)):
+        raise ValueError("expected one string; several sources or presets are one string, comma-separated: a,b")
+    return tp(value)
 
 
 def typed_overrides(cls: type, data: dict, where: str) -> dict:

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
-from .data import read_jsonl, read_prompts, write_json
+from .data import read_pairs, read_prompts, write_json
 from .detectors import for_preset
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
@@ -195,7 +195,7 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     score_file(model_cfg, score_cfg, str(out_dir / "pairs.jsonl"), str(out_dir / "scored.jsonl"), model=model,
                tokenizer=tok, progress=progress)
     wanted = {p.id for source in prompts.split(",") if source.strip() for p in read_prompts(source.strip(), cfg.limit)}
-    records = [r for r in read_jsonl(out_dir / "scored.jsonl") if r["prompt_id"] in wanted]  # a rerun may change --limit
+    records = [r for r in read_pairs(str(out_dir / "scored.jsonl")) if r["prompt_id"] in wanted]  # a rerun may change --limit
     summary = summarize_contrast(preset, records)
     summary["prompts"] = prompts
     summary["ensemble"] = cfg.ensemble
@@ -206,7 +206,7 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
                          str(out_dir / "labelled-scored.jsonl"), model=model, tokenizer=tok, progress=progress)
         if "accuracy" not in lab:
             raise DlmaError(f"{cfg.pairs}: no human-labelled pairs (HH-RLHF dialogues or records with human_label: true)")
-        rs = [float(r["self_reward"]) for r in read_jsonl(out_dir / "labelled-scored.jsonl") if r.get("human_label")]
+        rs = [float(r["self_reward"]) for r in read_pairs(str(out_dir / "labelled-scored.jsonl")) if r.get("human_label")]
         summary["labelled"] = {"source": cfg.pairs, "accuracy": rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
     shows = for_preset(preset)

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import gzip
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import platform
+import re
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+from . import pairfile
 from .errors import DataError, DlmaError
 from .prompts import Messages, as_messages
 
@@ -64,9 +70,31 @@ def bundled_path(name: str) -> Path:
 
 
 def _open_text(path: Path):
+    """Text of a (gzipped) file; utf-8-sig drops the byte-order mark Excel writes first, which
+    otherwise became part of the first column's name."""
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(obj: Any) -> str | None:
+    """The first lone UTF-16 surrogate in a JSON value's strings, else None. JSON reads "\\ud800"
+    without complaint, but it is no character: writing or tokenizing it failed with a traceback."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ascii(exc.object[exc.start:exc.end])
+    return None
+
+
+def _text_only(path: Path, lineno: int | None, obj: Any) -> None:
+    bad = lone_surrogate(obj)
+    if bad is not None:
+        raise DataError(path, lineno, f"holds the lone surrogate {bad}, which is no character (half of a pair?); "
+                        "fix the text")
 
 
 def _readable(path: Path, lines: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
@@ -106,10 +134,13 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            if _SURROGATE_ESCAPE.search(raw):  # only then can a string hold one
+                _text_only(path, lineno, obj)
             yield lineno, obj
 
 
 def _iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    check_not_being_written(path)
     return _readable(path, _iter_any(path))
 
 
@@ -130,14 +161,25 @@ def _iter_any(path: Path) -> Iterator[tuple[int, dict]]:
         for i, obj in enumerate(data, 1):
             if not isinstance(obj, dict):
                 raise DataError(path, None, f"item {i}: expected an object")
+            _text_only(path, None, obj)
             yield i, obj
     elif name.endswith((".csv", ".csv.gz", ".tsv")):
-        with _open_text(path) as f:
-            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-            for i, row in enumerate(reader, 2):  # line 1 is the header
-                yield i, dict(row)
+        yield from _csv_rows(path, "\t" if name.endswith(".tsv") else ",")
     else:
         raise DlmaError(f"{path}: unknown file type; use .jsonl, .json or .csv (optionally .gz)")
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    """(line, row) of a CSV file; a field may be as long as a prompt gets (the csv module's
+    default limit of 128 KiB was a traceback), and a malformed row is a DataError."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                yield reader.line_num, dict(row)
+        except csv.Error as exc:
+            raise DataError(path, reader.line_num, f"not valid CSV ({exc})") from None
 
 
 # -- HH-RLHF dialogues -------------------------------------------------------
@@ -182,11 +224,12 @@ def _prompt_of(obj: dict, path: Path, lineno: int) -> Messages:
     for key in ("prompt", "messages", "query", "question", "instruction"):
         if key in obj:
             p = obj[key]
-            if isinstance(p, str):
+            if not isinstance(p, (str, list)):
+                raise DataError(path, lineno, f"`{key}` must be a string or a list of {{role, content}} messages")
+            try:
                 return as_messages(p)
-            if isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
-                return as_messages(p)
-            raise DataError(path, lineno, f"`{key}` must be a string or a list of {{role, content}} messages")
+            except DlmaError as exc:
+                raise DataError(path, lineno, f"`{key}`: {exc}") from None
     raise DataError(path, lineno, "no `prompt` field (or HH-RLHF `chosen`/`rejected` dialogues)")
 
 
@@ -199,6 +242,8 @@ def _resolve_source(source: str) -> tuple[Path | None, str | None]:
     if head and tail in PHRASING_SELECTORS and Path(head).is_file():
         return Path(head), tail
     p = Path(source)
+    if p.is_dir() or (head and Path(head).is_dir()):  # a `datasets` dataset saved or laid out in a directory
+        return None, None
     if p.exists():
         return p, None
     if os.sep in source or p.suffix in (".jsonl", ".json", ".csv", ".gz"):
@@ -207,22 +252,57 @@ def _resolve_source(source: str) -> tuple[Path | None, str | None]:
 
 
 def _from_hf_dataset(name: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a `datasets` dataset: NAME[:SPLIT], NAME a cached Hub id, a directory written by
+    `save_to_disk`, or a directory of data files (split default: train)."""
     try:
         import datasets
     except ImportError:
         raise DlmaError(f"{name!r} is neither a file nor a bundled set ({', '.join(BUNDLED)}); "
-                        "to read a Hugging Face dataset, pip install datasets") from None
-    base, _, split = name.partition(":")
+                        "to read a Hugging Face dataset, pip install 'dlma[datasets]'") from None
+    base, _, split = name.rpartition(":") if ":" in name and not Path(name).is_dir() else (name, "", "")
+    split = split or "train"
     try:
-        ds = datasets.load_dataset(base, split=split or "train")
+        if any((Path(base) / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(base)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(base, split=split)
+    except KeyError:
+        raise DlmaError(f"dataset {base!r} has no split {split!r}; name one after a colon, e.g. {base}:test") from None
     except Exception as exc:  # datasets raises many types for "not cached/offline"
         raise DlmaError(f"cannot load dataset {base!r} (only locally cached datasets work offline): {exc}") from None
     for i, row in enumerate(ds, 1):
         yield i, dict(row)
 
 
-def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None = None) -> list[PromptRecord]:
-    """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a cached HF dataset.
+PROMPT_FIELDS = ("prompt", "id", "label")
+
+
+def column_map(items: Sequence[str]) -> dict[str, str]:
+    """FIELD=COLUMN items (`--columns prompt=question id=qid`) -> {field: column}."""
+    out = {}
+    for item in items:
+        field_name, sep, column = item.partition("=")
+        if not sep or field_name.strip() not in PROMPT_FIELDS or not column.strip():
+            raise DlmaError(f"--columns {item!r}: expected FIELD=COLUMN with FIELD one of {', '.join(PROMPT_FIELDS)}, "
+                            "e.g. prompt=question")
+        out[field_name.strip()] = column.strip()
+    return out
+
+
+def _mapped(obj: dict, columns: dict[str, str], where: Path, lineno: int) -> dict:
+    """A source row with its columns renamed to dlma's prompt fields."""
+    missing = [c for c in columns.values() if c not in obj]
+    if missing:
+        raise DataError(where, lineno, f"no column {missing[0]!r} (it has: {', '.join(map(str, obj))}); fix --columns")
+    return {**{k: v for k, v in obj.items() if k not in columns.values()}, **{f: obj[c] for f, c in columns.items()}}
+
+
+def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None = None,
+                 columns: dict[str, str] | None = None) -> list[PromptRecord]:
+    """Prompts from a file (JSONL/JSON/CSV, plain or HH-RLHF), a bundled set, or a `datasets`
+    dataset (a cached Hub id or a local directory, NAME[:SPLIT]); `columns` ({field: column},
+    `column_map`) names the columns that hold the prompt, id and label.
 
     Bundled sets: `hh-harmless` (1,000 HH-RLHF harmless queries; `hh-harmless:train` is
     the first 800, `hh-harmless:test` the last 200; `hh-harmless-first[:train|:test]` keeps
@@ -236,7 +316,7 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
     stats = stats if stats is not None else ReadStats()
     path, split = _resolve_source(source)
     if split in PHRASING_SELECTORS:
-        return select_phrasings(read_prompts(source.rpartition(":")[0], None, stats), split, source)[:limit]
+        return select_phrasings(read_prompts(source.rpartition(":")[0], None, stats, columns), split, source)[:limit]
     rows = _iter_records(path) if path is not None else _from_hf_dataset(source)
     where = path if path is not None else Path(source)
     out: list[PromptRecord] = []
@@ -247,6 +327,8 @@ def read_prompts(source: str, limit: int | None = None, stats: ReadStats | None 
             in_test = index >= HH_TEST_START
             if (split == "test") != in_test:
                 continue
+        if columns:
+            obj = _mapped(obj, columns, where, lineno)
         msgs = _prompt_of(obj, where, lineno)
         if source.partition(":")[0] == "hh-harmless-first":
             # the opening request alone: single-turn queries, like most users' first message
@@ -334,11 +416,22 @@ def _balanced(prompts: list[PromptRecord], limit: int | None) -> list[PromptReco
     return picked
 
 
-def read_pairs(source: str, limit: int | None = None) -> list[dict]:
-    """Pair records with `id`, `prompt` (messages), `chosen`, `rejected` and all other fields kept.
+def swap_sides(rec: dict) -> dict:
+    """A pair record with `chosen` and `rejected` exchanged: every per-side field moves with its response
+    (texts, cut flags, token counts, references of whole responses and of openings, log-probs under p+
+    and p-), and the self-reward R, antisymmetric in the two responses, changes sign."""
+    out = {k.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected"): v for k, v in rec.items()}
+    if isinstance(out.get("self_reward"), (int, float)):
+        out["self_reward"] = -out["self_reward"]
+    return out
 
-    Accepts dlma pair files, any JSONL with prompt/chosen/rejected, and HH-RLHF dialogues
-    (then `human_label` is set: `chosen` is the human-preferred side).
+
+def read_pairs(source: str, limit: int | None = None) -> list[dict]:
+    """Pair records with `id`, `prompt` (messages), `chosen`, `rejected` (texts) and all other fields kept.
+
+    Accepts dlma pair files (TRL's conversational format, or dlma's older one with a notice), any
+    JSONL with prompt/chosen/rejected as strings or chat messages (TRL's explicit or implicit
+    prompt), and HH-RLHF dialogues (then `human_label` is set: `chosen` is the human-preferred side).
     """
     path, split = _resolve_source(source)
     if path is None:
@@ -358,10 +451,15 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
                 raise DataError(path, lineno, f"HH-RLHF dialogue: {exc}") from None
             rec.update(prompt=history, chosen=chosen, rejected=rejected, human_label=True)
         else:
-            rec["prompt"] = _prompt_of(obj, path, lineno)
+            if pairfile.is_legacy(obj):
+                pairfile.notice_legacy(path)
+            shared = pairfile.implicit_prompt(obj)  # TRL's implicit-prompt form: the turns both answers share
+            rec["prompt"] = (_prompt_of(obj, path, lineno) if "prompt" in obj or not shared else []) + as_messages(shared)
             for key in ("chosen", "rejected"):
-                if not isinstance(obj.get(key), str):
-                    raise DataError(path, lineno, f"`{key}` must be a string")
+                text = pairfile.answer_text(obj.get(key))
+                if text is None:
+                    raise DataError(path, lineno, f"`{key}` must be a string or chat messages ending with an assistant turn")
+                rec[key] = text
         for key, value in obj.items():
             if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
                 raise DataError(path, lineno, f"`{key}` is {value}; numbers must be finite (no NaN or Infinity)")
@@ -377,6 +475,14 @@ def read_pairs(source: str, limit: int | None = None) -> list[dict]:
     return out
 
 
+def pair_digest(rec: dict) -> str:
+    """A short hash of what a pair's generation log-probs were computed on (its prompt, both
+    responses and whether each was cut): scoring reuses them only for the pair as it was made."""
+    what = [rec.get("prompt"), rec.get("chosen"), rec.get("rejected"),
+            bool(rec.get("chosen_truncated")), bool(rec.get("rejected_truncated"))]
+    return f"{zlib.crc32(json.dumps(what, ensure_ascii=False).encode()):08x}"
+
+
 def check_finite(record: dict, keys: list[str], where: str) -> None:
     """A NaN or inf is an error naming the record, never a silent number in the output."""
     for k in keys:
@@ -385,12 +491,104 @@ def check_finite(record: dict, keys: list[str], where: str) -> None:
             raise DlmaError(f"{where}: record {record.get('id')!r} has {k}={v}; refusing to write a non-finite value")
 
 
+# -- one writer at a time ----------------------------------------------------------------
+def take_lock(lock: Path, in_use: Callable[[str], str]) -> IO[str]:
+    """Hold an exclusive lock on the file `lock` and write the holder ("pid N on HOST") into it.
+
+    One mechanism for every writer: `dlma run` locks its directory, each JSONL output its own
+    lock file. flock goes with the process, so a killed writer leaves no stale lock; a second
+    taker is refused at once with the DlmaError in_use(holder). release_lock gives it back."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DlmaError(in_use(holder)) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {platform.node()}")
+    f.flush()
+    return f
+
+
+def release_lock(f: IO[str]) -> None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def writer_lock(path: str | Path) -> Path:
+    """The lock file of a JSONL output: hidden, beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def check_not_being_written(path: str | Path) -> None:
+    """A file another dlma process is still writing is refused as input: read now, it holds only
+    the records written so far (training on 16 of 24 pairs, exit 0)."""
+    lock = writer_lock(path)
+    if not lock.is_file():
+        return
+    with open(lock, encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise DlmaError(f"{path} is still being written by another dlma process ({holder}); "
+                            "wait for it to finish") from None
+
+
+def check_not_input(out: str | Path, inputs: Sequence[Path]) -> None:
+    """--out naming an input file would resume "after" every input record: nothing done, exit 0."""
+    for src in inputs:
+        same = os.path.samefile(src, out) if src.exists() and Path(out).exists() else src.resolve() == Path(out).resolve()
+        if same:
+            raise DlmaError(f"--out {out} is the input file {src}; write the output to another file")
+
+
+def named_files(spec: str | None) -> list[str]:
+    """The existing files a comma-separated setting names (prompt sources, presets), as named; other
+    names (bundled sets and presets, datasets) name no file."""
+    return [x.strip() for x in (spec or "").split(",") if x.strip() and Path(x.strip()).is_file()]
+
+
+def file_hashes(spec: str | None) -> list[list[str]]:
+    """[name, sha256 of the content] of each file a setting names: what keys a stage to its inputs'
+    content rather than their paths, so an edited file is never taken for the one that was used."""
+    out = []
+    for p in named_files(spec):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append([p, h.hexdigest()])
+    return out
+
+
+def check_same_inputs(writer: "JsonlWriter", made_from: Callable[[dict], tuple[str, Any]],
+                      current: Callable[[str], Any], source: str) -> None:
+    """Resume only records made from the input as it is now. made_from(record) gives the key of the
+    input record it was made from and what of that input it holds; current(key) gives the same from
+    the input now (None: not in the input any more). An input edited since (same id, other text)
+    is refused: resuming by id alone kept the old records and said "done"."""
+    for lineno, rec in iter_jsonl(writer.path):
+        key, held = made_from(rec)
+        now = current(key)
+        if now is not None and held != now:
+            raise DataError(writer.path, lineno, f"record {rec.get(writer.key)!r} was made from {key!r} as it was before "
+                            f"{source} was edited; rerun with the input that made it, or choose another --out to start again")
+
+
 class JsonlWriter:
     """Append-only JSONL output that resumes: `done` holds the ids already written.
 
     A trailing partial line (from a kill mid-write) is cut off on open, and a write that fails
     (disk full, file-size limit) is undone before the error propagates, so the file always
-    holds whole records and a rerun resumes after the last one.
+    holds whole records and a rerun resumes after the last one. The writer holds the file's
+    lock from open to close: a second writer of the same file is refused before it reads it
+    (two appending at once wrote every record twice).
     """
 
     def __init__(self, path: str | Path, key: str = "id", fsync_every: int = 0, settings: dict | None = None):
@@ -399,12 +597,18 @@ class JsonlWriter:
         self.done: set[str] = set()
         self._fsync_every = fsync_every
         self._since_sync = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._repair_and_load()
-        if settings is not None:
-            self._check_settings(settings)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = None
+        self._lock = take_lock(writer_lock(self.path), lambda holder: (
+            f"{self.path} is being written by another dlma process ({holder}); wait for it to finish or choose another --out"))
+        try:
+            if self.path.exists():
+                self._repair_and_load()
+            if settings is not None:
+                self._check_settings(settings)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            release_lock(self._lock)
+            raise
         self._size = os.fstat(self._fd).st_size
 
     def _check_settings(self, settings: dict) -> None:
@@ -462,6 +666,7 @@ class JsonlWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+                release_lock(self._lock)
 
     def __enter__(self) -> "JsonlWriter":
         return self
@@ -470,16 +675,16 @@ class JsonlWriter:
         self.close()
 
 
-def resume_chunks(items: Sequence[T], size: int, missing: Callable[[T], bool]) -> Iterator[list[T]]:
+def resume_chunks(items: Iterable[T], size: int, missing: Callable[[T], bool]) -> Iterator[list[T]]:
     """Chunks of `items` fixed by position (not by what is left), for those holding a missing item.
 
     A resumed stage recomputes a partly written chunk whole and writes only its missing
     records, so every record is computed in the very batch an uninterrupted run computes it
     in: batched float sums round the same way and the output is identical byte for byte.
+    `items` may be lazy (a million pairs of one prompt are not listed first).
     """
-    size = max(1, size)
-    for i in range(0, len(items), size):
-        chunk = list(items[i:i + size])
+    it = iter(items)
+    while chunk := list(itertools.islice(it, max(1, size))):
         if any(missing(x) for x in chunk):
             yield chunk
 

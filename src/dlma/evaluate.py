@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import torch
 
 from .config import EvalConfig, ModelConfig, to_dict
-from .data import PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, resume_chunks
+from .data import (PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, release_lock,
+                   resume_chunks, take_lock)
 from .detectors import attribute_rate, for_preset
 from .errors import DlmaError
 from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
@@ -45,9 +46,10 @@ from .logprobs import score_trees
 from .models import load_model
 from .prompts import Preset, Renderer, load_preset
 from .refusal import is_refusal, refusal_rates
-from .report import write_report
+from .report import judge_table, quality_table, write_report
 from .reward import summarize_scores
 from .stages import FALLBACK_EVAL_PRESET
+from .tracking import Tracking, Where, typed_settings
 
 ROLES = ("aligned", "baseline")
 TRAINING_FIELDS = ("step", "loss", "reward_margin", "reward_accuracy", "lr", "tokens_per_s")
@@ -90,12 +92,14 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
                 "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement,
                 **({"sampler": SAMPLER} if cfg.temperature > 0 else {})}
     have: dict[str, dict] = {}
+    asked = {p.id: p.prompt for p in prompts}
     if path.exists():
         for lineno, rec in iter_jsonl(path):
             if rec.get("generation") != settings:
                 raise DlmaError(f"{path}:{lineno}: cached answers were made with other settings "
                                 f"({rec.get('generation')} vs {settings}); choose another --out or delete the file")
-            have[rec["id"]] = rec
+            if rec.get("prompt") == asked.get(rec["id"]):  # an answer to a prompt edited since is answered again
+                have[rec["id"]] = rec
     todo = [p for p in prompts if p.id not in have]
     if todo:
         backend = TransformersBackend(model, tok, cfg.batch_size)
@@ -381,14 +385,26 @@ def _examples(prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict
 
 
 def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, model: str, baseline: str = "embedded",
-                    progress: bool = True, preloaded: dict[str, tuple] | None = None) -> dict:
+                    progress: bool = True, preloaded: dict[str, tuple] | None = None, where: Where | None = None) -> dict:
     """Evaluate `model` (aligned) against `baseline`; write OUT/metrics.json and the report; return the metrics.
 
     preloaded: {name: (model, tokenizer)} already in memory (tests, the pipeline) to reuse.
+    where: the cfg.report_to trackers' run (default: OUT/tensorboard/evaluate-OUT).
+    One evaluation writes an OUT at a time (its lock): a second one is refused at once.
     """
-    t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(out / ".lock", lambda holder: f"{out} is in use by another dlma evaluate ({holder}); "
+                     "wait for it or choose another --out")
+    try:
+        return _evaluate(model_cfg, cfg, out, model=model, baseline=baseline, progress=progress, preloaded=preloaded,
+                         where=where)
+    finally:
+        release_lock(lock)
+
+
+def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str, baseline: str, progress: bool,
+              preloaded: dict[str, tuple] | None, where: Where | None) -> dict:
+    t0 = time.time()
     preset = load_preset(cfg.preset or FALLBACK_EVAL_PRESET)
     for spec in cfg.judge:
         parse_judge_spec(spec)  # fail on a typo before any model runs
@@ -478,7 +494,32 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
 
     write_report(metrics, out, title=f"dlma evaluation: {model} vs {baseline}")
     _log(progress, f"report: {out / 'index.html'}")
+    if cfg.report_to:
+        with Tracking(cfg.report_to, where or Where.beside(out, "evaluate", file=False), "evaluate",
+                      typed_settings(model=model_cfg, evaluate=cfg), model_cfg.device) as tracking:
+            track_evaluation(tracking, metrics)
     return metrics
+
+
+def track_evaluation(tracking: Tracking, metrics: dict) -> None:
+    """Refusal rates with their intervals, quality and judges' win rates as scalars, and the
+    report's refusal/quality and judge tables as tables."""
+    values: dict[str, Any] = {}
+    for role in ROLES:
+        r, q = (metrics.get("refusal") or {}).get(role) or {}, (metrics.get("quality") or {}).get(role) or {}
+        for key in ("refusal_rate", "over_refusal_rate"):
+            values[f"evaluate/{role}/{key}"] = r.get(key)
+            ci = r.get(key.replace("_rate", "_ci"))
+            if ci:
+                values[f"evaluate/{role}/{key}_low"], values[f"evaluate/{role}/{key}_high"] = ci
+        for key in ("perplexity", "distinct_2", "mean_tokens"):
+            values[f"evaluate/{role}/{key}"] = q.get(key)
+    for spec, j in (metrics.get("judges") or {}).items():
+        values[f"evaluate/win_rate/{spec}"] = j.get("adjusted_win_rate")
+    tracking.log({k: v for k, v in values.items() if v is not None}, step=0)
+    tracking.table("evaluate/refusal_and_quality", *quality_table(metrics), step=0)
+    if metrics.get("judges"):
+        tracking.table("evaluate/judges", *judge_table(metrics["judges"]), step=0)
 
 
 def _count(values) -> dict[str, int]:

@@ -14,18 +14,22 @@ import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .config import GenerateConfig, ModelConfig
-from .data import JsonlWriter, PromptRecord, ReadStats, read_prompts, resume_chunks
+from .data import (JsonlWriter, PromptRecord, ReadStats, check_not_input, check_same_inputs, column_map, file_hashes,
+                   named_files, pair_digest, read_prompts, resume_chunks)
+from .pairfile import conversational, upgrade
 from .errors import DlmaError
 from .logprobs import length_buckets, score_trees
 from .machine import forward_flops
 from .models import load_model, load_tokenizer, resolve_model_path
 from .prompts import Renderer, end_of_turn_id, load_preset, source_presets
+from .tracking import Tracking, Where, typed_settings
 
 
 @dataclass
@@ -573,37 +577,73 @@ def generate_pairs(
     backend: Backend | None = None,
     tokenizer=None,
     progress: bool = True,
+    where: Where | None = None,
 ) -> dict:
-    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary."""
-    from tqdm.auto import tqdm
+    """Write one pair a line to `out`, resuming after the ids already there. Returns a summary.
 
+    A rerun resumes only what was made the same way from the same input: other settings, an
+    edited preset file or prompts edited since are refused, never mixed into the file.
+    `where`: the cfg.report_to trackers' run (default: beside `out`)."""
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
     per_source = source_presets(sources, [x.strip() for x in cfg.preset.split(",") if x.strip()])
     presets = {name: load_preset(name) for name in per_source}
     stats = ReadStats()
     prompts: list[PromptRecord] = []
     preset_of: dict[str, str] = {}
+    columns = column_map(cfg.columns)
     for source, preset in zip(sources, per_source):
-        for p in read_prompts(source, cfg.limit, stats):
+        for p in read_prompts(source, cfg.limit, stats, columns):
             prompts.append(p)
             preset_of[p.id] = preset
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
+    check_not_input(out, [Path(f) for f in named_files(cfg.prompts)])
+    upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
+    preset_files = file_hashes(cfg.preset)  # a preset file edited since is another preset
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
         "max_context": cfg.max_context, "backend": backend.name if backend is not None else resolve_backend(cfg.backend),
-        "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})})
-    ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else [f"{p.id}:{k}" for k in range(cfg.num_pairs)]
-    todo = [p for p in prompts if not all(i in writer.done for i in ids_for(p))]
-    summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
-               "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "new_tokens": 0, "output": str(out)}
-    if not todo:
-        writer.close()
-        return summary
+        "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {}),
+        **({"preset_files": preset_files} if preset_files else {})})
     owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)
-    if owned:
-        backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
+    try:
+        by_id = {p.id: p for p in prompts}
+        check_same_inputs(writer, lambda rec: (rec.get("prompt_id"), [rec.get("prompt"), rec.get("label"), rec.get("preset")]),
+                          lambda pid: [by_id[pid].prompt, by_id[pid].label, preset_of[pid]] if pid in by_id else None,
+                          cfg.prompts)
+        ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else (f"{p.id}:{k}" for k in range(cfg.num_pairs))  # noqa: E731
+        # pairs, not prompts, are the unit of work: a million pairs of one prompt are written as they come
+        units = lambda: ((p, pid) for p in prompts for pid in ids_for(p))  # noqa: E731
+        missing = sum(pid not in writer.done for _, pid in units())
+        todo = {p.id for p, pid in units() if pid not in writer.done}
+        summary = {"prompts": len(prompts), "empty_prompts_skipped": stats.empty, "already_done": len(prompts) - len(todo),
+                   "pairs_written": 0, "contexts_truncated": 0, "empty_responses": 0, "new_tokens": 0, "output": str(out)}
+        if not todo:
+            return summary
+        tracking = Tracking(cfg.report_to, where or Where.beside(out, "generate", file=True), "generate",
+                            typed_settings(model=model_cfg, generate=cfg), model_cfg.device)
+        if owned:
+            backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
+        summary.update(_sample_pairs(backend, cfg, model_cfg, tokenizer, presets, preset_of, writer,
+                                     resume_chunks(units(), max(1, cfg.batch_size // 2) // cfg.num_samples,
+                                                   lambda u: u[1] not in writer.done), missing, progress, tracking))
+    finally:
+        writer.close()
+        if owned and backend is not None and hasattr(backend, "close"):
+            backend.close()
+    return summary
+
+
+def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig, tokenizer, presets: dict, preset_of: dict,
+                  writer: JsonlWriter, chunks: Iterator[list[tuple[PromptRecord, str]]], missing: int, progress: bool,
+                  tracking: Tracking) -> dict:
+    """Sample, pick and write the pairs of `chunks` ((prompt, pair id) each); the summary's counts."""
+    from tqdm.auto import tqdm
+
+    from .models import load_tokenizer
+
+    summary = {"pairs_written": 0, "empty_responses": 0, "new_tokens": 0}
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
     renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
     settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -612,15 +652,16 @@ def generate_pairs(
     if cfg.num_samples > 1 and getattr(backend, "model", None) is None:
         raise DlmaError(f"--num-samples {cfg.num_samples} picks pairs with the model's log-probs, which the "
                         f"{backend.name} backend does not expose; use the transformers backend")
+    # a preset file named relative to here: its absolute path lets the pairs be scored from anywhere
+    preset_file = {name: str(Path(name).resolve()) for name in presets if Path(name).suffix in (".yaml", ".yml")}
     stats0 = dict(getattr(backend, "stats", {}))
-    chunk = max(1, cfg.batch_size // 2)
-    bar = tqdm(total=len(todo) * cfg.num_pairs, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=missing, desc="generate", unit="pair", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
     try:
         K = cfg.num_samples
-        for group in resume_chunks(prompts, chunk // K, lambda p: any(i not in writer.done for i in ids_for(p))):
+        for group in chunks:
             jobs: list[tuple[PromptRecord, str, str, int]] = [
-                (p, pid, side, k) for p in group for pid in ids_for(p) for side in ("positive", "negative") for k in range(K)]
+                (p, pid, side, k) for p, pid in group for side in ("positive", "negative") for k in range(K)]
             contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side, _ in jobs]
             params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
             # sample k > 0 of a side draws from a seed of its own; sample 0 is the one K = 1 draws
@@ -658,17 +699,21 @@ def generate_pairs(
                     if renderer.response_ids(text, truncated=not s.finished) == (s.ids + ([s.stop_id] if s.finished else [])):
                         rec[f"gen_lp_{key}"] = s.logprob
                 summary["new_tokens"] += sum(len(s.ids) + int(s.finished) for s in samples[k0:k0 + 2 * K])
+                if "candidates" in rec or "gen_lp_chosen" in rec or "gen_lp_rejected" in rec:
+                    rec["gen_lp_of"] = pair_digest(rec)  # what they were computed on: an edited pair recomputes them
                 rec["preset"] = preset_of[p.id]
+                if preset_of[p.id] in preset_file:
+                    rec["preset_file"] = preset_file[preset_of[p.id]]
                 rec["generation"] = settings
-                writer.write(rec)
+                writer.write(conversational(rec))
                 summary["pairs_written"] += 1
                 bar.update(1)
-            bar.set_postfix(pairs_per_s=f"{summary['pairs_written'] / max(time.time() - t0, 1e-9):.2f}")
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix(pairs_per_s=f"{summary['pairs_written'] / elapsed:.2f}")
+            tracking.log({"generate/pairs_per_s": summary["pairs_written"] / elapsed,
+                          "generate/new_tokens_per_s": summary["new_tokens"] / elapsed}, step=summary["pairs_written"])
     finally:
         bar.close()
-        writer.close()
-        if owned and hasattr(backend, "close"):
-            backend.close()
     summary["contexts_truncated"] = sum(r.truncated for r in renderers.values())
     for k in ("context_tokens", "prefilled_tokens"):  # how much of the contexts the shared prefixes saved
         if k in getattr(backend, "stats", {}):
@@ -677,4 +722,6 @@ def generate_pairs(
         summary["model_flops"] = forward_flops(backend.model, summary["prefilled_tokens"] + summary["new_tokens"],
                                                summary["new_tokens"])
     summary["seconds"] = round(time.time() - t0, 2)
+    with tracking:
+        tracking.log({f"generate/{k}": v for k, v in summary.items()}, step=summary["pairs_written"])
     return summary

@@ -200,10 +200,11 @@ class VerdictCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.replies: dict[str, str] = {}
-        if self.path.exists():
-            for _, rec in iter_jsonl(self.path):
-                self.replies[rec["key"]] = rec["reply"]
+        # the writer first: it holds the file's lock (no other writer's half line is read) and cuts a
+        # line a killed run left half written, which reading first took for a malformed file
         self.writer = JsonlWriter(self.path, key="key")
+        for _, rec in iter_jsonl(self.path):
+            self.replies[rec["key"]] = rec["reply"]
         self.lock = threading.Lock()
 
     @staticmethod

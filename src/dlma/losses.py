@@ -74,9 +74,15 @@ def dlma_loss(pi_c, pi_r, ref_c, ref_r, self_reward, *, beta: float = 0.1, margi
     reward gap before its loss flattens; an inverted pair (R < 0) pushes less.
     """
     h = log_ratio_margin(pi_c, pi_r, ref_c, ref_r)
-    lo, hi = margin_clip
-    shift = margin_weight * torch.as_tensor(self_reward, dtype=h.dtype, device=h.device).clamp(lo, hi)
+    shift = reward_shift(self_reward, margin_weight, margin_clip, like=h)
     return PairLoss(sigmoid_loss(beta * (h - shift), label_smoothing), *_rewards(beta, pi_c, pi_r, ref_c, ref_r))
+
+
+def reward_shift(self_reward, margin_weight: float, margin_clip: tuple[float, float], *, like: torch.Tensor) -> torch.Tensor:
+    """w * clamp(R, lo, hi), in `like`'s dtype and device: the extra log-ratio gap DLMA asks of each pair
+    (dlma_loss subtracts it inside the logit; the TRL integration adds it to the chosen reference)."""
+    lo, hi = margin_clip
+    return margin_weight * torch.as_tensor(self_reward, dtype=like.dtype, device=like.device).clamp(lo, hi)
 
 
 def ipo_loss(pi_c, pi_r, ref_c, ref_r, *, beta: float = 0.1) -> PairLoss:

@@ -85,12 +85,41 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_model_path(name: str) -> str:
-    """`embedded` -> cached float directory; anything else is passed to transformers as is."""
+    """`embedded` -> cached float directory; a local directory or a Hub id is passed to transformers.
+
+    A name that can only be a path (`/x`, `./x`, `~/x`, `a/b/c`) and is no directory, and a Hub id
+    that is not cached while the Hub cannot be reached, are one clear error here: transformers
+    answered the first with "Repo id must be in the form ..." and the second after ~46 s of retries.
+    """
     if name == EMBEDDED:
         return str(embedded_model_dir())
     if name.endswith(".gguf"):
         raise DlmaError(f"{name}: load GGUF files through a directory; only the embedded GGUF is converted automatically")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p)
+    if p.exists():
+        raise _cannot_load(name, "directory", OSError("it is a file, not the model's directory (config.json, weights, tokenizer)."))
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise _cannot_load(name, "directory", OSError("no such directory."))
+    _check_hub_reachable(name)
     return name
+
+
+def _check_hub_reachable(name: str) -> None:
+    """A Hub id that is not cached is downloaded: fail at once when the Hub cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
+    except OSError as exc:
+        raise _cannot_load(name, "not cached", OSError(f"{constants.ENDPOINT} cannot be reached ({exc.strerror or exc}).")) from None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -150,10 +179,19 @@ def _cannot_load(name: str, part: str, exc: Exception) -> DlmaError:
                      "Use 'embedded', a local directory, or a Hugging Face id that is cached (offline: HF_HUB_OFFLINE=1)")
 
 
+# Files one of which a directory's tokenizer is read from (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers blamed a missing sentencepiece/tiktoken instead
+        raise DlmaError(f"cannot load model {name!r} (tokenizer): the directory holds no tokenizer files "
+                        f"({', '.join(TOKENIZER_FILES)}); save the tokenizer of the model it came from into it "
+                        "(AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR))")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as exc:
@@ -196,14 +234,15 @@ def contiguous_head_input(model) -> None:
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto", *, train: bool = False, attn: str = "auto"):
-    """Load (model, tokenizer) ready for inference (eval mode, no grad) or training."""
+    """Load (model, tokenizer) ready for inference (eval mode, no grad) or training; the tokenizer
+    first, so that a directory without one is told before its weights are read."""
     dev = resolve_device(device)
+    tok = load_tokenizer(name)
     model = load_weights(name, resolve_dtype(dtype, dev), attn)
     model.to(dev)
     model.train(train)
     if not train:
         model.requires_grad_(False)
-    tok = load_tokenizer(name)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok

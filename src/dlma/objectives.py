@@ -37,6 +37,7 @@ class Objective:
     terms: frozenset[str] = frozenset(TERMS)  # extra terms it accepts (rpo_alpha, rpo_whole, kl_alpha)
     method: str | None = None  # the `dlma run --method` that trains with it
     judge: str | None = "self-reward"  # how that method scores its pairs (None: it scores nothing)
+    selects_by_reward: bool | None = None  # that method drops/flips pairs by R (min_reward, ...); default: uses_reward
 
     def __post_init__(self) -> None:
         if self.responses not in RESPONSES:
@@ -64,6 +65,7 @@ class Method:
     judge: str | None  # self-reward, text, or None (no scoring stage)
     orient: str | None = None  # a field whose sign re-orients each pair before training (RLAIF's text judge)
     summary: str = ""
+    selects_by_reward: bool = False  # the R-based pair selection (min_reward, flip_negative, reward_norm, shuffle_reward) applies
 
 
 _OBJECTIVES: dict[str, Objective] = {}
@@ -95,7 +97,9 @@ def objectives() -> dict[str, Objective]:
 
 def methods() -> dict[str, Method]:
     """Every `dlma run --method`: each objective's own, then the registered extras."""
-    own = {o.method: Method(o.method, o.name, o.judge, None, o.summary) for o in _OBJECTIVES.values() if o.method}
+    own = {o.method: Method(o.method, o.name, o.judge, None, o.summary,
+                            o.uses_reward if o.selects_by_reward is None else o.selects_by_reward)
+           for o in _OBJECTIVES.values() if o.method}
     return {**own, **_METHODS}
 
 
@@ -124,6 +128,6 @@ register(Objective("sft", "dlma.losses:sft", "context distillation: NLL of the c
                    reference=False, terms=frozenset(), method="context-distillation", judge=None))
 register(Objective("listwise", "dlma.losses:listwise", "Plackett-Luce over all 2K responses of a --num-samples K "
                    "record, ranked by their self-reward log-ratio, shifted by w as dlma", responses="ranked",
-                   terms=frozenset({"nll", "kl"}), method="dlma-listwise"))
+                   terms=frozenset({"nll", "kl"}), method="dlma-listwise", selects_by_reward=True))
 register_method(Method("rlaif", "dpo", "text", "judge_score",
                        "the same model labels each pair by answering 'which is better, A or B?', then DPO"))

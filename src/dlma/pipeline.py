@@ -5,15 +5,15 @@ outputs, and last `done.json` (key, summary, wall time, peak memory), renamed in
 place atomically. A stage's key hashes its settings and the keys of the stages it reads
 from, so a rerun skips stages whose key matches their `done.json`, resumes one that
 started with the same key (stage outputs are resumable), and redoes a stage, and
-everything after it, whose settings changed. RUN_DIR/final-model always points at the
-last round's trained model.
+everything after it, whose settings changed: beside the old one (STAGE.new), which it
+replaces only once complete, so a rerun whose settings fail keeps the old result. A corrupt
+marker counts as absent. RUN_DIR/final-model always points at the last round's trained model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from .card import command_line, write_card
 from .config import EvalConfig, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
-from .data import read_jsonl, write_json
+from .data import file_hashes, read_jsonl, release_lock, swap_sides, take_lock, write_json
 from .errors import DlmaError, os_error_message
 from .evaluate import evaluate_models
 from .generate import generate_pairs
@@ -39,6 +40,7 @@ from .objectives import Method, method, methods
 from .report import attribute_label, phrasing_table, write_report
 from .reward import score_file
 from .stages import check_method, evaluate_config, generate_config, score_config, train_config
+from .tracking import LOGGING_DIR, Where
 from .train import KL_REFERENCE, train_model
 
 
@@ -46,19 +48,10 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _files(spec: str | None) -> list:
-    """Content hashes of the files a comma-separated setting names (prompt files, the evaluation's preset), so
-    a stage redoes when a file is edited; other names (bundled sets and presets, datasets) are their names."""
-    out = []
-    for item in (spec or "").split(","):
-        p = Path(item.strip())
-        if item.strip() and p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out.append([item.strip(), h.hexdigest()])
-    return out
+def _settings(cfg: Any) -> dict:
+    """A stage's settings as its key sees them: where it reports (report_to) does not change what it
+    makes, and an unused column mapping is left out, so older run directories keep their keys."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "report_to" and not (k == "columns" and not v)}
 
 
 # Preset keys only evaluation and `dlma prompts check` read: editing how the attribute is measured
@@ -97,24 +90,45 @@ def _peak_rss_mb() -> float:
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Refuse a second `dlma run` on the same directory while one is running."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise DlmaError(f"{run_dir} is in use by another dlma run ({holder}); wait for it or choose another run_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {platform.node()}")
-    f.flush()
+    f = take_lock(run_dir / ".lock", lambda holder: f"{run_dir} is in use by another dlma run ({holder}); "
+                  "wait for it or choose another run_dir")
     try:
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        release_lock(f)
+
+
+def _marker(path: Path) -> dict:
+    """A stage marker (started.json, done.json) or manifest.json. One that is corrupt (edited by
+    hand, cut by a full disk) counts as absent: the stage resumes or is redone, no traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _swap(work: Path, sdir: Path) -> None:
+    """Put a finished stage directory in place of the old one: old aside, new in, old away."""
+    if work == sdir:
+        return
+    old = sdir.with_name(sdir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if sdir.exists():
+        os.replace(sdir, old)
+    os.replace(work, sdir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_swap(sdir: Path) -> None:
+    """Complete a swap a kill cut between its renames: the finished new stage goes in, else the old comes back."""
+    new, old = sdir.with_name(sdir.name + ".new"), sdir.with_name(sdir.name + ".old")
+    if not sdir.exists():
+        if (new / "done.json").is_file():
+            os.replace(new, sdir)
+        elif old.exists():
+            os.replace(old, sdir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -147,29 +161,27 @@ class Pipeline:
     def _stage(self, name: str, rnd: int, key: str, fn: Callable[[Path], dict]) -> dict:
         sdir = self.dir / f"round-{rnd}" / name
         label = f"round {rnd} {name}"
-        done = sdir / "done.json"
-        if done.is_file():
-            marker = json.loads(done.read_text())
-            if marker.get("key") == key:
-                self.log(f"[{label}] done already, skipping")
-                self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
-                return marker["summary"]
-        started = sdir / "started.json"
-        if sdir.exists() and not (started.is_file() and json.loads(started.read_text()).get("key") == key):
-            self.log(f"[{label}] settings changed: redoing it")
-            shutil.rmtree(sdir)
-        if not sdir.exists() and self._copy_from_sibling(name, rnd, key, sdir):
-            self.log(f"[{label}] identical stage found in a sibling run: copied")
-            marker = json.loads(done.read_text())
+        _finish_swap(sdir)
+        marker = _marker(sdir / "done.json")
+        if marker.get("key") == key and "summary" in marker:
+            self.log(f"[{label}] done already, skipping")
             self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
             return marker["summary"]
+        work = self._workdir(sdir, key, label)
+        if not work.exists() and self._copy_from_sibling(name, rnd, key, work):
+            self.log(f"[{label}] identical stage found in a sibling run: copied")
+            _swap(work, sdir)
+            marker = _marker(sdir / "done.json")
+            self._record(f"round-{rnd}/{name}", {**marker, "skipped": True})
+            return marker["summary"]
+        started = work / "started.json"
         resuming = started.is_file()
-        sdir.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
         write_json(started, {"key": key})
         self.log(f"[{label}] {'resuming' if resuming else 'starting'}")
         t0 = time.time()
         try:
-            summary = fn(sdir)
+            summary = fn(work)
         except DlmaError as exc:
             raise DlmaError(f"stage {label}: {exc}") from None
         except FileNotFoundError as exc:
@@ -181,15 +193,28 @@ class Pipeline:
         marker = {"key": key, "summary": summary, "wall_s": round(time.time() - t0, 2), "peak_rss_mb": _peak_rss_mb(),
                   "matmul_peak_flops": (self.manifest.get("machine") or {}).get("matmul_peak_flops"),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(done, marker)
+        write_json(work / "done.json", marker)
+        _swap(work, sdir)
         self._record(f"round-{rnd}/{name}", {**marker, "skipped": False})
         return summary
+
+    def _workdir(self, sdir: Path, key: str, label: str) -> Path:
+        """Where a stage runs: its own directory when that is new or holds this key's unfinished work,
+        else beside it (STAGE.new), so that the old result stays in place, final-model and the report
+        with it, until the new one is complete: settings that fail late (train.min_reward above
+        every pair's R) then lose nothing."""
+        if not sdir.exists() or _marker(sdir / "started.json").get("key") == key:
+            return sdir
+        new = sdir.with_name(sdir.name + ".new")
+        if _marker(new / "started.json").get("key") != key:
+            shutil.rmtree(new, ignore_errors=True)  # an attempt with other settings
+            self.log(f"[{label}] settings changed: redoing it beside the old result, which stays until the new one is done")
+        return new
 
     def _copy_from_sibling(self, name: str, rnd: int, key: str, sdir: Path) -> bool:
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / name
-            marker = src / "done.json"
-            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            if _marker(src / "done.json").get("key") == key:
                 tmp = sdir.with_name(sdir.name + ".copy")
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(src, tmp)
@@ -223,16 +248,20 @@ class Pipeline:
         and model settings its answers are the same: a comparison answers them once, not per method.
         (The copied records still carry their generation settings, which evaluate checks.)
         """
-        key = _key("baseline-answers", to_dict(ecfg), to_dict(self.cfg.model))
+        key = _key("baseline-answers", _settings(ecfg), to_dict(self.cfg.model))
         write_json(sdir / "baseline-key.json", {"key": key})
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / "evaluate"
             marker = src / "baseline-key.json"
-            if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            if _marker(marker).get("key") == key:
                 for f in src.glob("answers-baseline*.jsonl"):
                     if not (sdir / f.name).exists():
                         shutil.copy(f, sdir / f.name)
                 return
+
+    def _where(self, rnd: int, stage: str) -> Where:
+        """A stage's tracker run: project = the run directory's name, RUN_DIR/tensorboard/round-K/STAGE."""
+        return Where(self.dir.resolve().name, f"round-{rnd}/{stage}", self.dir / LOGGING_DIR)
 
     def _record(self, stage: str, info: dict) -> None:
         entry = {k: info.get(k) for k in ("key", "wall_s", "peak_rss_mb", "finished", "skipped")}
@@ -251,12 +280,12 @@ class Pipeline:
 
         cfg, spec = self.cfg, method(self.cfg.method)
         with run_lock(self.dir):
-            old = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+            old = _marker(self.manifest_path)
             self.manifest = {"config": to_dict(cfg), "method": cfg.method, "versions": _versions(),
                              "seeds": {"generate": cfg.generate.seed, "train": cfg.train.seed, "evaluate": cfg.evaluate.seed},
                              "device": str(resolve_device(cfg.model.device)), "threads": torch.get_num_threads(),
                              "platform": platform.platform(), "machine": _machine(cfg.model),
-                             "stages": old.get("stages", {}),
+                             "stages": old.get("stages", {}), "command": command_line(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(self.manifest_path, self.manifest)
             policy, upstream = cfg.model.model, _key(_model_stamp(cfg.model.model))
@@ -268,6 +297,8 @@ class Pipeline:
             self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self.manifest["final_model"] = str(self.dir / "final-model")
             write_json(self.manifest_path, self.manifest)
+            if (self.dir / "final-model" / "train_summary.json").is_file():  # a model `dlma train` saved
+                write_card(self.dir / "final-model", self.dir)  # its card again, now with the run's evaluation
             final = dict(rounds[-1])
             if len(rounds) > 1:
                 final["rounds"] = [_headline(m) for m in rounds]
@@ -278,18 +309,20 @@ class Pipeline:
         mcfg = dataclasses.replace(cfg.model, model=policy)
         gcfg = generate_config(cfg, rnd)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
-        gen_key = _key("generate", {k: v for k, v in to_dict(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
-                       upstream, _files(gcfg.prompts), _presets(gcfg.preset))
-        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress))
+        gen_key = _key("generate", {k: v for k, v in _settings(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
+                       upstream, file_hashes(gcfg.prompts), _presets(gcfg.preset))
+        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress,
+                                                                       where=self._where(rnd, "generate")))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
         scfg = score_config(cfg)  # preset None: each pair's own
         if scfg is not None:
-            score_key = _key("score", to_dict(scfg), to_dict(cfg.model), gen_key, _presets(scfg.preset))
+            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, _presets(scfg.preset))
 
             def score(d: Path) -> dict:
-                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress)
+                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress,
+                                     where=self._where(rnd, "score"))
                 if spec.orient:
                     summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec.orient)
                 return summary
@@ -300,23 +333,26 @@ class Pipeline:
             data_key = score_key
 
         tcfg = train_config(cfg)
-        train_key = _key("train", to_dict(tcfg), to_dict(cfg.model), data_key, _presets(tcfg.preset))
+        train_key = _key("train", to_dict(dataclasses.replace(tcfg, report_to=[])), to_dict(cfg.model), data_key,
+                         _presets(tcfg.preset))
 
         def train(d: Path) -> dict:
             if tcfg.kl_alpha:
                 self._reuse_kl_answers(rnd, d / "model")
-            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress)
+            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress,
+                               where=self._where(rnd, "train"))
 
         self._stage("train", rnd, train_key, train)
         new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
 
         ecfg = evaluate_config(cfg)
-        eval_key = _key("evaluate", to_dict(ecfg), to_dict(cfg.model), train_key, _files(ecfg.prompts), _files(ecfg.preset),
-                        _files(ecfg.pairs), _model_stamp(ecfg.reference))
+        eval_key = _key("evaluate", _settings(ecfg), to_dict(cfg.model), train_key, file_hashes(ecfg.prompts), file_hashes(ecfg.preset),
+                        file_hashes(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
             self._reuse_baseline_answers(rnd, ecfg, d)
-            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress)
+            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress,
+                                   where=self._where(rnd, "evaluate"))
 
         self._stage("evaluate", rnd, eval_key, evaluate)
         metrics = json.loads((self.dir / f"round-{rnd}" / "evaluate" / "metrics.json").read_text())
@@ -390,12 +426,7 @@ def _orient(src: Path, dst: Path, field: str) -> dict:
             if score is None:
                 continue
             if score < 0:
-                # every per-side field moves with its response (texts, cut flags, token counts, references
-                # of whole responses and of openings, log-probabilities under p+ and p-)
-                rec = {k.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected"): v
-                       for k, v in rec.items()}
-                if "self_reward" in rec:
-                    rec["self_reward"] = -rec["self_reward"]
+                rec = swap_sides(rec)
                 flipped += 1
             kept += 1
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -457,6 +488,9 @@ def compare(cfg: RunConfig, names: list[str], *, progress: bool = True) -> dict[
     `seeds` holding every seed's headline numbers and their mean and standard deviation.
     """
     known = methods()
+    if not names:
+        raise DlmaError(f"--compare needs one or more methods, comma-separated, e.g. --compare dlma,rlcd "
+                        f"(available: {', '.join(known)})")
     unknown = [m for m in names if m not in known] + [m for m in cfg.method_train if m not in known]
     if unknown:
         raise DlmaError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}")

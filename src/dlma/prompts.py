@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -82,6 +82,21 @@ class Preset:
             raise DlmaError(f"preset {self.name!r} has neither instructions nor demonstrations")
         if self.positive_bare and self.positive_instruction:
             raise DlmaError(f"preset {self.name!r}: `positive: bare` takes no positive instruction")
+        if isinstance(self.demos_per_prompt, bool) or not isinstance(self.demos_per_prompt, int) or self.demos_per_prompt < 0:
+            raise DlmaError(f"preset {self.name!r}: demos_per_prompt must be a whole number >= 0, got {self.demos_per_prompt!r}")
+        if not self._contrasts():
+            raise DlmaError(f"preset {self.name!r}: p+ and p- are the same text for some queries (equal instructions, and "
+                            "a demonstration set that demos_per_prompt leaves empty or whose answers are equal on both "
+                            "sides): pairs made under it would contrast nothing")
+
+    def _contrasts(self) -> bool:
+        """Whether every query gets different text under p+ and p- (any query may draw any set)."""
+        if self.instruction("positive") != self.instruction("negative"):
+            return True
+        sets = [group[: self.demos_per_prompt] for group in self.demonstrations]
+        if self.positive_bare:  # p+ is the bare query: p- differs by its demonstrations
+            return bool(sets) and all(sets)
+        return bool(sets) and all(any(ex.positive != ex.negative for ex in group) for group in sets)
 
     def instruction(self, side: Side) -> str | None:
         return {"positive": self.positive_instruction, "negative": self.negative_instruction}.get(side)
@@ -99,25 +114,56 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("dlma.presets").iterdir() if p.name.endswith(".yaml"))
 
 
+PRESET_KEYS = ("name", "description", "attribute", "judge_question", "placement", "detector", "check_prompts",
+               "positive", "negative", "demonstrations", "demos_per_prompt")
+
+
+def _known_keys(data: dict, known: Sequence[str], where: str) -> None:
+    """A misspelt key is an error, not a setting silently left at its default (`positve:` left p+'s
+    demonstrations empty)."""
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise TypeError(f"unknown key(s) {', '.join(unknown)} {where}; known: {', '.join(known)}")
+
+
+def _side(value: Any, side: str) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"`{side}` must be a mapping with `instruction`" + (" or the word `bare`" if side == "positive" else "")
+                        + f", got {value!r}")
+    _known_keys(value, ("instruction",), f"in `{side}`")
+    return value
+
+
+def _exchange(d: Any, bare: bool) -> Exchange:
+    if not isinstance(d, dict):
+        raise TypeError(f"a demonstration must be a mapping with user, positive and negative, got {d!r:.60}")
+    _known_keys(d, ("user", "positive", "negative"), "in a demonstration")
+    missing = [k for k in ("user", "positive", "negative") if k not in d and not (bare and k == "positive")]
+    if missing:
+        raise TypeError(f"a demonstration has no {', '.join(missing)}")
+    return Exchange(str(d["user"]), str(d.get("positive", "")), str(d["negative"]))
+
+
 def preset_from_dict(data: dict, source: str) -> Preset:
     try:
+        _known_keys(data, PRESET_KEYS, "at the top level")
+        pos = data.get("positive") or {}
+        bare = pos == "bare"
+        pos = {} if bare else _side(pos, "positive")
+        neg = _side(data.get("negative") or {}, "negative")
         demos = []
         for group in data.get("demonstrations") or []:
             if isinstance(group, dict):  # a flat list of exchanges is one set
                 group = [group]
-            demos.append([Exchange(str(d["user"]), str(d.get("positive", "")), str(d["negative"])) for d in group])
-        pos, neg = data.get("positive") or {}, data.get("negative") or {}
-        bare = pos == "bare"
-        if bare:
-            pos = {}
-        elif not isinstance(pos, dict):
-            raise TypeError(f"`positive` must be a mapping with `instruction` or the word `bare`, got {pos!r}")
+            if not isinstance(group, list):
+                raise TypeError(f"`demonstrations` must be a list of sets of exchanges, got {group!r:.60}")
+            demos.append([_exchange(d, bare) for d in group])
         return Preset(
             name=str(data.get("name") or Path(source).stem),
             positive_instruction=pos.get("instruction"),
             negative_instruction=neg.get("instruction"),
             demonstrations=demos,
-            demos_per_prompt=int(data.get("demos_per_prompt", 2)),
+            demos_per_prompt=data.get("demos_per_prompt", 2),
             placement=str(data.get("placement", "system")),
             attribute=str(data.get("attribute", data.get("name", ""))),
             description=str(data.get("description", "")),
@@ -166,10 +212,23 @@ def source_presets(sources: list[str], presets: list[str]) -> list[str]:
 
 
 def as_messages(prompt: str | Sequence[dict]) -> Messages:
-    """A prompt given as a string or as chat messages -> chat messages."""
+    """A prompt given as a string or as chat messages -> chat messages.
+
+    Messages are {role, content} objects with text content, and a conversation ends with the
+    user's turn: what is generated or scored is the assistant's reply to it. (A null content
+    became the text "None"; a conversation that was only a system message, or ended with the
+    assistant's turn, was answered as if the user had spoken.) Else a DlmaError says why."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    msgs = list(prompt)
+    for i, m in enumerate(msgs, 1):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            got = {k: m.get(k) for k in ("role", "content")} if isinstance(m, dict) else m
+            raise DlmaError(f"message {i} must have a string `role` and a string `content`, got {got!r:.80}")
+    if msgs and msgs[-1]["role"] != "user":
+        raise DlmaError(f"the last message must be the user's (role user), not {msgs[-1]['role']!r}: "
+                        "the answer is the assistant's reply to it")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 _MARK = "\u2063dlma-end-of-turn-probe\u2063"
@@ -246,7 +305,9 @@ class Renderer:
             msgs.append({"role": "assistant", "content": ex.positive if side == "positive" else ex.negative})
         rest = [dict(m) for m in rest]
         if instr and p.placement == "user":
-            last = max(i for i, m in enumerate(rest) if m["role"] == "user")
+            last = max((i for i, m in enumerate(rest) if m["role"] == "user"), default=None)
+            if last is None:
+                raise DlmaError(f"preset {p.name!r} places its instruction in the user's turn, and this prompt has no user turn")
             rest[last]["content"] = f"{rest[last]['content']}\n\n({instr})"
         msgs.extend(rest)
         tag = instr if instr and p.placement in ("assistant", "plain") else None

@@ -325,7 +325,7 @@ PHRASING_NOTE = ("Every request is asked in each phrasing (data/phrasings/SPEC.m
 
 
 # -- Markdown ---------------------------------------------------------------------------------
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
+def md_table(head: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")
     return "\n".join(["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
@@ -336,22 +336,22 @@ def render_markdown(metrics: dict, title: str, plots: dict, runs: dict | None) -
     out = [f"# {title}", "", f"Aligned model: `{m.get('aligned')}`; baseline: `{m.get('baseline')}`; "
            f"{(metrics.get('prompts') or {}).get('n')} prompts.", ""]
     if runs:
-        out += ["## Methods side by side", "", _md_table(*compare_table(runs)), ""]
-    out += ["## Judges", "", _md_table(*judge_table(metrics.get("judges") or {})), "",
+        out += ["## Methods side by side", "", md_table(*compare_table(runs)), ""]
+    out += ["## Judges", "", md_table(*judge_table(metrics.get("judges") or {})), "",
             "Rates are over judged items; failed items are counted and excluded. Adjusted win rate counts a tie as half "
             "a win (50% = no difference).", ""]
-    out += ["## Harmlessness and text quality", "", _md_table(*quality_table(metrics)), ""]
+    out += ["## Harmlessness and text quality", "", md_table(*quality_table(metrics)), ""]
     if metrics.get("phrasing"):
-        out += ["## By phrasing", "", _md_table(*phrasing_table(metrics["phrasing"])), "", PHRASING_NOTE, ""]
+        out += ["## By phrasing", "", md_table(*phrasing_table(metrics["phrasing"])), "", PHRASING_NOTE, ""]
     if metrics.get("selection"):
-        out += ["## Training step kept", "", _md_table(*selection_table(metrics["selection"])), "",
+        out += ["## Training step kept", "", md_table(*selection_table(metrics["selection"])), "",
                 _selection_note(metrics["selection"]), ""]
     if metrics.get("reliability"):
-        out += ["## Self-reward reliability", "", _md_table(["", ""], reliability_rows(metrics["reliability"])), ""]
+        out += ["## Self-reward reliability", "", md_table(["", ""], reliability_rows(metrics["reliability"])), ""]
     out += ["## Plots", ""] + [f"![{name}](plots/{name}.png)\n\n{cap}\n" for name, (cap, _) in plots.items()]
     ex = metrics.get("examples") or []
     if ex:
-        out += ["## Examples", "", _md_table(["prompt", "aligned", "baseline", "verdicts"],
+        out += ["## Examples", "", md_table(["prompt", "aligned", "baseline", "verdicts"],
                                            [[_prompt_text(e["prompt"])[-400:], e["aligned"], e["baseline"],
                                              ", ".join(f"{k}: {v}" for k, v in e.get("verdicts", {}).items())] for e in ex]), ""]
     return "\n".join(out)

@@ -16,20 +16,27 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .config import ModelConfig, ScoreConfig
-from .data import JsonlWriter, check_finite, read_jsonl, read_pairs, resume_chunks, write_json
+from .data import (JsonlWriter, check_finite, check_not_input, check_same_inputs, file_hashes, named_files, pair_digest,
+                   read_pairs, resume_chunks, write_json)
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
+from .pairfile import conversational, upgrade
+from .pairstats import contrast, quantiles
 from .models import bf16_supported, load_model, resolve_device, resolve_dtype
 from .prompts import Preset, Renderer, as_messages, load_preset
 from .textjudge import LetterJudge
+from .tracking import Tracking, Where, typed_settings
 
 TERMS = ["lp_chosen_pos", "lp_chosen_neg", "lp_rejected_pos", "lp_rejected_neg"]
+# what of a pair its score depends on: a scored record whose input differs in one of them is stale
+PAIR_INPUT = ("prompt", "chosen", "rejected", "chosen_truncated", "rejected_truncated", "preset")
 JUDGES = ("self-reward", "text", "both")
 JUDGE_ALIASES = {"probability": "self-reward", "self_reward": "self-reward"}
 
@@ -46,7 +53,10 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
     in one R flipped its sign on 1 in 8 generated pairs, so bf16 scoring recomputes all
     four terms in one precision (a branch of the same tree: ~15% more tokens)."""
     gen = rec.get("generation") or {}
-    if rec.get("preset") not in (preset.name, preset.source or preset.name):  # generate records what it was given
+    # generate records the preset as it was given (and a preset file's absolute path)
+    if rec.get("preset") != preset.name and (preset.source or preset.name) not in (rec.get("preset"), rec.get("preset_file")):
+        return False
+    if rec.get("gen_lp_of") != pair_digest(rec):  # the pair was edited after generation: its log-probs are another text's
         return False
     room = int(gen.get("max_context", 1024)) - int(gen.get("max_new_tokens", 0))  # generate's context cut
     if max(len(ctx["positive"]), len(ctx["negative"])) > room:
@@ -100,10 +110,19 @@ class _Layout:
         return ctx, c, r
 
 
+def pair_preset(rec: dict) -> str | None:
+    """The preset a pair was made under. A preset file named relative to where the pairs were
+    generated is found by the absolute path generate recorded beside it (`preset_file`)."""
+    name, where = rec.get("preset"), rec.get("preset_file")
+    if name and where and not Path(name).is_file() and Path(where).is_file():
+        return where
+    return name
+
+
 def _resolve_preset(preset: Preset | str | None, pairs: list[dict]) -> Preset:
     if isinstance(preset, Preset):
         return preset
-    return load_preset(preset or next((p["preset"] for p in pairs if p.get("preset")), "harmless"))
+    return load_preset(preset or next((pair_preset(p) for p in pairs if p.get("preset")), "harmless"))
 
 
 # bf16 bodies moved R by up to 0.75 on 32 generated pairs (benchmarks/score.py); a mixed-mode
@@ -262,18 +281,12 @@ def judge_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
 
 
 # -- summaries -------------------------------------------------------------------------
-def _quantiles(xs: list[float]) -> dict:
-    s = sorted(xs)
-    q = lambda p: s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
-    return {"min": s[0], "p10": q(0.1), "p25": q(0.25), "median": q(0.5), "p75": q(0.75), "p90": q(0.9), "max": s[-1]}
-
-
 def _accuracy(xs: list[float]) -> float:
     return sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in xs) / len(xs)
 
 
 def _describe(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "quantiles": _quantiles(xs),
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "quantiles": quantiles(xs),
             "fraction_positive": sum(x > 0 for x in xs) / len(xs)}
 
 
@@ -346,11 +359,12 @@ def scoring_precision(precision: str, model_cfg: ModelConfig) -> tuple[str, str]
 
 
 def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *, model=None, tokenizer=None,
-               progress: bool = True, summary_path: str | None = None) -> dict:
+               progress: bool = True, summary_path: str | None = None, where: Where | None = None) -> dict:
     """Score a pair file into `out` (JSONL, resumable), returning the summary of the whole output.
 
     Records already in `out` are skipped; the summary covers them too, so a resumed run
     reports the same numbers as an uninterrupted one. summary_path, when set, gets a copy.
+    `where`: the cfg.report_to trackers' run (default: beside `out`).
     """
     from tqdm.auto import tqdm
 
@@ -360,18 +374,26 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     pairs = read_pairs(data, cfg.limit)
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
+    check_not_input(out, [Path(f) for f in named_files(data)])
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
     if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
+    upgrade(out)  # an older dlma's partial output: stored as this one stores it before appending
+    # preset files by content: one edited since scores otherwise
+    preset_files = file_hashes(cfg.preset or ",".join(sorted({str(pair_preset(p)) for p in pairs if p.get("preset")})))
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
         "reference": cfg.reference, "precision": precision, "max_context": cfg.max_context,
         **({"ensemble": True} if cfg.ensemble else {}),
-        **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {})})
-    todo = [p for p in pairs if p["id"] not in writer.done]
+        **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {}),
+        **({"preset_files": preset_files} if preset_files else {})})
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()
     try:
+        by_id = {p["id"]: p for p in pairs}
+        check_same_inputs(writer, lambda rec: (rec.get("id"), [rec.get(k) for k in PAIR_INPUT]),
+                          lambda i: [by_id[i].get(k) for k in PAIR_INPUT] if i in by_id else None, data)
+        todo = [p for p in pairs if p["id"] not in writer.done]
         if todo:
             if model is None:
                 model, tokenizer = load_model(model_cfg.model, load_dtype, model_cfg.device, attn=model_cfg.attn_implementation)
@@ -382,7 +404,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             # (a run may mix sources, e.g. harmful prompts under `harmless`, benign ones under `helpful`).
             by_preset: dict[str | None, list[dict]] = {}
             for rec in pairs:
-                by_preset.setdefault(cfg.preset or rec.get("preset"), []).append(rec)
+                by_preset.setdefault(cfg.preset or pair_preset(rec), []).append(rec)
             work = [(_resolve_preset(name, recs), group) for name, recs in by_preset.items()
                     for group in resume_chunks(recs, chunk, lambda r: r["id"] not in writer.done)]
             for preset, group in work:
@@ -400,7 +422,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
                     group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
                 new = [rec for rec in group if rec["id"] not in writer.done]
                 for rec in new:
-                    writer.write(rec)
+                    writer.write(conversational(rec))
                 done += len(new)
                 bar.update(len(new))
                 bar.set_postfix(pairs_per_s=f"{done / max(time.time() - t0, 1e-9):.2f}")
@@ -409,11 +431,31 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
         writer.close()
     if stats.get("positions"):  # the positions the model computed (shared prefixes once)
         stats["model_flops"] = forward_flops(model, stats["positions"], stats.get("head_positions", 0))
-    summary = summarize_scores(read_jsonl(out))
+    records = read_pairs(str(out))
+    summary = summarize_scores(records)
     summary.update(judge=judge, already_done=len(pairs) - len(todo), scored=len(todo), output=str(out),
                    seconds=round(time.time() - t0, 2), **stats)
     if todo:
         summary["pairs_per_s"] = round(len(todo) / max(time.time() - t0, 1e-9), 3)
     if summary_path:
         write_json(summary_path, summary)
+    if cfg.report_to:
+        with Tracking(cfg.report_to, where or Where.beside(out, "score", file=True), "score",
+                      typed_settings(model=model_cfg, score=cfg), model_cfg.device) as tracking:
+            track_scores(tracking, records, summary)
     return summary
+
+
+def track_scores(tracking: Tracking, records: list[dict], summary: dict) -> None:
+    """R's histogram and quantiles, the share with R > 0, each preset's contrast rate, accuracy on
+    human labels and throughput, at step = pairs in the file."""
+    step = len(records)
+    rs = [float(r["self_reward"]) for r in records if r.get("self_reward") is not None]
+    tracking.histogram("score/self_reward", rs, step=step)
+    sr = summary.get("self_reward") or {}
+    values = {f"score/self_reward_{k}": v for k, v in (sr.get("quantiles") or {}).items()}
+    values.update({"score/self_reward_mean": sr.get("mean"), "score/self_reward_positive": sr.get("fraction_positive"),
+                   "score/accuracy": summary.get("accuracy"), "score/pairs_per_s": summary.get("pairs_per_s"),
+                   "score/contexts_truncated": summary.get("contexts_truncated")})
+    values.update({f"score/contrast/{name}": c["rate"] for name, c in contrast(records).items()})
+    tracking.log({k: v for k, v in values.items() if v is not None}, step=step)

@@ -51,15 +51,16 @@ def score_config(cfg: RunConfig) -> ScoreConfig | None:
 def train_config(cfg: RunConfig) -> TrainConfig:
     """The training settings of cfg.method: its objective, and the run's other settings.
 
-    min_reward, flip_negative, reward_norm and shuffle_reward act on the self-reward R, so they apply only to
-    methods that compute it; context distillation scores nothing and RLAIF's text judge orients its pairs. The
-    NLL and KL terms stay only where the method's objective takes them (`Objective.terms`).
+    min_reward, flip_negative, reward_norm and shuffle_reward select pairs by the self-reward R, so they apply only
+    to methods that use R (`Method.selects_by_reward`): RLCD trains on the contrastive pairs as they come, context
+    distillation scores nothing and RLAIF's text judge orients its pairs. The NLL and KL terms stay only where the
+    method's objective takes them (`Objective.terms`).
     """
     spec = method(cfg.method)
     obj = objective(spec.loss)
     single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
     changes: dict[str, Any] = {"loss": spec.loss, "preset": cfg.train.preset or single}
-    if spec.judge not in ("self-reward", "both"):
+    if not spec.selects_by_reward:
         changes.update(min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
     if not obj.takes("nll"):
         changes.update(rpo_alpha=0.0)

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run", "recipes", "prompts"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "recipes", "prompts", "serve", "push"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -18,11 +18,14 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
 
   1. generate  sample a better answer under a positive prompt p+ and a worse one under p-
   2. score     judge each pair with the model's own probabilities (self-rewarding score R)
-  3. train     DPO shifted by R, with the bare query as context (baselines: dpo, ipo, sft)
+  3. train     DPO shifted by R, with the bare query as context (listwise: Plackett-Luce over
+               best-of-K samples; baselines: dpo, ipo, sft)
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
   recipes      the named configurations `dlma run --recipe NAME` starts from
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
+  serve        answer chat requests with a model on a local OpenAI-compatible API
+  push         publish an aligned model and its pairs on the Hugging Face Hub
 
 Every stage reads and writes files (JSONL, model directories, reports), so each can be
 run alone. `dlma COMMAND --help` explains each one.
@@ -48,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dlma {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # stage not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f".{name}", __name__).register(sub)
     return parser
 
 

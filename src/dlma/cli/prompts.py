@@ -83,11 +83,13 @@ def run_list(args) -> int:
     from ..detectors import for_preset
     from ..prompts import list_presets, load_preset
 
-    for name in list_presets():
+    names = list_presets()
+    width = max(map(len, names)) + 2  # the longest name keeps two spaces before its description
+    for name in names:
         pr = load_preset(name)
         shows = for_preset(pr)
-        print(f"{name:20s} {pr.description}")
-        print(f"{'':20s} measured: {shows.description if shows else 'no detector'}; role: {pr.role}")
+        print(f"{name:{width}s}{pr.description}")
+        print(f"{'':{width}s}measured: {shows.description if shows else 'no detector'}; role: {pr.role}")
     return 0
 
 

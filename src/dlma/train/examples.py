@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..config import TrainConfig
+from ..data import swap_sides
 from ..errors import DlmaError
 from ..objectives import objective
 
@@ -85,8 +86,9 @@ def _preset_normalised(pairs: list[dict]) -> list[dict]:
 
 
 def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]:
-    """Flip pairs with R < 0 (if asked), rescale R per preset (if asked), drop pairs with
-    R < --min-reward, and for the ablation permute R across the pairs kept."""
+    """Swap a seeded --noise-flip share of the pairs (an ablation), flip pairs with R < 0 (if asked),
+    rescale R per preset (if asked), drop pairs with R < --min-reward, and for the ablation permute R
+    across the pairs kept."""
     needs_r = (objective(cfg.loss).uses_reward or cfg.min_reward is not None or cfg.flip_negative
                or cfg.reward_norm != "none" or cfg.shuffle_reward)
     if needs_r:
@@ -99,13 +101,13 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
                                 f"{' / --shuffle-reward' if cfg.shuffle_reward else ''} needs; run `dlma score` first")
     out, flipped, filtered = [], 0, 0
     seen = []
-    for rec in pairs:
-        r = rec.get("self_reward")
-        if cfg.flip_negative and r < 0:
-            rec = dict(rec, chosen=rec["rejected"], rejected=rec["chosen"], self_reward=-r,
-                       chosen_truncated=rec.get("rejected_truncated", False),
-                       rejected_truncated=rec.get("chosen_truncated", False),
-                       ref_lp_chosen=rec.get("ref_lp_rejected"), ref_lp_rejected=rec.get("ref_lp_chosen"), flipped=True)
+    noisy = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 7919))
+                [:round(cfg.noise_flip * len(pairs))].tolist()) if cfg.noise_flip else set()
+    for i, rec in enumerate(pairs):
+        if i in noisy:  # the ablation's wrong pairs: o+ is no longer the better answer, and R says so
+            rec = dict(swap_sides(rec), noise_flipped=True)
+        if cfg.flip_negative and rec.get("self_reward") < 0:
+            rec = dict(swap_sides(rec), flipped=True)
             flipped += 1
         seen.append(rec)
     if cfg.reward_norm == "preset":
@@ -118,7 +120,8 @@ def select_pairs(pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], dict]
     if cfg.shuffle_reward and out:
         perm = torch.randperm(len(out), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         out = [dict(rec, self_reward=out[j]["self_reward"]) for rec, j in zip(out, perm)]
-    return out, {"pairs_read": len(pairs), "pairs_flipped": flipped, "pairs_filtered": filtered, "pairs_used": len(out)}
+    return out, {"pairs_read": len(pairs), "pairs_noise_flipped": len(noisy), "pairs_flipped": flipped,
+                 "pairs_filtered": filtered, "pairs_used": len(out)}
 
 
 def _ranked(rec: dict, renderer, response_tokens: int | None = None) -> dict:

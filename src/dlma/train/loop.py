@@ -18,12 +18,13 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..card import command_line, write_card
 from ..config import ModelConfig, TrainConfig
 from ..data import read_pairs
 from ..errors import DlmaError
@@ -31,6 +32,7 @@ from ..machine import forward_flops
 from ..models import load_tokenizer, load_weights
 from ..objectives import objective
 from ..prompts import Renderer, load_preset
+from ..tracking import Where, typed_settings
 from . import checkpoints as ck
 from ..terms import check_presets_named, kl_on, nll_on, preset_roles, role_terms
 from .examples import Example, build_examples, select_pairs, whole_chosen_kept
@@ -51,17 +53,20 @@ if TYPE_CHECKING:
 MAX_NONFINITE_STEPS = 3
 
 
-def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, progress: bool = True) -> dict:
-    """Train on a (scored) pair file and save the model to out_dir; returns the run summary."""
+def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, progress: bool = True,
+                where: Where | None = None) -> dict:
+    """Train on a (scored) pair file and save the model to out_dir; returns the run summary.
+    `where`: the --report-to trackers' run (default: out_dir/tensorboard/train-NAME)."""
     out = Path(out_dir)
-    accelerator = make_accelerator(model_cfg, cfg, out)
+    where = where or Where.beside(out, "train", file=False)
+    accelerator = make_accelerator(model_cfg, cfg, out, where)
     key = ck.resume_key(cfg, model_cfg, data, accelerator.num_processes)
     finished = ck.finished_summary(out, key)
     if finished is not None:
         return finished
     run = setup(accelerator, model_cfg, cfg, data, out, key)
     cfg = run.cfg  # the terms attached by role now name their presets
-    log = Log(run, progress)
+    log = Log(run, progress, where)
     while run.step < run.total:
         epoch, micros = run.micro_batches()
         result = train_step(run.model, run.optimizer, micros, cfg, run.pad_id, accelerator,
@@ -79,7 +84,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
 
 @dataclass
 class TrainRun:
-    """One run's state: what `setup` builds, the step the loop is at, and this session's tallies."""
+    """One run's state: what `setup` builds, the step the loop is at, and this process's tallies."""
 
     cfg: TrainConfig
     model_cfg: ModelConfig
@@ -100,7 +105,7 @@ class TrainRun:
     total: int = 0
     step: int = 0  # optimizer steps done, counting those before a resume
     selector: Selector | None = None
-    # this session's loop only (a resumed run counts the steps it ran)
+    # this process's loop only (a resumed run counts the steps it ran)
     first_loss: float | None = None
     last: dict | None = None  # the latest metrics line
     bad_in_a_row: int = 0
@@ -239,7 +244,7 @@ def _finite(x: float) -> float | None:
 class Log:
     """Where the steps are reported: metrics.jsonl (main process), --report-to trackers, the progress bar."""
 
-    def __init__(self, run: TrainRun, progress: bool):
+    def __init__(self, run: TrainRun, progress: bool, where: Where):
         from tqdm.auto import tqdm
 
         self.accelerator, self.progress = run.accelerator, progress
@@ -247,7 +252,7 @@ class Log:
         self.main = run.accelerator.is_main_process
         self.trackers = bool(run.accelerator.log_with) if hasattr(run.accelerator, "log_with") else False
         if self.trackers:
-            run.accelerator.init_trackers("dlma", config={k: str(v) for k, v in asdict(run.cfg).items()})
+            run.accelerator.init_trackers(where.run, config=typed_settings(train=run.cfg, model=run.model_cfg))
         self.bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.cfg.loss}", unit="step",
                         disable=not (progress and self.main), dynamic_ncols=True)
 
@@ -286,7 +291,7 @@ def probe(run: TrainRun, log: Log) -> None:
 
 def finish(run: TrainRun, log: Log) -> dict:
     """After the last step: the final model (the selected step's weights, where one was
-    selected) and train_summary.json; the checkpoints go, a finished run needs none."""
+    selected), train_summary.json and the model card; the checkpoints go, a finished run needs none."""
     accelerator = run.accelerator
     if run.stepper is not None:
         run.stepper.remove()
@@ -297,6 +302,7 @@ def finish(run: TrainRun, log: Log) -> dict:
     result = summary(run)
     if accelerator.is_main_process:
         ck.write_summary(run.out, result)
+        write_card(run.out)
         if run.selector is not None:
             run.selector.cleanup()
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
@@ -307,7 +313,7 @@ def finish(run: TrainRun, log: Log) -> dict:
 
 def summary(run: TrainRun) -> dict:
     """train_summary.json. The first loss and the skipped steps come from metrics.jsonl, which
-    spans the runs before a resume; speed and FLOPs are this session's."""
+    spans the runs before a resume; speed and FLOPs are this process's."""
     cfg, last = run.cfg, run.last
     history = ck.read_metrics(run.out) if run.accelerator.is_main_process else []
     out = {
@@ -330,6 +336,7 @@ def summary(run: TrainRun) -> dict:
         "kl_pairs": sum(bool(e.kl_answer) for e in run.examples),
         "kl": last.get("kl") if last else None,
         "resume_key": run.key,
+        "command": command_line(),
     }
     if run.selector is not None:
         out["selection"] = run.selector.summary()

@@ -9,16 +9,16 @@ weight copies, so with --gradient-checkpointing only the layer being recomputed 
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import DlmaError
 from ..models import DTYPES, bf16_supported, resolve_device
+from ..tracking import Where, make_trackers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -43,26 +43,9 @@ def weights_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return DTYPES[model_cfg.dtype]
 
 
-def trackers(report_to: Sequence[str]) -> list[str]:
-    """The --report-to trackers that are installed (a missing one is said, not fatal)."""
-    out = []
-    for name in report_to:
-        if name not in ("tensorboard", "wandb"):
-            raise DlmaError(f"--report-to: unknown tracker {name!r}; choose tensorboard or wandb")
-        module = "torch.utils.tensorboard" if name == "tensorboard" else "wandb"
-        try:
-            ok = importlib.util.find_spec(module) is not None and (name != "tensorboard" or importlib.util.find_spec("tensorboard") is not None)
-        except ModuleNotFoundError:
-            ok = False
-        if ok:
-            out.append(name)
-        else:
-            print(f"dlma train: {name} is not installed; not logging to it")
-    return out
-
-
-def make_accelerator(model_cfg: ModelConfig, cfg: TrainConfig, out: Path) -> Accelerator:
-    """The run's Accelerator; an unknown or missing device is a clean error before any work."""
+def make_accelerator(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, where: Where) -> Accelerator:
+    """The run's Accelerator, reporting to cfg.report_to at `where`; an unknown or missing device is
+    a clean error before any work."""
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs
 
@@ -74,7 +57,8 @@ def make_accelerator(model_cfg: ModelConfig, cfg: TrainConfig, out: Path) -> Acc
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg, model_cfg),
                        gradient_accumulation_steps=cfg.grad_accum,
                        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],
-                       log_with=trackers(cfg.report_to) or None, project_dir=str(out))
+                       log_with=make_trackers(cfg.report_to, where, "train") or None,
+                       project_dir=str(out))
 
 
 def lazy_ranks(accelerator) -> bool:

@@ -1,0 +1,1 @@
+"""dlma inside other libraries' training loops (optional: each needs its library's extra)."""
