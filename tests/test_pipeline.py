@@ -181,12 +181,13 @@ def test_second_concurrent_run_is_refused(tmp_path):
     assert res.returncode != 0 and "in use by another dlma run" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_missing_prompt_file_names_the_stage(tmp_path):
+def test_missing_prompt_file_is_found_before_any_stage(tmp_path):
     res = subprocess.run(DLMA + ["run", "--run-dir", str(tmp_path / "r"), "--no-progress",
                                  "--set", f"generate.prompts={tmp_path / 'nope.jsonl'}", "--set", "generate.preset=harmless"],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert "stage round 1 generate" in res.stderr and "nope.jsonl" in res.stderr
+    assert "generate.prompts" in res.stderr and "nope.jsonl: no such file" in res.stderr and "--prompts FILE" in res.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_every_method_can_train_on_what_its_scoring_gives():
@@ -195,7 +196,7 @@ def test_every_method_can_train_on_what_its_scoring_gives():
 
     from dlma.cli.run import shipped_defaults
     from dlma.objectives import methods
-    from dlma.pipeline import train_config
+    from dlma.stages import train_config
     from dlma.train import select_pairs
 
     shipped = shipped_defaults()
@@ -243,9 +244,10 @@ def test_rlaif_orientation_moves_every_per_side_field(tmp_path):
 def test_compare_puts_methods_side_by_side(tmp_path):
     from dlma.objectives import methods as registered
 
+    METHODS = registered()
     run_dir = tmp_path / "cmp"
     # every method that runs with the shipped config (listwise needs best-of-K generation)
-    methods = [m for m, spec in registered().items() if spec.loss != "listwise"]
+    methods = [m for m, spec in METHODS.items() if spec.loss != "listwise"]
     res = subprocess.run(DLMA + ["run", "--run-dir", str(run_dir), "--compare", ",".join(methods), "--no-progress", *TINY,
                                  "--set", "train.max_steps=2", "--set", "seeds=[0,1]",
                                  "--set", "method_train={rlcd: {lr: 3.0e-6}}"], env=ENV, capture_output=True, text=True, timeout=2400)
@@ -260,7 +262,7 @@ def test_compare_puts_methods_side_by_side(tmp_path):
             ["prompts"]["answers_generated"]["baseline"] for m in methods for seed in (0, 1)]
     assert made[0] == 2 and not any(made[1:])
     # so do the untouched answers the KL term holds (the pair losses carry it; SFT has no pairs)
-    kl_runs = [m for m in methods if registered()[m].loss in ("dlma", "dpo")]
+    kl_runs = [m for m in methods if METHODS[m].loss in ("dlma", "dpo")]
     assert res.stderr.count("[round 1 train] the KL term's untouched answers copied from") == 2 * len(kl_runs) - 1
     rlcd = json.loads((run_dir / "rlcd" / "seed-1" / "round-1" / "train" / "model" / "train_summary.json").read_text())
     assert rlcd["resume_key"]["train"]["lr"] == 3.0e-6 and rlcd["resume_key"]["train"]["seed"] == 1  # its own lr, the seed
@@ -285,8 +287,8 @@ def test_listwise_method_needs_best_of_k_generation(tmp_path):
 
 
 def test_train_defaults_are_the_run_defaults():
-    """`dlma train` by hand trains like `dlma run`: lr and clipping come from TrainConfig, not the YAML; the
-    run's NLL term is the YAML's, since it names the default run's preset."""
+    """`dlma train` by hand has the run's lr and clipping (TrainConfig's, not the YAML's); its terms and
+    interpolation are the recipe's with `--recipe safety` (tests/test_recipes.py), the paper's loss alone without."""
     from importlib import resources
 
     import yaml
@@ -301,32 +303,36 @@ def test_train_defaults_are_the_run_defaults():
     yaml_train = yaml.safe_load(resources.files("dlma.configs").joinpath("default.yaml").read_text())["train"]
     assert not {"lr", "max_grad_norm"} & set(yaml_train)
     assert TrainConfig().rpo_alpha == by_hand.rpo_alpha == 0.0  # by hand: the paper's loss alone
-    assert (shipped.rpo_alpha, shipped.rpo_presets) == (0.2, ["no-overrefusal"])
-    assert TrainConfig().kl_alpha == by_hand.kl_alpha == 0.0 and (shipped.kl_alpha, shipped.kl_presets) == (1.0, ["no-overrefusal"])
+    assert (shipped.rpo_alpha, shipped.rpo_roles) == (0.2, ["retain"])
+    assert TrainConfig().kl_alpha == by_hand.kl_alpha == 0.0 and (shipped.kl_alpha, shipped.kl_roles) == (1.0, ["retain"])
     assert TrainConfig().interpolate == by_hand.interpolate == 1.0 and shipped.interpolate == 0.75  # by hand: as trained
 
 
 def test_shipped_run_config_names_the_presets_it_trains_on():
-    """The default run's NLL and KL terms name presets its generate stage uses (a name matching no pair is an error)."""
+    """The default run's NLL and KL terms reach presets its generate stage uses, through the role they declare."""
     from dlma.cli.run import shipped_defaults
     from dlma.prompts import load_preset
+    from dlma.terms import preset_roles, role_terms
 
     cfg = shipped_defaults()
     presets = cfg.generate.preset.split(",")
-    assert cfg.train.rpo_alpha > 0 and set(cfg.train.rpo_presets) <= set(presets)
-    assert cfg.train.kl_alpha > 0 and set(cfg.train.kl_presets) <= set(presets)
+    tcfg, notes = role_terms(cfg.train, preset_roles(presets))
+    assert not notes and tcfg.rpo_alpha > 0 and tcfg.kl_alpha > 0 and tcfg.rpo_presets == tcfg.kl_presets == ["no-overrefusal"]
     assert all(load_preset(p).name == p for p in presets + ["no-overrefusal-bare"])
+    assert load_preset("no-overrefusal-bare").role == "retain" and load_preset("harmless").role == "attribute"
 
 
 def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, monkeypatch):
-    """An edited prompt file or a local model directory retrained in place redoes the stages, not `done already`."""
+    """An edited prompt file, preset or a local model directory retrained in place redoes the stages, not `done already`;
+    an edited detector redoes the evaluation alone."""
     import dataclasses
 
     from dlma.cli.run import shipped_defaults
     from dlma.pipeline import Pipeline
 
-    prompts, model_dir = tmp_path / "prompts.jsonl", tmp_path / "model"
+    prompts, model_dir, preset = tmp_path / "prompts.jsonl", tmp_path / "model", tmp_path / "mine.yaml"
     prompts.write_text('{"prompt": "How do I bake bread?"}\n')
+    preset.write_text("name: mine\npositive: {instruction: Be brief.}\nnegative: {instruction: Ramble.}\ndetector: {max_words: 30}\n")
     model_dir.mkdir()
     (model_dir / "model.safetensors").write_bytes(b"weights v1")
 
@@ -344,7 +350,7 @@ def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, m
         monkeypatch.setattr(Pipeline, "_stage", stage)
         cfg = shipped_defaults()
         cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, model=str(model_dir)),
-                                  generate=dataclasses.replace(cfg.generate, prompts=str(prompts), preset="harmless"),
+                                  generate=dataclasses.replace(cfg.generate, prompts=str(prompts), preset=str(preset)),
                                   evaluate=dataclasses.replace(cfg.evaluate, prompts=str(prompts)))
         Pipeline(cfg, progress=False, log=lambda m: None).run()
         return seen
@@ -357,6 +363,12 @@ def test_stage_keys_follow_file_contents_and_local_model_directories(tmp_path, m
     (model_dir / "model.safetensors").write_bytes(b"weights v2, retrained")
     retrained = keys()
     assert all(retrained[s] != edited[s] for s in first)
+    # how the attribute is measured is read by evaluation alone: only it redoes
+    preset.write_text(preset.read_text().replace("max_words: 30", "max_words: 20"))
+    measured = keys()
+    assert [s for s in first if measured[s] != retrained[s]] == ["evaluate"]
+    preset.write_text(preset.read_text().replace("Be brief.", "Be very brief."))
+    assert all(keys()[s] != measured[s] for s in first)
 
 
 def _pipeline(tmp_path, logs: list):

@@ -19,6 +19,7 @@ import yaml
 
 from . import objectives
 from .errors import DlmaError, yaml_error
+from .prompts import ROLES
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -100,7 +101,7 @@ class GenerateConfig:
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
     batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share; benchmarks/generate.py --baseline-batch-size measures it)")
     max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
-    backend: str = opt("transformers", "generation engine: transformers, or vllm where installed")
+    backend: str = opt("transformers", "generation engine: transformers, vllm (where installed), or auto (vllm where it is installed and a CUDA GPU is present, else transformers)")
     columns: typing.List[str] = opt([], "which columns of the prompt sources hold dlma's fields, as FIELD=COLUMN (prompt, id, label), e.g. prompt=question id=qid for a `datasets` dataset whose prompts are in `question`")
     report_to: typing.List[str] = opt([], "also log throughput and counts to: tensorboard, wandb (when installed)")
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
@@ -108,6 +109,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         _check(self, num_pairs=(">=", 1), num_samples=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
                limit=(">=", 1), batch_size=(">=", 1), max_context=(">=", 1))
+        if self.backend not in ("transformers", "vllm", "auto"):
+            raise _bad("backend", "transformers, vllm or auto", self.backend)
         if self.max_context <= self.max_new_tokens:
             raise DlmaError(f"max_context (--max-context) must be larger than max_new_tokens (--max-new-tokens), "
                             f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
@@ -125,9 +128,11 @@ class TrainConfig:
     # hand gives the pipeline's result. The NLL term raised refusals but over-refusals faster.
     rpo_alpha: float = opt(0.0, "weight of a per-token NLL term on the chosen response added to the pair loss (RPO, Pang et al. 2024; TRL's rpo_alpha); pair losses mostly push the rejected side down, this pulls the chosen side up")
     rpo_whole: bool = opt(False, "the NLL term covers the whole chosen response even where --response-tokens cuts the pair loss to the openings (keeps what follows an opening like the model's own where o+ is the model's own answer, e.g. `positive: bare`)")
-    rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty: every pair")
+    rpo_presets: typing.List[str] = opt([], "apply the NLL term only to pairs of these presets (e.g. no-overrefusal: pull up the answers to harmless questions, not the refusals); empty (and no --rpo-roles): every pair")
+    rpo_roles: typing.List[str] = opt([], "apply the NLL term to pairs of the presets that declare one of these roles (`role:` in a preset: attribute, retain), besides --rpo-presets; a role no preset of the pairs has leaves the term off")
     kl_alpha: float = opt(0.0, "weight of a KL term that keeps the answers to the --kl-presets pairs' prompts the untouched model's: per-token KL(untouched || model) on the untouched model's greedy answer to each such prompt, computed once before the first step (a retain term; e.g. no-overrefusal: answer harmless questions as before while the pair loss teaches refusing harmful ones). 0 = off")
-    kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty: every pair")
+    kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty (and no --kl-roles): every pair")
+    kl_roles: typing.List[str] = opt([], "pairs of the presets that declare one of these roles carry the KL term, besides --kl-presets; a role no preset of the pairs has leaves the term off")
     kl_keep: str = opt("all", "which untouched answers the KL term holds: all, or attribute (only those the pair's preset's detector says show its attribute, e.g. under no-overrefusal the ones that answer: an untouched model that already refuses some harmless requests would otherwise be held to those refusals)")
     kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term covers")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
@@ -197,6 +202,10 @@ class TrainConfig:
                               ("step_in_backward", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise _bad(name, " or ".join((", ".join(allowed[:-1]), allowed[-1])), getattr(self, name))
+        for name in ("rpo_roles", "kl_roles"):
+            unknown = [r for r in getattr(self, name) if r not in ROLES]
+            if unknown:
+                raise _bad(name, "a list of preset roles (" + ", ".join(ROLES) + ")", unknown)
         obj = objectives.objective(self.loss)
         for term, on, flag in (("nll", self.rpo_alpha > 0, "--rpo-alpha"), ("nll_whole", self.rpo_whole and self.rpo_alpha > 0, "--rpo-whole"),
                                ("kl", self.kl_alpha > 0, "--kl-alpha")):
@@ -208,11 +217,25 @@ class TrainConfig:
                             "(clipping needs the global norm of every gradient first; passes add up gradients)")
 
 
+JUDGE_KINDS = ("self-reward", "llm:MODEL", "reward:MODEL", "cost:MODEL", "openai:MODEL")
+
+
+def parse_judge_spec(spec: str) -> tuple[str, str | None]:
+    """Which kind of judge a `--judge` names: 'llm:Qwen/Qwen2.5-7B-Instruct' -> ('llm', 'Qwen/Qwen2.5-7B-Instruct');
+    'self-reward' -> ('self-reward', None)."""
+    if spec == "self-reward":
+        return spec, None
+    kind, sep, name = spec.partition(":")
+    if not sep or not name or kind not in ("llm", "reward", "cost", "openai"):
+        raise DlmaError(f"unknown judge {spec!r}; use one of: {', '.join(JUDGE_KINDS)}")
+    return kind, name
+
+
 @dataclass
 class EvalConfig:
     prompts: str = opt("hh-harmless:test,safety-eval", f"held-out prompts: comma-separated sources (files or bundled sets: {PROMPT_SETS}); prompts labelled unsafe/safe give refusal rates")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
-    preset: str = opt("harmless", f"preset of the self-reward judge and of the judging question: a bundled preset ({PRESETS}) or a YAML file")
+    preset: typing.Optional[str] = opt(None, f"preset whose detector measures the attribute on the answers and whose p+/p- and question judge them: a bundled preset ({PRESETS}) or a YAML file; default: the run's first preset (`dlma run`, or a stage command's --recipe/--config), else harmless")
     judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
     max_new_tokens: int = opt(128, "longest answer, in tokens")
     temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
@@ -237,6 +260,8 @@ class EvalConfig:
         _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
                batch_size=(">=", 1), max_context=(">=", 1), pairs_limit=(">=", 1), examples=(">=", 0),
                judge_timeout=(">", 0), judge_retries=(">=", 0), judge_rate=(">=", 0), judge_concurrency=(">=", 1))
+        for spec in self.judge:
+            parse_judge_spec(spec)
 
 
 @dataclass
@@ -285,6 +310,7 @@ def section(factory: Any, help: str) -> Any:
 class RunConfig:
     """Everything `dlma run` does; the sections are the stage commands' options."""
 
+    description: str = opt("", "what the run is for, in a line (`dlma recipes` lists the recipes' own)")
     run_dir: str = opt("runs/default", "where stages, the final model and the report go")
     method: str = opt("dlma", "how pairs are scored and trained: " + objectives.method_help())
     rounds: int = opt(1, "generate -> score -> train repeats, the latest policy generating and serving as reference")
@@ -299,6 +325,51 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not str(self.run_dir).strip():  # Path("") is the working directory: stages would land among the user's files
             raise _bad("run_dir", "a directory", self.run_dir)
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """A setting a user brings to `dlma run` as an option of its own (and a top-level YAML key)."""
+
+    key: str  # section.key
+    flag: str
+    metavar: str
+    help: str
+
+    @property
+    def yaml_key(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+RUN_INPUTS = (
+    RunInput("model.model", "--model", "MODEL", "starting model: embedded, a Hugging Face id or a local directory"),
+    RunInput("generate.prompts", "--prompts", "FILE[,FILE]", "prompts to align on: .jsonl/.json/.csv files or bundled sets"),
+    RunInput("generate.preset", "--preset", "PRESET[,PRESET]", "contrastive pair of each prompt source: a bundled name or a YAML file (one, or one per source)"),
+    RunInput("evaluate.prompts", "--eval-prompts", "FILE[,FILE]", "held-out prompts the aligned and the starting model answer"),
+)
+
+
+def spelling(key: str) -> str:
+    """How `dlma run` sets `key` (section.key): its own option where it has one, else --set."""
+    own = next((i for i in RUN_INPUTS if i.key == key), None)
+    return f"{own.flag} {own.metavar}" if own else f"--set {key}=VALUE"
+
+
+def expand_inputs(data: dict, where: str) -> dict:
+    """A run YAML's top-level input keys (`model: NAME`, `prompts:`, `preset:`, `eval_prompts:`) moved into
+    their sections, as `dlma run --model/--prompts/--preset/--eval-prompts` set them."""
+    out = dict(data)
+    for inp in RUN_INPUTS:
+        name = inp.yaml_key
+        if name not in out or (name == "model" and isinstance(out[name], dict)):
+            continue
+        section, key = inp.key.split(".")
+        into = dict(out.get(section) or {}) if section != name else {}
+        if key in into:
+            raise DlmaError(f"{where}: {name} and {section}.{key} both given; keep one")
+        into[key] = out.pop(name)
+        out[section] = into
+    return out
 
 
 # -- dataclass <-> argparse / YAML -----------------------------------------------
@@ -468,6 +539,8 @@ def load_yaml(cls: type, path: str, base: Any = None) -> Any:
         raise DlmaError(f"{path}: invalid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise DlmaError(f"{path}: expected a mapping at the top level")
+    if cls is RunConfig:
+        data = expand_inputs(data, path)
     if base is not None:
         data = _deep_merge(to_dict(base), data)
     return from_dict(cls, data, path)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
 from .data import read_pairs, read_prompts, write_json
+from .detectors import for_preset
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
 from .models import load_model
-from .pairstats import rate
-from .prompts import Preset, attribute_detector, load_preset
-from .refusal import REFUSAL_PHRASES
+from .prompts import Preset, load_preset
+from .refusal import REFUSAL_PHRASES, rate
 from .report import COLORS, png_bytes, pyplot
 from .reward import score_file
 
@@ -71,7 +71,7 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     n = len(records)
     if not n:
         raise DlmaError("no pairs to check")
-    out: dict = {"preset": preset.name, "pairs": n, "detector": preset.detector}
+    out: dict = {"preset": preset.name, "pairs": n}
     topic = demonstration_words(preset)
     query = lambda r: " ".join(m["content"] for m in r["prompt"])
     for key, side in (("chosen", "positive"), ("rejected", "negative")):
@@ -84,10 +84,11 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
             "leakage": rate(sum(bool(ws) for ws in leaks), n),
             "leaked_words": [[w, c] for w, c in top],
         }
-    shows = attribute_detector(preset)
+    shows = for_preset(preset)
     if shows is not None:
-        pos = [shows(r["chosen"]) for r in records]
-        neg = [shows(r["rejected"]) for r in records]
+        out["detector"] = shows.description
+        pos = [shows(r["chosen"], bool(r.get("chosen_truncated"))) for r in records]
+        neg = [shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in records]
         out["positive"]["shows_attribute"] = rate(sum(pos), n)
         out["negative"]["shows_attribute"] = rate(sum(neg), n)
         out["contrast"] = rate(sum(p and not q for p, q in zip(pos, neg)), n)
@@ -118,7 +119,7 @@ def render_table(summary: dict) -> str:
     pos, neg, sr = summary["positive"], summary["negative"], summary["self_reward"]
     rows = []
     if "shows_attribute" in pos:
-        rows.append((f"shows the attribute ({summary['detector']} detector)", format_rate(pos["shows_attribute"]),
+        rows.append((f"shows the attribute ({summary['detector']})", format_rate(pos["shows_attribute"]),
                      format_rate(neg["shows_attribute"])))
     rows += [("topic leakage from demonstrations", format_rate(pos["leakage"]), format_rate(neg["leakage"])),
              ("leaked words", ", ".join(f"{w} {c}" for w, c in pos["leaked_words"][:5]) or "-",
@@ -208,8 +209,9 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
         rs = [float(r["self_reward"]) for r in read_pairs(str(out_dir / "labelled-scored.jsonl")) if r.get("human_label")]
         summary["labelled"] = {"source": cfg.pairs, "accuracy": rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
-    shows = attribute_detector(preset)
-    contrasting = None if shows is None else [shows(r["chosen"]) and not shows(r["rejected"]) for r in records]
+    shows = for_preset(preset)
+    contrasting = None if shows is None else [shows(r["chosen"], bool(r.get("chosen_truncated")))
+                                               and not shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in records]
     (out_dir / "check.png").write_bytes(plot_contrast(summary, [r["self_reward"] for r in records], contrasting))
     summary["seconds"] = round(time.time() - t0, 1)
     summary["files"] = {k: str(out_dir / f) for k, f in (("table", "check.md"), ("plot", "check.png"), ("json", "check.json"))}

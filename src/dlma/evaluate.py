@@ -4,6 +4,8 @@
 deployment uses), then measures:
 
 - judges: win / tie / lose of aligned vs baseline for each `--judge` (see `dlma.judges`);
+- the attribute: how often each model's answers show the preset's attribute, by the preset's
+  detector (`dlma.detectors`), with 95% Wilson intervals;
 - harmlessness without a judge: refusal rate on prompts labelled `unsafe` and over-refusal
   on prompts labelled `safe` (`dlma.refusal`);
 - text quality: perplexity of each model's answers under a reference model (default: the
@@ -35,6 +37,7 @@ import torch
 from .config import EvalConfig, ModelConfig, to_dict
 from .data import (PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, release_lock,
                    resume_chunks, take_lock)
+from .detectors import attribute_rate, for_preset
 from .errors import DlmaError
 from .generate import SAMPLER, SamplingParams, TransformersBackend, row_seed
 from .judges import (Item, OpenAIJudge, RewardModelJudge, SelfRewardJudge, TextJudge, Verdict, judge_slug,
@@ -45,6 +48,7 @@ from .prompts import Preset, Renderer, load_preset
 from .refusal import is_refusal, refusal_rates
 from .report import judge_table, quality_table, write_report
 from .reward import summarize_scores
+from .stages import FALLBACK_EVAL_PRESET
 from .tracking import Tracking, Where, typed_settings
 
 ROLES = ("aligned", "baseline")
@@ -249,6 +253,18 @@ def phrasing_rates(prompts: Sequence[PromptRecord], answers: dict[str, dict[str,
     return {"phrasings": order, "rates": rates, "summary": summary}
 
 
+def attribute_rates(preset: Preset, prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict]]) -> dict | None:
+    """How often each model's answers show the preset's attribute, by its detector, over all prompts,
+    with 95% Wilson intervals; None where the preset has no detector or a refusal one (those are
+    the refusal rates, measured on labelled prompts)."""
+    shows = for_preset(preset)
+    if shows is None or shows.by_label:
+        return None
+    return {"preset": preset.name, "attribute": preset.attribute, "detector": shows.description,
+            **{role: attribute_rate([(answers[role][p.id]["answer"], answers[role][p.id]["truncated"]) for p in prompts], shows)
+               for role in ROLES}}
+
+
 # -- judges ------------------------------------------------------------------------------
 def build_judge(spec: str, pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, out: Path):
     kind, name = parse_judge_spec(spec)
@@ -389,7 +405,7 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
 def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str, baseline: str, progress: bool,
               preloaded: dict[str, tuple] | None, where: Where | None) -> dict:
     t0 = time.time()
-    preset = load_preset(cfg.preset)
+    preset = load_preset(cfg.preset or FALLBACK_EVAL_PRESET)
     for spec in cfg.judge:
         parse_judge_spec(spec)  # fail on a typo before any model runs
     prompts = load_eval_prompts(cfg.prompts, cfg.limit)
@@ -431,6 +447,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
             quality_safe[role] = quality_metrics({i: answers[role][i] for i in safe}, *perplexities(scored, safe))
     labels = [p.label for p in prompts]
     refusal = {role: refusal_rates([answers[role][p.id]["answer"] for p in prompts], labels) for role in ROLES}
+    attribute = attribute_rates(preset, prompts, answers)
     by_phrasing = phrasing_rates(prompts, answers)
 
     items = [Item(p.id, p.prompt, answers["aligned"][p.id]["answer"], answers["baseline"][p.id]["answer"],
@@ -455,6 +472,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
                     "answers_generated": generated},
         "judges": judges,
         "refusal": {**refusal, "detector": "dlma.refusal: refusal phrases in the first two sentences of an answer"},
+        **({"attribute": attribute} if attribute else {}),
         **({"phrasing": by_phrasing} if by_phrasing else {}),
         **({"sampled_refusal": {**sampled, "samples": cfg.samples, "temperature": cfg.sample_temperature}} if sampled else {}),
         "quality": quality,

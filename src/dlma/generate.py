@@ -28,7 +28,7 @@ from .errors import DlmaError
 from .logprobs import length_buckets, score_trees
 from .machine import forward_flops
 from .models import load_model, load_tokenizer, resolve_model_path
-from .prompts import Renderer, end_of_turn_id, load_preset
+from .prompts import Renderer, end_of_turn_id, load_preset, source_presets
 from .tracking import Tracking, Where, typed_settings
 
 
@@ -523,8 +523,18 @@ class VLLMBackend:
             cleanup_dist_env_and_memory()
 
 
+def resolve_backend(name: str) -> str:
+    """`auto`: vLLM where it is installed and a CUDA GPU is present (the one-GPU recipe), else transformers."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "transformers"
+
+
 def make_backend(name: str, model_cfg: ModelConfig, batch_size: int, model=None, tokenizer=None,
                  prefix_cache: bool = True) -> Backend:
+    name = resolve_backend(name)
     if name == "transformers":
         if model is None:
             model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
@@ -575,19 +585,16 @@ def generate_pairs(
     edited preset file or prompts edited since are refused, never mixed into the file.
     `where`: the cfg.report_to trackers' run (default: beside `out`)."""
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
-    preset_names = [x.strip() for x in cfg.preset.split(",") if x.strip()]
-    if len(preset_names) not in (1, len(sources)):
-        raise DlmaError(f"--preset names {len(preset_names)} presets for {len(sources)} prompt sources; "
-                        "give one preset, or one per source in the same order")
-    presets = {name: load_preset(name) for name in preset_names}
+    per_source = source_presets(sources, [x.strip() for x in cfg.preset.split(",") if x.strip()])
+    presets = {name: load_preset(name) for name in per_source}
     stats = ReadStats()
     prompts: list[PromptRecord] = []
     preset_of: dict[str, str] = {}
     columns = column_map(cfg.columns)
-    for i, source in enumerate(sources):
+    for source, preset in zip(sources, per_source):
         for p in read_prompts(source, cfg.limit, stats, columns):
             prompts.append(p)
-            preset_of[p.id] = preset_names[i if len(preset_names) > 1 else 0]
+            preset_of[p.id] = preset
     if not prompts:
         raise DlmaError(f"{cfg.prompts}: no usable prompts")
     check_not_input(out, [Path(f) for f in named_files(cfg.prompts)])
@@ -595,7 +602,7 @@ def generate_pairs(
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
-        "max_context": cfg.max_context, "backend": backend.name if backend is not None else cfg.backend,
+        "max_context": cfg.max_context, "backend": backend.name if backend is not None else resolve_backend(cfg.backend),
         "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {}),
         **({"preset_files": preset_files} if preset_files else {})})
     owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)

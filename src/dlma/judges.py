@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import JUDGE_KINDS, parse_judge_spec  # noqa: F401  (part of this module's API)
 from .data import JsonlWriter, iter_jsonl
 from .errors import DlmaError
 from .models import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
@@ -369,19 +370,6 @@ class RewardModelJudge:
                 continue
             out.append(Verdict(it.id, OUTCOME_OF[_sign(a - b)], {"score_aligned": a, "score_baseline": b}))
         return out
-
-
-JUDGE_KINDS = ("self-reward", "llm:MODEL", "reward:MODEL", "cost:MODEL", "openai:MODEL")
-
-
-def parse_judge_spec(spec: str) -> tuple[str, str | None]:
-    """'llm:Qwen/Qwen2.5-7B-Instruct' -> ('llm', 'Qwen/Qwen2.5-7B-Instruct'); 'self-reward' -> ('self-reward', None)."""
-    if spec == "self-reward":
-        return spec, None
-    kind, sep, name = spec.partition(":")
-    if not sep or not name or kind not in ("llm", "reward", "cost", "openai"):
-        raise DlmaError(f"unknown judge {spec!r}; use one of: {', '.join(JUDGE_KINDS)}")
-    return kind, name
 
 
 def judge_slug(spec: str) -> str:

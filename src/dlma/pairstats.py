@@ -11,13 +11,9 @@ from collections import Counter
 from typing import Sequence
 
 from .errors import DlmaError
-from .prompts import attribute_detector, load_preset
-from .refusal import wilson_interval
-
-
-def rate(k: int, n: int) -> dict:
-    """k of n with its 95% Wilson interval."""
-    return {"rate": k / n if n else None, "count": k, "n": n, "ci": wilson_interval(k, n)}
+from .detectors import for_preset
+from .prompts import load_preset
+from .refusal import rate
 
 
 def quantiles(xs: Sequence[float]) -> dict:
@@ -32,12 +28,13 @@ def contrast(records: Sequence[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in sorted({str(r.get("preset")) for r in records if r.get("preset")}):
         try:
-            shows = attribute_detector(load_preset(name))
+            shows = for_preset(load_preset(name))
         except DlmaError:
             continue
         if shows is not None:
             mine = [r for r in records if r.get("preset") == name]
-            out[name] = rate(sum(shows(r["chosen"]) and not shows(r["rejected"]) for r in mine), len(mine))
+            out[name] = rate(sum(shows(r["chosen"], bool(r.get("chosen_truncated")))
+                                 and not shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in mine), len(mine))
     return out
 
 

@@ -26,17 +26,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import yaml
+
 from .card import command_line, write_card
-from .config import ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
+from .config import EvalConfig, ModelConfig, RunConfig, TrainConfig, to_dict, typed_overrides
 from .data import file_hashes, read_jsonl, release_lock, swap_sides, take_lock, write_json
 from .errors import DlmaError, os_error_message
 from .evaluate import evaluate_models
 from .generate import generate_pairs
 from .machine import cpu_kind, matmul_peak
 from .models import resolve_device, resolve_dtype
-from .objectives import Method, method, methods, objective
-from .report import phrasing_table, write_report
+from .objectives import Method, method, methods
+from .report import attribute_label, phrasing_table, write_report
 from .reward import score_file
+from .stages import check_method, evaluate_config, generate_config, score_config, train_config
 from .tracking import LOGGING_DIR, Where
 from .train import KL_REFERENCE, train_model
 
@@ -49,6 +52,23 @@ def _settings(cfg: Any) -> dict:
     """A stage's settings as its key sees them: where it reports (report_to) does not change what it
     makes, and an unused column mapping is left out, so older run directories keep their keys."""
     return {k: v for k, v in to_dict(cfg).items() if k != "report_to" and not (k == "columns" and not v)}
+
+
+# Preset keys only evaluation and `dlma prompts check` read: editing how the attribute is measured
+# redoes the evaluation alone, not the generation, scoring and training before it.
+MEASURE_ONLY = ("detector", "description", "check_prompts")
+
+
+def _presets(spec: str | None) -> list:
+    """Preset files (of a comma-separated setting) by their content less MEASURE_ONLY; bundled presets by name."""
+    out = []
+    for item in (spec or "").split(","):
+        p = Path(item.strip())
+        if item.strip() and p.is_file():
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            kept = {k: v for k, v in data.items() if k not in MEASURE_ONLY} if isinstance(data, dict) else data
+            out.append([item.strip(), hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()])
+    return out
 
 
 def _model_stamp(name: str | None) -> Any:
@@ -128,12 +148,7 @@ class Pipeline:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, *, progress: bool = True,
                  siblings: list[Path] | None = None, log: Callable[[str], None] | None = None):
-        spec = method(cfg.method)
-        if cfg.rounds < 1:
-            raise DlmaError("rounds must be at least 1")
-        if objective(spec.loss).responses == "ranked" and cfg.generate.num_samples < 2:
-            raise DlmaError(f"method {cfg.method} ranks the K responses of each side: set generate.num_samples "
-                            f"to 2 or more (it is {cfg.generate.num_samples})")
+        check_method(cfg)
         self.cfg = cfg
         self.dir = Path(run_dir or cfg.run_dir)
         self.progress = progress
@@ -226,14 +241,14 @@ class Pipeline:
                 self.log(f"[round {rnd} train] the KL term's untouched answers copied from {sib} (used where they match)")
                 return
 
-    def _reuse_baseline_answers(self, rnd: int, eval_key: str, sdir: Path) -> None:
+    def _reuse_baseline_answers(self, rnd: int, ecfg: EvalConfig, sdir: Path) -> None:
         """Copy the untouched model's answers from a sibling run evaluated with the same settings.
 
         The baseline is the starting model in every round of every sibling, so with equal evaluation
         and model settings its answers are the same: a comparison answers them once, not per method.
         (The copied records still carry their generation settings, which evaluate checks.)
         """
-        key = _key("baseline-answers", _settings(self.cfg.evaluate), to_dict(self.cfg.model))
+        key = _key("baseline-answers", _settings(ecfg), to_dict(self.cfg.model))
         write_json(sdir / "baseline-key.json", {"key": key})
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / "evaluate"
@@ -292,20 +307,18 @@ class Pipeline:
     def _round(self, rnd: int, spec: Method, policy: str, upstream: str) -> tuple[str, str, dict]:
         cfg = self.cfg
         mcfg = dataclasses.replace(cfg.model, model=policy)
-        gcfg = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + rnd - 1)
+        gcfg = generate_config(cfg, rnd)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
         gen_key = _key("generate", {k: v for k, v in _settings(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
-                       upstream, file_hashes(gcfg.prompts), file_hashes(gcfg.preset))
+                       upstream, file_hashes(gcfg.prompts), _presets(gcfg.preset))
         self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress,
                                                                        where=self._where(rnd, "generate")))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
-        if spec.judge is not None:
-            # preset None: each pair's own; the reference of cut responses is made here, once, for training
-            scfg = dataclasses.replace(cfg.score, judge=spec.judge,
-                                       response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
-            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, file_hashes(scfg.preset))
+        scfg = score_config(cfg)  # preset None: each pair's own
+        if scfg is not None:
+            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, _presets(scfg.preset))
 
             def score(d: Path) -> dict:
                 summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress,
@@ -321,7 +334,7 @@ class Pipeline:
 
         tcfg = train_config(cfg)
         train_key = _key("train", to_dict(dataclasses.replace(tcfg, report_to=[])), to_dict(cfg.model), data_key,
-                         file_hashes(tcfg.preset))
+                         _presets(tcfg.preset))
 
         def train(d: Path) -> dict:
             if tcfg.kl_alpha:
@@ -332,12 +345,12 @@ class Pipeline:
         self._stage("train", rnd, train_key, train)
         new_policy = str(self.dir / f"round-{rnd}" / "train" / "model")
 
-        ecfg = cfg.evaluate
+        ecfg = evaluate_config(cfg)
         eval_key = _key("evaluate", _settings(ecfg), to_dict(cfg.model), train_key, file_hashes(ecfg.prompts), file_hashes(ecfg.preset),
                         file_hashes(ecfg.pairs), _model_stamp(ecfg.reference))
 
         def evaluate(d: Path) -> dict:
-            self._reuse_baseline_answers(rnd, eval_key, d)
+            self._reuse_baseline_answers(rnd, ecfg, d)
             return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress,
                                    where=self._where(rnd, "evaluate"))
 
@@ -353,29 +366,6 @@ class Pipeline:
             tmp.unlink()
         os.symlink(os.path.relpath(policy, self.dir), tmp)
         os.replace(tmp, link)
-
-
-def train_config(cfg: RunConfig) -> TrainConfig:
-    """The training settings of cfg.method: its objective, and the run's other settings.
-
-    min_reward, flip_negative, reward_norm and shuffle_reward select pairs by the self-reward R, so they apply only
-    to methods that use R (`Method.selects_by_reward`): RLCD trains on the contrastive pairs as they come, context
-    distillation scores nothing and RLAIF's text judge orients its pairs. The NLL and KL terms stay only where the
-    method's objective takes them (`Objective.terms`).
-    """
-    spec = method(cfg.method)
-    obj = objective(spec.loss)
-    single = cfg.generate.preset if "," not in cfg.generate.preset else None  # a `plain` preset changes the bare template
-    changes: dict[str, Any] = {"loss": spec.loss, "preset": cfg.train.preset or single}
-    if not spec.selects_by_reward:
-        changes.update(min_reward=None, flip_negative=False, reward_norm="none", shuffle_reward=False)
-    if not obj.takes("nll"):
-        changes.update(rpo_alpha=0.0)
-    if not obj.takes("nll_whole"):
-        changes.update(rpo_whole=False)
-    if not obj.takes("kl"):
-        changes.update(kl_alpha=0.0)
-    return dataclasses.replace(cfg.train, **changes)
 
 
 def _machine(model_cfg: ModelConfig) -> dict:
@@ -476,6 +466,13 @@ def _headline(m: dict) -> dict:
             if ph.get(key):
                 out[f"{role}_{name}_mean_phrasing"] = ph[key]["mean"]
                 out[f"{role}_{name}_worst_phrasing"] = ph[key]["worst"]
+    attr = m.get("attribute")
+    if attr:
+        out["attribute"] = attribute_label(attr)
+        for role in ("baseline", "aligned"):
+            r = attr.get(role) or {}
+            out[f"{role}_attribute"], out[f"{role}_attribute_ci"] = r.get("rate"), r.get("ci")
+            out[f"{role}_attribute_count"] = (r.get("count"), r.get("n"))
     for spec, j in m.get("judges", {}).items():
         out[f"win_rate[{spec}]"] = j.get("adjusted_win_rate")
     return out
@@ -522,7 +519,7 @@ def seed_spread(runs: list[dict], seeds: list[int]) -> dict:
 
     heads = [_headline(m) for m in runs]
     out: dict[str, Any] = {"seeds": seeds, "values": heads}
-    for key in ("aligned_refusal_unsafe", "aligned_over_refusal_safe", "aligned_balanced", "aligned_perplexity",
+    for key in ("aligned_attribute", "aligned_refusal_unsafe", "aligned_over_refusal_safe", "aligned_balanced", "aligned_perplexity",
                 "aligned_perplexity_safe", "aligned_refusal_unsafe_mean_phrasing", "aligned_refusal_unsafe_worst_phrasing",
                 "aligned_over_refusal_safe_mean_phrasing", "aligned_over_refusal_safe_worst_phrasing"):
         xs = [h[key] for h in heads if h.get(key) is not None]
@@ -540,16 +537,21 @@ def format_compare(runs: dict[str, dict]) -> str:
         v = _headline(r).get(key)
         return "-" if v is None else f"{scale * v:.1f}{unit}"
 
-    rows = [["method", "harmful refused", "harmless refused", "balanced (difference)", "perplexity"]]
     first = next(iter(runs.values()))
     h = _headline(first)
-    rows.append(["untouched model", f"{100 * h['baseline_refusal_unsafe']:.1f}%" if h["baseline_refusal_unsafe"] is not None else "-",
-                 f"{100 * h['baseline_over_refusal_safe']:.1f}%" if h["baseline_over_refusal_safe"] is not None else "-",
-                 f"{100 * h['baseline_balanced']:.1f}" if h.get("baseline_balanced") is not None else "-",
-                 f"{h['baseline_perplexity']:.2f}" if h["baseline_perplexity"] else "-"])
+    # (column, headline key without its role, scale, unit): the attribute where the preset measures one,
+    # the refusal rates where the prompts are labelled
+    cols = [(f"shows the attribute ({h['attribute']})", "attribute", 100.0, "%")] if h.get("attribute") else []
+    if h["baseline_refusal_unsafe"] is not None or h["baseline_over_refusal_safe"] is not None or not cols:
+        cols += [("harmful refused", "refusal_unsafe", 100.0, "%"), ("harmless refused", "over_refusal_safe", 100.0, "%"),
+                 ("balanced (difference)", "balanced", 100.0, "")]
+    cols.append(("perplexity", "perplexity", 1.0, ""))
+    rows = [["method"] + [c[0] for c in cols]]
+    rows.append(["untouched model"] + ["-" if h.get(f"baseline_{k}") is None else
+                                       (f"{scale * h[f'baseline_{k}']:.2f}" if scale == 1.0 else f"{scale * h[f'baseline_{k}']:.1f}{unit}")
+                                       for _, k, scale, unit in cols])
     for name, r in runs.items():
-        rows.append([name, ms(r, "aligned_refusal_unsafe"), ms(r, "aligned_over_refusal_safe"),
-                     ms(r, "aligned_balanced", unit=""), ms(r, "aligned_perplexity", 1.0, "")])
+        rows.append([name] + [ms(r, f"aligned_{k}", scale, unit) for _, k, scale, unit in cols])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
@@ -575,11 +577,14 @@ def format_table(metrics: dict, runs: dict[str, dict] | None = None) -> str:
     for name, m in items.items():
         h = _headline(m)
         samples = (m.get("sampled_refusal") or {}).get("samples")
-        table = [[(f"{name} " if name else "") + "metric", "before (untouched)", "after (aligned)"],
-                 ["refusals on harmful prompts", rate(h, "baseline_refusal_unsafe", "baseline_refused_unsafe"),
-                  rate(h, "aligned_refusal_unsafe", "aligned_refused_unsafe")],
-                 ["refusals on harmless prompts", rate(h, "baseline_over_refusal_safe", "baseline_refused_safe"),
-                  rate(h, "aligned_over_refusal_safe", "aligned_refused_safe")]]
+        table = [[(f"{name} " if name else "") + "metric", "before (untouched)", "after (aligned)"]]
+        if h.get("attribute"):
+            table.append([h["attribute"], rate(h, "baseline_attribute", "baseline_attribute_count"),
+                          rate(h, "aligned_attribute", "aligned_attribute_count")])
+        for label, key, count in (("refusals on harmful prompts", "refusal_unsafe", "refused_unsafe"),
+                                  ("refusals on harmless prompts", "over_refusal_safe", "refused_safe")):
+            if h.get(f"baseline_{key}") is not None or not h.get("attribute"):
+                table.append([label, rate(h, f"baseline_{key}", f"baseline_{count}"), rate(h, f"aligned_{key}", f"aligned_{count}")])
         if samples:
             t = (m.get("sampled_refusal") or {}).get("temperature")
             table += [[f"  sampled (T={t}, {samples}/prompt): harmful", pct(h["baseline_sampled_refusal_unsafe"]),

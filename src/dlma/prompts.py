@@ -13,30 +13,23 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
+from .detectors import normalise
 from .errors import DlmaError, yaml_error
-from .refusal import is_refusal
 
 Side = Literal["positive", "negative", "bare"]
 SIDES: tuple[Side, ...] = ("positive", "negative", "bare")
 PLACEMENTS = ("system", "user", "assistant", "plain")
 Messages = list[dict[str, str]]
-# What `detector:` in a preset may name: how to tell from its text whether an answer shows the
-# preset's attribute (`dlma prompts check`). refusal: the answer opens with a refusal (harmless
-# on harmful requests); answer: it does not (no-overrefusal); None: no detector (helpful).
-DETECTORS = (None, "refusal", "answer")
-
-
-def attribute_detector(preset: "Preset") -> Callable[[str], bool] | None:
-    """Whether an answer shows the preset's attribute, by its `detector:` (None: no detector)."""
-    if preset.detector == "refusal":
-        return is_refusal
-    if preset.detector == "answer":
-        return lambda text: bool(text.strip()) and not is_refusal(text)
-    return None
+# What `role:` in a preset may say about its pairs. attribute: o+ shows the attribute and o- does
+# not, and the pairs teach it. retain: p+ keeps the model's own answers to prompts that only look
+# like the attribute's target (no-overrefusal: harmless questions that sound alarming), so the
+# training terms that hold the model's answers where they were (`train.rpo_roles`, `train.kl_roles`)
+# apply to its pairs.
+ROLES = ("attribute", "retain")
 
 
 @dataclass
@@ -60,6 +53,8 @@ class Preset:
     (appended to the last user turn), `assistant` (a tag opening the assistant turn), or
     `plain` (the paper's `USER: ... ASSISTANT(tag):` template, for models without a chat
     template). Demonstrations are earlier user/assistant turns before the query.
+    detector says how an answer is measured for the attribute (`dlma.detectors`: refusal, a phrase
+    list, a length rule, a regex or a user's function); role says what its pairs are for (ROLES).
     """
 
     name: str
@@ -71,7 +66,8 @@ class Preset:
     attribute: str = ""
     description: str = ""
     judge_question: str = ""
-    detector: str | None = None
+    detector: str | dict | None = None  # how answers are measured for the attribute (dlma.detectors)
+    role: str = "attribute"
     check_prompts: str | None = None
     positive_bare: bool = False
     source: str = field(default="", compare=False)  # what load_preset was given (a name or a YAML path): pair files record it
@@ -79,8 +75,9 @@ class Preset:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise DlmaError(f"preset {self.name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.detector not in DETECTORS:
-            raise DlmaError(f"preset {self.name!r}: detector must be one of {', '.join(map(str, DETECTORS))}, got {self.detector!r}")
+        normalise(self.detector, f"preset {self.name!r}")
+        if self.role not in ROLES:
+            raise DlmaError(f"preset {self.name!r}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not (self.positive_instruction or self.negative_instruction or self.demonstrations):
             raise DlmaError(f"preset {self.name!r} has neither instructions nor demonstrations")
         if self.positive_bare and self.positive_instruction:
@@ -172,6 +169,7 @@ def preset_from_dict(data: dict, source: str) -> Preset:
             description=str(data.get("description", "")),
             judge_question=str(data.get("judge_question") or f"Which response is more {data.get('attribute', 'appropriate')}?"),
             detector=data.get("detector"),
+            role=str(data.get("role", "attribute")),
             check_prompts=data.get("check_prompts"),
             positive_bare=bare,
         )
@@ -203,6 +201,14 @@ def load_preset(name_or_path: str) -> Preset:
     preset = preset_from_dict(data, source)
     preset.source = name_or_path
     return preset
+
+
+def source_presets(sources: list[str], presets: list[str]) -> list[str]:
+    """The preset each prompt source is generated under: one preset for all, or one per source in order."""
+    if len(presets) not in (1, len(sources)):
+        raise DlmaError(f"--preset names {len(presets)} presets for {len(sources)} prompt sources; "
+                        "give one preset, or one per source in the same order")
+    return presets * len(sources) if len(presets) == 1 else list(presets)
 
 
 def as_messages(prompt: str | Sequence[dict]) -> Messages:

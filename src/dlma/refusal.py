@@ -70,6 +70,11 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float] | No
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def rate(k: int, n: int) -> dict:
+    """A rate as every table reads it: {rate, count, n, ci} (rate None where n is 0)."""
+    return {"rate": k / n if n else None, "count": k, "n": n, "ci": wilson_interval(k, n)}
+
+
 def refusal_rates(answers: Sequence[str], labels: Iterable[str | None]) -> dict:
     """Refusal rate on `unsafe` prompts and over-refusal rate on `safe` ones (None when absent),
     each with its 95% Wilson interval."""

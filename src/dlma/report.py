@@ -208,9 +208,25 @@ QUALITY_ROWS = [("perplexity", "perplexity (token-weighted)", False), ("perplexi
                 ("empty_fraction", "empty answers", True), ("truncated_fraction", "truncated answers", True)]
 
 
+def attribute_label(a: dict) -> str:
+    """The attribute row's label: what is measured and by which detector."""
+    return f"{a.get('attribute') or a.get('preset')}: {a.get('detector')} (higher is better)"
+
+
+def attribute_cell(r: dict | None) -> str:
+    """An attribute rate with its count and 95% interval, as the tables show it."""
+    if not r or r.get("rate") is None:
+        return "–"
+    lo, hi = r["ci"]
+    return f"{100 * r['rate']:.1f}% ({r['count']}/{r['n']}) [95% CI {100 * lo:.1f}-{100 * hi:.1f}%]"
+
+
 def quality_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     q, r = metrics.get("quality") or {}, metrics.get("refusal") or {}
     rows = []
+    a = metrics.get("attribute")
+    if a:
+        rows.append([attribute_label(a)] + [attribute_cell(a.get(role)) for role in ROLES])
     for key, label, pct in (("refusal_rate", "refusal rate on unsafe prompts (higher is better)", True),
                             ("over_refusal_rate", "over-refusal on safe prompts (lower is better)", True)):
         if any((r.get(role) or {}).get(key) is not None for role in ROLES):
@@ -256,7 +272,9 @@ def phrasing_table(ph: dict) -> tuple[list[str], list[list[str]]]:
 
 def compare_table(runs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     specs = sorted({s for m in runs.values() for s in (m.get("judges") or {})})
-    head = ["run"] + [f"adjusted win rate: {s}" for s in specs] + ["refusal (unsafe)", "over-refusal (safe)", "perplexity", "mean tokens"]
+    attr = any(m.get("attribute") for m in runs.values())
+    head = (["run"] + [f"adjusted win rate: {s}" for s in specs] + (["attribute"] if attr else [])
+            + ["refusal (unsafe)", "over-refusal (safe)", "perplexity", "mean tokens"])
     rows = []
     for name, m in runs.items():
         j, ra, qa = m.get("judges") or {}, (m.get("refusal") or {}).get("aligned") or {}, (m.get("quality") or {}).get("aligned") or {}
@@ -266,7 +284,9 @@ def compare_table(runs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
             s = spread.get(key)
             return f"{100 * s['mean']:.1f}% (sd {100 * s['sd']:.1f}, {len(spread['seeds'])} seeds)" if s else _fmt(fallback, True)
 
+        aa = ((m.get("attribute") or {}).get("aligned") or {}).get("rate")
         rows.append([name] + [_fmt((j.get(s) or {}).get("adjusted_win_rate"), True) for s in specs]
+                    + ([over_seeds("aligned_attribute", aa)] if attr else [])
                     + [over_seeds("aligned_refusal_unsafe", ra.get("refusal_rate")),
                        over_seeds("aligned_over_refusal_safe", ra.get("over_refusal_rate")),
                        _fmt(qa.get("perplexity")), _fmt(qa.get("mean_tokens"))])

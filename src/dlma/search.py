@@ -34,6 +34,8 @@ def preset_to_dict(p: Preset) -> dict:
                  "judge_question": p.judge_question, "placement": p.placement}
     if p.detector:
         out["detector"] = p.detector
+    if p.role != "attribute":
+        out["role"] = p.role
     if p.check_prompts:
         out["check_prompts"] = p.check_prompts
     if p.positive_bare:

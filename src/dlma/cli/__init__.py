@@ -10,7 +10,7 @@ import sys
 
 from ..errors import DlmaError, os_error_message
 
-COMMANDS = ["generate", "score", "train", "evaluate", "run", "prompts", "serve", "push"]
+COMMANDS = ["generate", "score", "train", "evaluate", "run", "recipes", "prompts", "serve", "push"]
 
 DESCRIPTION = """\
 dlma aligns a language model to an attribute (harmless, helpful, or your own) without
@@ -22,6 +22,7 @@ human preference labels, following DLMA (Liu et al., ACL 2024):
                best-of-K samples; baselines: dpo, ipo, sft)
   4. evaluate  compare the aligned model with the one it started from, write a report
   run          all of it in one resumable command
+  recipes      the named configurations `dlma run --recipe NAME` starts from
   prompts      list the presets (p+/p- pairs); check one's contrast on a few prompts first
   serve        answer chat requests with a model on a local OpenAI-compatible API
   push         publish an aligned model and its pairs on the Hugging Face Hub

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
@@ -22,12 +26,29 @@ def print_summary(summary: dict, path: str | None = None) -> None:
 
 
 def add_stage_options(p: argparse.ArgumentParser, out_help: str, summary_help: str, *configs: type) -> None:
-    """The options every stage command shares: --out, --summary, --no-progress, then one
-    flag per field of each config dataclass."""
+    """The options every stage command shares: --out, --summary, --no-progress, --recipe, --config,
+    then one flag per field of each config dataclass."""
     from ..config import add_config_args
 
+    add_recipe_options(p)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--summary", help=summary_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for cls in configs:
         add_config_args(p, cls)
+
+
+def add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """--recipe and --config: start from a whole run configuration, as `dlma run` does."""
+    p.add_argument("--recipe", help="start from a named recipe (`dlma recipes` lists them; default of `dlma run`: safety)")
+    p.add_argument("--config", help="YAML run configuration (as `dlma run --config`; laid over --recipe where both are given)")
+
+
+def stage_base(args: argparse.Namespace) -> RunConfig | None:
+    """The run configuration a stage command starts from: its --recipe with its --config laid over it;
+    None where neither is given (the stage's own defaults). Options given on the command line win."""
+    if not (args.recipe or args.config):
+        return None
+    from ..recipes import base_config
+
+    return base_config(args.recipe, args.config)

@@ -80,12 +80,16 @@ def register(sub) -> None:
 
 
 def run_list(args) -> int:
+    from ..detectors import for_preset
     from ..prompts import list_presets, load_preset
 
     names = list_presets()
     width = max(map(len, names)) + 2  # the longest name keeps two spaces before its description
     for name in names:
-        print(f"{name:{width}s}{load_preset(name).description}")
+        pr = load_preset(name)
+        shows = for_preset(pr)
+        print(f"{name:{width}s}{pr.description}")
+        print(f"{'':{width}s}measured: {shows.description if shows else 'no detector'}; role: {pr.role}")
     return 0
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from importlib import resources
 
 import yaml
 
-from ..config import RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ..config import RUN_INPUTS, RunConfig, apply_overrides, to_dict
 from ..errors import DlmaError
-from .common import formatter
+from ..recipes import base_config, load_recipe
+from .common import add_recipe_options, formatter
 
-DEFAULT_CONFIG = "default.yaml"
 STAGES = ("generate", "score", "train", "evaluate")  # the sections that take report_to
 
 HELP = """\
@@ -22,26 +22,35 @@ stages, resumes a half-finished one, and redoes stages whose settings changed.
 RUN_DIR/final-model is the aligned model (transformers format); RUN_DIR/round-K/evaluate/
 holds metrics.json and index.html (the report).
 
-Configuration: the shipped defaults (see --print-config), then --config FILE, then the
-options below, then --set section.key=value (e.g. --set train.beta=0.2).
+Configuration: a recipe (--recipe NAME, default safety; `dlma recipes` lists them), then
+--config FILE, then the options below, then --set section.key=value (e.g. --set train.beta=0.2);
+--print-config shows the result. Before any model loads, every file, preset and model the run
+will read is checked (--check: only that).
+
+Your model, prompts and attribute: --model, --prompts, --preset and --eval-prompts (in YAML the
+same keys: model, prompts, preset, eval_prompts). The training terms that keep the model's own
+answers attach to presets that declare `role: retain`, so your presets need no --set for them.
 
 examples:
-  dlma run                                   # the default: the embedded model learns to refuse harmful
-                                             # requests, not harmless ones (~20 min on a CPU)
+  dlma run                                   # the safety recipe: the embedded model learns to refuse
+                                             # harmful requests, not harmless ones (~20 min on a CPU)
+  dlma run --model HuggingFaceTB/SmolLM2-360M-Instruct --prompts mine.jsonl --preset harmless
+  dlma run --recipe attribute --prompts train.jsonl --preset my-preset.yaml --eval-prompts test.jsonl
   dlma run --run-dir runs/exp1 --set train.lr=1e-6 --set generate.limit=512
   dlma run --compare dlma,rlcd,context-distillation   # the paper's comparison, one report
-  dlma run --model Qwen/Qwen2.5-7B-Instruct --config my.yaml   # bigger models: see README
+  dlma run --recipe one-gpu --model Qwen/Qwen2.5-7B-Instruct   # bigger models: see README
   dlma run --report-to tensorboard --push-to-hub me/smollm2-dlma  # track every stage; publish
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="the whole pipeline, resumable", description=HELP, formatter_class=formatter)
-    p.add_argument("--config", help="YAML file with any of the config sections (see --print-config)")
+    add_recipe_options(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting; repeatable")
+    for inp in RUN_INPUTS:
+        p.add_argument(inp.flag, dest=inp.yaml_key, metavar=inp.metavar, help=f"{inp.help} (config: {inp.key})")
     p.add_argument("--run-dir", help="run directory (config: run_dir)")
-    p.add_argument("--model", help="starting model (config: model.model)")
     p.add_argument("--method", help="dlma, rlcd, context-distillation, rlaif or dlma-listwise (config: method)")
     p.add_argument("--rounds", type=int, help="iterations of generate -> score -> train (config: rounds)")
     p.add_argument("--compare", metavar="M1,M2,...", help="run several methods into RUN_DIR/<method>/ with one combined report")
@@ -51,35 +60,42 @@ def register(sub) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", help="after the run, upload the final model to REPO and its pairs to "
                                                          "REPO-pairs (as `dlma push`)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
+    p.add_argument("--check", action="store_true", help="check the configuration (files, presets, models) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def shipped_defaults() -> RunConfig:
-    text = resources.files("dlma.configs").joinpath(DEFAULT_CONFIG).read_text()
-    return from_dict(RunConfig, yaml.safe_load(text) or {}, f"dlma/configs/{DEFAULT_CONFIG}")
+    """The run `dlma run` makes with no options: the default recipe."""
+    return load_recipe()
 
 
 def resolve_config(args) -> RunConfig:
-    """Shipped defaults <- --config FILE <- named options <- --set overrides."""
-    cfg = shipped_defaults()
-    if args.config:
-        cfg = load_yaml(RunConfig, args.config, base=cfg)
-    named = [f"{key}={getattr(args, flag)}" for flag, key in
-             (("run_dir", "run_dir"), ("model", "model.model"), ("method", "method"), ("rounds", "rounds"))
-             if getattr(args, flag) is not None]
+    """Recipe (default: safety) <- --config FILE <- named options <- --set overrides."""
+    cfg = base_config(args.recipe, args.config)
+    keys = [(inp.yaml_key, inp.key) for inp in RUN_INPUTS] + [("run_dir", "run_dir"), ("method", "method"), ("rounds", "rounds")]
+    # JSON-quoted: a value is taken as written (a file name is never read as YAML)
+    named = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in keys if getattr(args, flag) is not None]
     if args.report_to is not None:
         named += [f"{section}.report_to={','.join(args.report_to) or 'none'}" for section in STAGES]
     return apply_overrides(cfg, named + args.overrides)
 
 
 def run(args) -> int:
-    from ..pipeline import Pipeline, compare, format_compare, format_stages, format_table
-
     cfg = resolve_config(args)
     if args.print_config:
         yaml.safe_dump(to_dict(cfg), sys.stdout, sort_keys=False)
         return 0
+    from ..preflight import check_run
+
+    for note in check_run(cfg):
+        print(f"dlma run: {note}", file=sys.stderr)
+    if args.check:
+        print(f"dlma run: the configuration checks out ({cfg.generate.prompts} under {cfg.generate.preset}; "
+              f"evaluated on {cfg.evaluate.prompts})", file=sys.stderr)
+        return 0
+    from ..pipeline import Pipeline, compare, format_compare, format_stages, format_table
+
     progress = not args.no_progress
     if args.compare and args.push_to_hub:
         raise DlmaError("--push-to-hub uploads one run; after --compare push a method's run with "

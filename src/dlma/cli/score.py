@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig, ScoreConfig, config_from_args
-from .common import add_stage_options, formatter, print_summary
+from .common import add_stage_options, formatter, print_summary, stage_base
 
 HELP = """\
 Judge every pair of --data with the model's own probabilities under the contrastive
@@ -15,10 +15,13 @@ ref_lp_rejected under the bare context, so training needs no second model.
 --data takes `dlma generate` output, any JSONL with prompt/chosen/rejected, or HH-RLHF
 dialogues (bundled: hh-harmless); with human labels the summary reports `accuracy`.
 --judge text asks the model "A or B?" in both orders instead (the RLAIF baseline).
-A killed or interrupted run resumes when rerun with the same --out.
+A killed or interrupted run resumes when rerun with the same --out. With --recipe NAME (or
+--config FILE) the settings are that run's score stage (its judge, and the reference of the
+response openings its training reads), options given here on top.
 
 examples:
   dlma score --data pairs.jsonl --out scored.jsonl
+  dlma score --recipe safety --data pairs.jsonl --out scored.jsonl   # as `dlma run` scores
   dlma score --data hh-harmless --dtype float32 --summary s.json --out hh-scored.jsonl
   dlma score --data hh-harmless --judge text --summary judge.json --out hh-judged.jsonl
 """
@@ -35,8 +38,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..reward import score_file
+    from ..stages import score_config
 
-    summary = score_file(config_from_args(ModelConfig, args), config_from_args(ScoreConfig, args), args.data, args.out,
+    base = stage_base(args)
+    summary = score_file(config_from_args(ModelConfig, args, base and base.model),
+                         config_from_args(ScoreConfig, args, base and (score_config(base) or base.score)), args.data, args.out,
                          progress=not args.no_progress, summary_path=args.summary)
     print_summary(summary)
     return 0

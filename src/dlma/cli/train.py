@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig, TrainConfig, config_from_args
 from ..objectives import objectives
-from .common import add_stage_options, formatter, print_summary
+from .common import add_stage_options, formatter, print_summary, stage_base
 
 HELP = """\
 Train a model on scored pairs (from `dlma score`) with the bare query as context and save
@@ -18,6 +18,11 @@ initial weights before the first step: no reference model is held during trainin
 each --kl-presets pair's prompt greedily (--kl-tokens long) before the first step, and the
 loss adds A x the mean per-token KL(untouched || model) along that answer (the untouched
 model's top-20 next tokens and a bucket for the rest, kept in --out/kl_reference.pt).
+--rpo-roles / --kl-roles attach those terms to the presets that declare a role (`role: retain`
+in a preset: its p+ keeps the model's own answers); a role no preset of the pairs has leaves the
+term off. With --recipe NAME (or --config FILE) the settings are that run's training (its
+method's loss, terms and interpolation), options given here on top: `dlma train --recipe safety`
+trains as `dlma run` does; without either, the defaults below (the paper's loss alone).
 --out also gets metrics.jsonl (loss, reward margin/accuracy, lr, tokens/s), checkpoints
 every --save-steps, and train_summary.json. Rerun the same command to resume after a kill.
 
@@ -33,6 +38,7 @@ Many GPUs: the same command under accelerate, e.g.
 
 examples:
   dlma train --data scored.jsonl --out ckpt
+  dlma train --recipe safety --data scored.jsonl --out ckpt   # as `dlma run` trains
   dlma train --data scored.jsonl --out ckpt --loss dpo --lr 5e-7 --batch-size 8 --grad-accum 8
   dlma train --data scored.jsonl --out ckpt --lora-r 16 --no-save-merged
   dlma train --data scored.jsonl --out ckpt --response-tokens 8 --kl-alpha 1 --kl-presets no-overrefusal
@@ -51,9 +57,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..stages import train_config
     from ..train import train_model
 
-    summary = train_model(config_from_args(ModelConfig, args), config_from_args(TrainConfig, args), args.data, args.out,
+    base = stage_base(args)
+    summary = train_model(config_from_args(ModelConfig, args, base and base.model),
+                          config_from_args(TrainConfig, args, base and train_config(base)), args.data, args.out,
                           progress=not args.no_progress)
     summary = {k: v for k, v in summary.items() if k != "resume_key"}
     print_summary(summary, args.summary)

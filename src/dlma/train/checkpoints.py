@@ -125,3 +125,18 @@ def read_metrics(out: Path) -> list[dict]:
     """Every logged step of the run in `out`, resumed parts included."""
     path = out / METRICS
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def starting_model(model: str) -> str | None:
+    """The model a trained directory was aligned from, read from its train_summary.json and followed
+    back through earlier rounds (each round trains the last one's model); None where `model` holds no
+    summary (it was not trained by dlma)."""
+    seen, name = set(), None
+    path = Path(model)
+    while (path / SUMMARY).is_file() and path.resolve() not in seen:
+        seen.add(path.resolve())
+        name = json.loads((path / SUMMARY).read_text()).get("resume_key", {}).get("model", {}).get("model")
+        if not name:
+            return None
+        path = Path(name)
+    return name

@@ -69,29 +69,9 @@ def set_reference(e: Example, lps: list[float]) -> None:
     e.ref_middle = list(lps[1:-1]) if e.middle else None
 
 
-def nll_on(cfg: TrainConfig, preset: str | None) -> bool:
-    """Whether a pair of `preset` carries the NLL term (--rpo-presets; every pair where none are named)."""
-    return not cfg.rpo_presets or preset in cfg.rpo_presets
-
-
-def kl_on(cfg: TrainConfig, preset: str | None) -> bool:
-    """Whether a pair of `preset` carries the KL term (--kl-presets; every pair where none are named)."""
-    return not cfg.kl_presets or preset in cfg.kl_presets
-
-
 def whole_chosen_kept(cfg: TrainConfig) -> bool:
     """Whether pairs carry their whole chosen response: the NLL term is on, over whole responses, while the pair loss is cut."""
     return cfg.rpo_whole and cfg.rpo_alpha > 0 and cfg.response_tokens is not None and objective(cfg.loss).takes("nll_whole")
-
-
-def check_presets_named(pairs: list[dict], data: str, flag: str, named: list[str], term: str,
-                        on: Callable[[str | None], bool]) -> None:
-    """A term limited to presets (`on`: the term's own test) that none of the pairs has would
-    silently be off: say so instead."""
-    if named and not any(on(rec.get("preset")) for rec in pairs):
-        have = sorted({str(rec.get("preset")) for rec in pairs})
-        raise DlmaError(f"{flag} {','.join(named)} names no preset of the pairs in {data} (they have: "
-                        f"{', '.join(have)}), so the {term} term would be off; name one of theirs")
 
 
 def _preset_normalised(pairs: list[dict]) -> list[dict]:

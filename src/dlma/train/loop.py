@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +34,8 @@ from ..objectives import objective
 from ..prompts import Renderer, load_preset
 from ..tracking import Where, typed_settings
 from . import checkpoints as ck
-from .examples import Example, build_examples, check_presets_named, kl_on, nll_on, select_pairs, whole_chosen_kept
+from ..terms import check_presets_named, kl_on, nll_on, preset_roles, role_terms
+from .examples import Example, build_examples, select_pairs, whole_chosen_kept
 from .order import epoch_plan, lr_at
 from .reference import fill_reference, hold_answers
 from .runtime import (BackwardStepper, adamw, deepspeed_follows, lazy_ranks, make_accelerator, steps_in_backward,
@@ -63,6 +65,7 @@ def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: st
     if finished is not None:
         return finished
     run = setup(accelerator, model_cfg, cfg, data, out, key)
+    cfg = run.cfg  # the terms attached by role now name their presets
     log = Log(run, progress, where)
     while run.step < run.total:
         epoch, micros = run.micro_batches()
@@ -154,9 +157,14 @@ def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, da
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
-    check_presets_named(pairs, data, "--rpo-presets", cfg.rpo_presets if cfg.rpo_alpha else [], "NLL",
+    have = {rec.get("preset") for rec in pairs}
+    if cfg.rpo_roles or cfg.kl_roles:
+        cfg, notes = role_terms(cfg, preset_roles(have))
+        for note in notes:
+            print(f"dlma train: {note}", file=sys.stderr, flush=True)
+    check_presets_named(have, f"the pairs in {data}", "--rpo-presets", cfg.rpo_presets if cfg.rpo_alpha else [], "NLL",
                         lambda preset: nll_on(cfg, preset))
-    check_presets_named(pairs, data, "--kl-presets", cfg.kl_presets if cfg.kl_alpha else [], "KL",
+    check_presets_named(have, f"the pairs in {data}", "--kl-presets", cfg.kl_presets if cfg.kl_alpha else [], "KL",
                         lambda preset: kl_on(cfg, preset))
     examples = build_examples(pairs, renderer, listwise=objective(cfg.loss).responses == "ranked",
                               response_tokens=cfg.response_tokens,

@@ -18,7 +18,8 @@ from ..config import TrainConfig
 from ..errors import DlmaError
 from ..logprobs import Positions, branch_logits
 from ..objectives import Objective, objective
-from .examples import Example, nll_on
+from ..terms import nll_on
+from .examples import Example
 
 
 def responses(e: Example, obj: Objective) -> list[list[int]]:

@@ -23,8 +23,10 @@ from ..errors import DlmaError
 from ..generate import SamplingParams, TransformersBackend
 from ..logprobs import branch_logits, score_sequences
 from ..objectives import objective
-from ..prompts import attribute_detector, load_preset
-from .examples import Example, kl_on, set_reference
+from ..detectors import for_preset
+from ..prompts import load_preset
+from ..terms import kl_on
+from .examples import Example, set_reference
 from .runtime import lazy_ranks, weights_dtype
 
 if TYPE_CHECKING:
@@ -148,15 +150,17 @@ def hold_answers(accelerator: Accelerator, model: torch.nn.Module, tok, examples
     if saved is None:
         raise DlmaError(f"{cache}: the untouched model's answers for --kl-alpha could not be read back")
     if cfg.kl_keep == "attribute":
-        detectors = {name: attribute_detector(load_preset(name)) for name in {e.preset for e in wanted if e.preset}}
-        wanted = [e for e in wanted if shows_attribute(detectors.get(e.preset), saved["answers"][str(tuple(e.context))], tok)]
+        detectors = {name: for_preset(load_preset(name)) for name in {e.preset for e in wanted if e.preset}}
+        wanted = [e for e in wanted
+                  if shows_attribute(detectors.get(e.preset), saved["answers"][str(tuple(e.context))], tok, cfg.kl_tokens)]
     attach_kl_answers(wanted, saved)
     return time.perf_counter() - t0
 
 
-def shows_attribute(detector, answer: list[int], tok) -> bool:
-    """Whether an untouched answer shows the attribute by the preset's `detector` (True where there is none)."""
-    return detector is None or detector(tok.decode(answer, skip_special_tokens=True))
+def shows_attribute(detector, answer: list[int], tok, limit: int) -> bool:
+    """Whether an untouched answer shows the attribute by the preset's `detector` (True where there
+    is none); an answer as long as the token limit counts as cut there."""
+    return detector is None or detector(tok.decode(answer, skip_special_tokens=True), len(answer) >= limit)
 
 
 def attach_kl_answers(examples: Sequence[Example], saved: dict) -> None:
