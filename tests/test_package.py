@@ -38,3 +38,18 @@ def test_build_makes_a_wheel_with_presets_resources_configs_and_the_licence(tmp_
         assert f"Provides-Extra: {extra}" in meta, extra
     assert "Requires-Dist: transformers<6,>=5.0" in meta
     assert (ROOT / "LICENSE").read_text().startswith(" " * 33 + "Apache License")
+
+
+def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
+    """The README's first two commands set up a fresh machine (run the default job; run the tests),
+    and CI runs the very test command the README gives; the README stays a guide (<= 300 lines)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    run, tests = blocks[0].strip(), blocks[1].strip()
+    assert run.startswith("bash scripts/install.sh && ") and " dlma run" in run
+    assert tests.startswith("bash scripts/install.sh && ") and "pytest tests" in tests
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert ci[-1].strip() == tests
+    assert len(readme.splitlines()) <= 300

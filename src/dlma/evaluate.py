@@ -44,7 +44,7 @@ from .judges import (Item, OpenAIJudge, RewardModelJudge, SelfRewardJudge, TextJ
                      parse_judge_spec, summarize_verdicts)
 from .logprobs import score_trees
 from .models import load_model
-from .prompts import Preset, Renderer, load_preset
+from .prompts import Preset, Renderer, context_room, load_preset
 from .refusal import is_refusal, refusal_rates
 from .report import judge_table, quality_table, write_report
 from .reward import summarize_scores
@@ -103,7 +103,7 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
     todo = [p for p in prompts if p.id not in have]
     if todo:
         backend = TransformersBackend(model, tok, cfg.batch_size)
-        renderer = Renderer(tok, preset, max_context=max(1, cfg.max_context - cfg.max_new_tokens))
+        renderer = Renderer(tok, preset, max_context=context_room(cfg.max_context, cfg.max_new_tokens))
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
         bar = tqdm(total=len(todo), desc=f"answers ({role})", unit="prompt", disable=not progress, dynamic_ncols=True)
         with JsonlWriter(path) as writer:

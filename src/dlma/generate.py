@@ -28,7 +28,7 @@ from .errors import DlmaError
 from .logprobs import length_buckets, score_trees
 from .machine import forward_flops
 from .models import load_model, load_tokenizer, resolve_model_path
-from .prompts import Renderer, end_of_turn_id, load_preset, source_presets
+from .prompts import Renderer, context_room, end_of_turn_id, load_preset, source_presets
 from .tracking import Tracking, Where, typed_settings
 
 
@@ -646,7 +646,7 @@ def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig,
 
     summary = {"pairs_written": 0, "empty_responses": 0, "new_tokens": 0}
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
-    renderers = {name: Renderer(tok, pr, max_context=max(1, cfg.max_context - cfg.max_new_tokens)) for name, pr in presets.items()}
+    renderers = {name: Renderer(tok, pr, max_context=context_room(cfg.max_context, cfg.max_new_tokens)) for name, pr in presets.items()}
     settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "max_new_tokens": cfg.max_new_tokens, "max_context": cfg.max_context, "seed": cfg.seed, "backend": backend.name,
                 **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})}

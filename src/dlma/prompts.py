@@ -114,7 +114,7 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("dlma.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-PRESET_KEYS = ("name", "description", "attribute", "judge_question", "placement", "detector", "check_prompts",
+PRESET_KEYS = ("name", "description", "attribute", "judge_question", "placement", "detector", "role", "check_prompts",
                "positive", "negative", "demonstrations", "demos_per_prompt")
 
 
@@ -260,6 +260,12 @@ def end_of_turn_id(tokenizer) -> int | None:
     except AttributeError:
         pass
     return found
+
+
+def context_room(max_context: int, max_new_tokens: int) -> int:
+    """How many tokens a context may keep when `max_new_tokens` are to be sampled after it within
+    `max_context`: the one cut rule generation and evaluation apply, and scoring checks against."""
+    return max(1, max_context - max_new_tokens)
 
 
 class Renderer:

@@ -30,7 +30,7 @@ from .machine import forward_flops
 from .pairfile import ANSWERS, answer_text, conversational, upgrade
 from .pairstats import contrast, quantiles
 from .models import bf16_supported, load_model, resolve_device, resolve_dtype
-from .prompts import Preset, Renderer, as_messages, load_preset
+from .prompts import Preset, Renderer, as_messages, context_room, load_preset
 from .textjudge import LetterJudge
 from .tracking import Tracking, Where, typed_settings
 
@@ -64,7 +64,7 @@ def _reusable(rec: dict, preset: Preset, model_dtype: str, model_name: str | Non
         return False
     if rec.get("gen_lp_of") != pair_digest(rec):  # the pair was edited after generation: its log-probs are another text's
         return False
-    room = int(gen.get("max_context", 1024)) - int(gen.get("max_new_tokens", 0))  # generate's context cut
+    room = context_room(int(gen.get("max_context", 1024)), int(gen.get("max_new_tokens", 0)))  # generate's cut
     if max(len(ctx["positive"]), len(ctx["negative"])) > room:
         return False
     gdtype = str(gen.get("dtype", ""))
