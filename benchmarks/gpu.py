@@ -350,6 +350,24 @@ def worker_trl(a) -> dict:
                         f"reference {'adapters off' if peft else 'a copy of the model'}, torch.compile {args.torch_compile}"}
 
 
+def _teachable(recs: list[dict]) -> list[dict]:
+    """Pairs training keeps. At the tiny shape a randomly initialised model repeats one token under
+    p+ and p- alike, and `dlma train` drops a pair whose answers are equal or whose chosen one is
+    blank: such a pair gets a word appended to each answer (" yes" / " no"), a token or two more.
+    Its stored references then belong to the shorter texts, which changes no timing; at real
+    shapes the sampled answers differ and nothing is changed."""
+    from dlma.pairfile import answer_text
+
+    out = []
+    for r in recs:
+        c, j = answer_text(r.get("chosen")) or "", answer_text(r.get("rejected")) or ""
+        if c == j or not c.strip():
+            r = {**r, "chosen": [{"role": "assistant", "content": c + " yes"}],
+                 "rejected": [{"role": "assistant", "content": j + " no"}]}
+        out.append(r)
+    return out
+
+
 WORKERS = {"build": worker_build, "generate": worker_generate, "score": worker_score, "train": worker_train,
            "trl": worker_trl}
 
@@ -495,7 +513,8 @@ def run(a) -> None:
     scored = (a.work / "scored.jsonl").read_text().splitlines()
     if len(scored) < a.steps * a.batch_size:
         sys.exit(f"{len(scored)} scored pairs are fewer than --steps x --batch-size = {a.steps * a.batch_size}")
-    (a.work / "train.jsonl").write_text("".join(ln + "\n" for ln in scored[: a.steps * a.batch_size]))
+    train = _teachable([json.loads(ln) for ln in scored[: a.steps * a.batch_size]])
+    (a.work / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train))
 
     d = need("train", passing)
     dlma_tps = report("train", f"dlma train_model --loss dpo, {a.steps} steps x {a.batch_size} pairs", d, peak,

@@ -195,9 +195,13 @@ def edited_trial(st: Stage, out: Path, ref_edited, wall: float, rng: random.Rand
 
 
 def edit_last(path: Path, field: str, suffix: str) -> str:
-    """Append `suffix` to the last record's `field` (a prompt's text, a pair's chosen answer); its id."""
+    """Append `suffix` to the last record's `field` (a prompt's text, a pair's chosen answer), a string
+    or chat messages (then to the last message's text); its id."""
     recs = _jsonl(path)
-    recs[-1][field] += suffix
+    if isinstance(recs[-1][field], list):
+        recs[-1][field][-1]["content"] += suffix
+    else:
+        recs[-1][field] += suffix
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return str(recs[-1]["id"])
 

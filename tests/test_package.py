@@ -48,7 +48,7 @@ def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     run, tests = blocks[0].strip(), blocks[1].strip()
-    assert run.startswith("bash scripts/install.sh && ") and " dlma run" in run
+    assert run.startswith("bash scripts/install.sh && ") and run.endswith("dlma run")
     assert tests.startswith("bash scripts/install.sh && ") and "pytest tests" in tests
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ci[-1].strip() == tests

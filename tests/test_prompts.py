@@ -176,9 +176,12 @@ def test_help_texts_name_every_bundled_preset_prompt_set_and_loss(capsys):
     assert "listwise" in help_of()
     assert "quick default" not in help_of("run") and "refuse harmful" in help_of("run")
     assert main(["prompts", "list"]) == 0
-    for line in capsys.readouterr().out.splitlines():
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(list_presets())
+    for line, measured in zip(lines[::2], lines[1::2]):  # name and description, then how it is measured
         name, gap, rest = line.partition("  ")
         assert name in list_presets() and gap and rest.strip() == load_preset(name).description, line
+        assert measured.startswith(" " * (len(name) + 2)) and "role: " in measured, measured
 
 
 def test_presets_that_contrast_nothing_or_say_something_else_are_refused(tmp_path):

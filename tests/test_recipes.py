@@ -176,7 +176,7 @@ def test_stage_by_stage_with_the_recipe_is_dlma_run(tmp_path):
     assert rows(d / "scored.jsonl", "self_reward", "ref_first_tokens") == rows(r1 / "score" / "scored.jsonl", "self_reward", "ref_first_tokens")
     by_hand, by_run = (json.loads((p / "train_summary.json").read_text()) for p in (d / "model", r1 / "train" / "model"))
     assert by_hand["final_loss"] == by_run["final_loss"] and by_hand["pairs_used"] == by_run["pairs_used"]
-    assert by_hand["resume_key"]["train"]["kl_presets"] == ["no-overrefusal"]  # the role resolved to the preset
+    assert by_hand["terms"] == by_run["terms"] == {"rpo_presets": ["no-overrefusal"], "kl_presets": ["no-overrefusal"]}
     e_hand, e_run = (json.loads((p / "metrics.json").read_text()) for p in (d / "eval", r1 / "evaluate"))
     assert e_hand["models"]["baseline"] == e_run["models"]["baseline"] == "embedded"  # the model that was aligned
     assert e_hand["refusal"]["aligned"] == e_run["refusal"]["aligned"]

@@ -903,14 +903,18 @@ def test_compile_layers_compiles_under_gradient_checkpointing():
 
 def test_kl_keep_attribute_holds_only_answers_that_show_the_presets_attribute(tokenizer):
     """--kl-keep attribute: under no-overrefusal an untouched refusal is not held (it would keep the over-refusal)."""
-    from dlma.prompts import attribute_detector, load_preset
+    from dlma.detectors import for_preset
+    from dlma.prompts import load_preset
     from dlma.train.reference import shows_attribute
 
     enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    answers = attribute_detector(load_preset("no-overrefusal"))
-    assert not shows_attribute(answers, enc("I'm sorry, but I can't help with that."), tokenizer)
-    assert shows_attribute(answers, enc("Run `kill -9 PID` to stop it."), tokenizer)
-    assert shows_attribute(None, enc("I'm sorry, but I can't help with that."), tokenizer)  # no detector: all held
+    answers = for_preset(load_preset("no-overrefusal"))
+    assert not shows_attribute(answers, enc("I'm sorry, but I can't help with that."), tokenizer, 32)
+    assert shows_attribute(answers, enc("Run `kill -9 PID` to stop it."), tokenizer, 32)
+    assert shows_attribute(None, enc("I'm sorry, but I can't help with that."), tokenizer, 32)  # no detector: all held
+    # a length detector counts an answer as long as the token limit as cut there, so never short
+    short = for_preset(load_preset(str(Path(__file__).resolve().parents[1] / "examples" / "concise" / "concise.yaml")))
+    assert shows_attribute(short, enc("Run it."), tokenizer, 32) and not shows_attribute(short, enc("Run it."), tokenizer, 3)
     with pytest.raises(Exception, match="kl_keep"):
         TrainConfig(kl_keep="some")
 

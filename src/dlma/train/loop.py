@@ -336,6 +336,10 @@ def summary(run: TrainRun) -> dict:
         "model_flops": 3 * forward_flops(run.model, run.positions, run.head_positions),
         "interpolate": cfg.interpolate,
         "kl_pairs": sum(bool(e.kl_answer) for e in run.examples),
+        # the presets the NLL and KL terms reached, once the roles that name them were resolved
+        # ([]: the term is off; "all": on every pair)
+        "terms": {"rpo_presets": (list(cfg.rpo_presets) or "all") if cfg.rpo_alpha else [],
+                  "kl_presets": (list(cfg.kl_presets) or "all") if cfg.kl_alpha else []},
         "kl": last.get("kl") if last else None,
         "resume_key": run.key,
         "command": command_line(),
