@@ -122,11 +122,11 @@ def _peak_like_a_trained_model(model, tok, dev) -> tuple[float, float]:
     """
     import torch
 
-    from dlma.config import GenerateConfig
+    from dlma.config import SamplingConfig
     from dlma.data import read_prompts
     from dlma.prompts import Renderer, load_preset
 
-    temp = GenerateConfig().temperature
+    temp = SamplingConfig().temperature
     query = read_prompts("hh-harmless:train", 1)[0].prompt
     ids = Renderer(tok, load_preset("harmless")).context_ids(query, "positive")
     with torch.no_grad():
@@ -217,19 +217,19 @@ def worker_build(a) -> dict:
 
 
 def worker_generate(a) -> dict:
-    from dlma.config import GenerateConfig
+    from dlma.config import GenerateConfig, SamplingConfig
     from dlma.generate import generate_pairs, make_backend
 
     mc = _model_cfg(a)
-    cfg = GenerateConfig(prompts="hh-harmless:train", preset="harmless", limit=a.pairs, max_new_tokens=a.new_tokens,
-                         batch_size=a.gen_batch_size, seed=0)
+    cfg = GenerateConfig(prompts="hh-harmless:train", preset="harmless", limit=a.pairs, batch_size=a.gen_batch_size, seed=0)
     backend = make_backend(cfg.backend, mc, cfg.batch_size, prefix_cache=cfg.prefix_cache)
     # untimed warm-up on the same engine (kernels loaded, libraries initialised), its cached prefixes dropped
-    generate_pairs(mc, GenerateConfig(**{**vars(cfg), "limit": WARMUP_PAIRS, "max_new_tokens": 4}),
-                   str(a.work / "warmup-pairs.jsonl"), backend=backend, progress=False)
+    generate_pairs(mc, GenerateConfig(**{**vars(cfg), "limit": WARMUP_PAIRS}), str(a.work / "warmup-pairs.jsonl"),
+                   sampling=SamplingConfig(max_new_tokens=4), backend=backend, progress=False)
     backend.prefixes.clear()
     with _profiling(a, "generate"):
-        s = generate_pairs(mc, cfg, str(a.work / "pairs.jsonl"), backend=backend, progress=False)
+        s = generate_pairs(mc, cfg, str(a.work / "pairs.jsonl"), sampling=SamplingConfig(max_new_tokens=a.new_tokens),
+                           backend=backend, progress=False)
     return {"pairs": s["pairs_written"], "tokens": s["new_tokens"], "seconds": s["seconds"],
             "prefilled": s.get("prefilled_tokens"), "flops": s.get("model_flops")}
 

@@ -67,10 +67,10 @@ class Stage:
             "train": ["train", "--data", str(scored), "--batch-size", "2", "--max-steps", "3", "--save-steps", "1",
                       "--lr", "1e-5", *small],
             "evaluate": ["evaluate", "--model", "embedded", "--prompts", "safety-val", "--limit", "3",
-                         "--max-new-tokens", "12", "--batch-size", "2", "--judge", *small],
-            "run": ["run", "--no-progress", "--set", "generate.limit=2", "--set", "generate.max_new_tokens=8",
+                         "--answer-tokens", "12", "--batch-size", "2", "--judge", *small],
+            "run": ["run", "--no-progress", "--set", "generate.limit=2", "--set", "sampling.max_new_tokens=8",
                     "--set", "train.max_steps=2", "--set", "train.save_steps=1", "--set", "train.batch_size=2",
-                    "--set", "evaluate.limit=2", "--set", "evaluate.max_new_tokens=8", "--set", "evaluate.judge=[]"],
+                    "--set", "evaluate.limit=2", "--set", "sampling.answer_tokens=8", "--set", "evaluate.judge=[]"],
         }[name]
 
     def command(self, out: Path) -> list[str]:

@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from dlma.config import GenerateConfig, ModelConfig  # noqa: E402
+from dlma.config import GenerateConfig, ModelConfig, SamplingConfig  # noqa: E402
 from dlma.data import read_pairs  # noqa: E402
 from dlma.generate import TransformersBackend, generate_pairs  # noqa: E402
 from dlma.models import load_model  # noqa: E402
@@ -86,8 +86,8 @@ def main() -> None:
     model, tok = load_model("embedded", "bfloat16", "cpu")
     path = Path(args.cache) / "pairs-bf16-64.jsonl"
     t0 = time.time()
-    generate_pairs(ModelConfig(dtype="bfloat16"), GenerateConfig(limit=args.pairs, max_new_tokens=64, seed=0, batch_size=16),
-                   str(path), backend=TransformersBackend(model, tok, 16), tokenizer=tok, progress=False)
+    generate_pairs(ModelConfig(dtype="bfloat16"), GenerateConfig(limit=args.pairs, seed=0, batch_size=16),
+                   str(path), sampling=SamplingConfig(max_new_tokens=64), backend=TransformersBackend(model, tok, 16), tokenizer=tok, progress=False)
     pairs = read_pairs(str(path), args.pairs)
     print(f"pairs: {len(pairs)} from dlma generate (bf16, 64 new tokens, seed 0) in {path} ({time.time() - t0:.0f} s)")
     preset = load_preset("harmless")

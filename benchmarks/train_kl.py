@@ -51,8 +51,8 @@ def main() -> None:
     saved = untouched_answers(model, tok, [e.context for e in wanted], args.kl_tokens, {})
     answers_s = time.perf_counter() - t0
     attach_kl_answers(wanted, saved)
-    off = TrainConfig(lr=args.lr, response_tokens=args.response_tokens, rpo_alpha=0.2, rpo_presets=[RETAIN])
-    cfgs = {"baseline": off, "kl": dataclasses.replace(off, kl_alpha=1.0, kl_presets=[RETAIN], kl_tokens=args.kl_tokens)}
+    off = TrainConfig(lr=args.lr, rpo_alpha=0.2, rpo_presets=[RETAIN])  # the examples are cut to --response-tokens
+    cfgs = {"baseline": off, "kl": dataclasses.replace(off, kl_alpha=1.0, kl_presets=[RETAIN])}
     data = {"baseline": base, "kl": held}
     models = {"baseline": model, "kl": copy.deepcopy(model)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, fused=True) for k, m in models.items()}

@@ -4,15 +4,18 @@ At 135M nearly every contrastive pair has R > 0, so on the default pairs R only 
 margin and DLMA and RLCD (plain DPO on the same pairs) train alike. This measures them where R
 can matter: a known share of the pairs is turned wrong (`train.noise_flip`: chosen and rejected
 swapped, a seeded choice that is the same for every method at a seed), and each method trains
-on the same pairs, the same budget and the same seeds:
+on the same pairs with the same settings and seeds:
 
-    dlma          the paper's loss with the default's R filter (pairs with R < 0 dropped)
-    dlma-margin   the paper's loss alone (min_reward off): R only through w * clamp(R)
+    dlma          the paper's loss with the default's R filter (pairs with R < 0 dropped: where it
+                  drops pairs, it trains fewer steps)
+    dlma-margin   the paper's loss alone (min_reward off): R only through w * clamp(R), on every
+                  pair, the same steps as rlcd
     rlcd          DPO on the pairs as they come (no R at all)
 
 Generation, scoring and the untouched model's answers are made once and copied between runs
 (`dlma run`'s sibling reuse). Each model is evaluated on the validation split (never the test
-split). Writes RUN_DIR/noise-curve.{json,md,png}; the last lines are the table.
+split). Runs already in RUN_DIR are kept and counted, so a curve grows by seeds, shares or
+variants one call at a time. Writes RUN_DIR/noise-curve.{json,md,png}; the last lines are the table.
 
     .venv/bin/python scripts/noise_curve.py --run-dir runs/noise [--flips 0,0.1,0.2,0.4] [--seeds 0,1,2]
         [--config my.yaml] [--set evaluate.limit=400 ...]
@@ -53,8 +56,9 @@ def main() -> None:
     root = Path(args.run_dir)
     flips = [float(f) for f in args.flips.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    done: list[Path] = []
-    rows = []
+    # runs an earlier call finished: their generation, scores and untouched answers are reused, and the
+    # table covers them too, so a curve grows by seeds, shares or variants one call at a time
+    done: list[Path] = sorted(p.parent.parent for p in root.glob("flip-*/*/seed-*/manifest.json"))
     for flip in flips:
         for name in args.variants.split(","):
             method, train = VARIANTS[name]
@@ -62,22 +66,28 @@ def main() -> None:
                 run_dir = root / f"flip-{flip:g}" / name / f"seed-{seed}"
                 cfg = dataclasses.replace(base, method=method, run_dir=str(run_dir),
                                           train=dataclasses.replace(base.train, noise_flip=flip, seed=seed, **train))
-                m = Pipeline(cfg, progress=False, siblings=list(done)).run()
+                m = Pipeline(cfg, progress=False, siblings=[d for d in done if d != run_dir]).run()
                 done.append(run_dir)
-                ref = m["refusal"]["aligned"]
-                ph = (m.get("phrasing") or {}).get("summary", {}).get("aligned", {})
-                rows.append({"flip": flip, "variant": name, "seed": seed, "refusal": ref["refusal_rate"],
-                             "over_refusal": ref["over_refusal_rate"],
-                             "balanced": ref["refusal_rate"] - ref["over_refusal_rate"],
-                             "worst_phrasing_refusal": (ph.get("refusal_rate") or {}).get("worst"),
-                             "perplexity_safe": (m.get("quality_safe") or {}).get("aligned", {}).get("perplexity")})
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(row(flip, name, seed, m)), flush=True)
+    rows = [row(float(d.parent.parent.name.removeprefix("flip-")), d.parent.name, int(d.name.removeprefix("seed-")),
+                json.loads((d / "round-1" / "evaluate" / "metrics.json").read_text()))
+            for d in sorted(set(done)) if (d / "round-1" / "evaluate" / "metrics.json").is_file()]
     summary = summarise(rows)
     (root / "noise-curve.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
-    table = render(summary, base.evaluate.prompts, base.evaluate.limit, seeds)
+    table = render(summary, base.evaluate.prompts, base.evaluate.limit, sorted({r["seed"] for r in rows}))
     (root / "noise-curve.md").write_text(table + "\n")
     (root / "noise-curve.png").write_bytes(plot(summary))
     print(table)
+
+
+def row(flip: float, variant: str, seed: int, m: dict) -> dict:
+    """One trained model's line of the curve, from its evaluation's metrics."""
+    ref = m["refusal"]["aligned"]
+    ph = (m.get("phrasing") or {}).get("summary", {}).get("aligned", {})
+    return {"flip": flip, "variant": variant, "seed": seed, "refusal": ref["refusal_rate"],
+            "over_refusal": ref["over_refusal_rate"], "balanced": ref["refusal_rate"] - ref["over_refusal_rate"],
+            "worst_phrasing_refusal": (ph.get("refusal_rate") or {}).get("worst"),
+            "perplexity_safe": (m.get("quality_safe") or {}).get("aligned", {}).get("perplexity")}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -101,8 +101,8 @@ CASES = [
          lambda d: _gen(d, "p.jsonl", "--preset", str(d / "mine.yaml")), "invalid YAML"),
     Case("configs", "a config key that does not exist", {"c.yaml": lambda: "generate:\n  top_k: 5\n"},
          lambda d: ["run", "--config", str(d / "c.yaml"), "--run-dir", str(d / "r")], "top_k"),
-    Case("configs", "a config value out of range", {"c.yaml": lambda: "generate:\n  top_p: 5\n"},
-         lambda d: ["run", "--config", str(d / "c.yaml"), "--run-dir", str(d / "r")], "c.yaml.generate: top_p (--top-p) must be in (0, 1], got 5"),
+    Case("configs", "a config value out of range", {"c.yaml": lambda: "sampling:\n  top_p: 5\n"},
+         lambda d: ["run", "--config", str(d / "c.yaml"), "--run-dir", str(d / "r")], "c.yaml.sampling: top_p (--top-p) must be in (0, 1], got 5"),
     Case("configs", "--set without `=`", {}, lambda d: ["run", "--set", "train.lr", "--run-dir", str(d / "r")], "train.lr"),
     # misuse: numbers that would reach the weights, coercions, run directories
     Case("options", "an infinite learning rate", {}, lambda d: _train(d, "x.jsonl", "--lr", "inf"), "lr (--lr) must be a finite number, got inf"),

@@ -7,6 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (-n N) the workers share the cores: each takes its share of threads (and so do the
+# processes its tests start), instead of every worker's torch taking them all.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 
@@ -27,13 +33,13 @@ def tokenizer(embedded):
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory, embedded):
     """Six contrastive pairs from the bundled HH prompts, 24 new tokens each (float32)."""
-    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.config import GenerateConfig, ModelConfig, SamplingConfig
     from dlma.generate import TransformersBackend, generate_pairs
 
     model, tok = embedded
     out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=6, max_new_tokens=24, batch_size=12), str(out),
-                   backend=TransformersBackend(model, tok, 12), tokenizer=tok, progress=False)
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=6, batch_size=12), str(out),
+                   sampling=SamplingConfig(max_new_tokens=24), backend=TransformersBackend(model, tok, 12), tokenizer=tok, progress=False)
     return out
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from bad_inputs import CASES, HANDLED, running
 from dlma.cli import main
-from dlma.config import EvalConfig, GenerateConfig, ScoreConfig, TrainConfig
+from dlma.config import EvalConfig, GenerateConfig, RunConfig, SamplingConfig, ScoreConfig, TrainConfig, apply_overrides, load_yaml
 from dlma.errors import DlmaError
 
 
@@ -81,8 +81,10 @@ def test_missing_cuda_is_one_line(files, capsys):
     (["train", "--data", "x.jsonl", "--lr=-1e-5"], "lr"),
     (["train", "--data", "x.jsonl", "--batch-size", "0"], "batch_size"),
     (["train", "--data", "x.jsonl", "--max-context", "0"], "max_context"),
-    (["evaluate", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["evaluate", "--top-p", "1.5"], "top_p"),
+    (["evaluate", "--answer-tokens", "0"], "answer_tokens"),
+    (["evaluate", "--answer-top-p", "1.5"], "answer_top_p"),
+    (["train", "--data", "x.jsonl", "--kl-tokens", "0"], "kl_tokens"),
+    (["score", "--data", "x.jsonl", "--response-tokens", "0"], "response_tokens"),
     (["evaluate", "--batch-size", "0"], "batch_size"),
     (["generate", "--dtype", "float8"], "dtype"),
 ])
@@ -94,22 +96,39 @@ def test_out_of_range_options(tmp_path, capsys, argv, field):
 
 def test_the_same_checks_for_yaml_set_and_python(tmp_path, capsys):
     f = tmp_path / "c.yaml"
-    f.write_text("generate:\n  top_p: 5\n")
+    f.write_text("sampling:\n  top_p: 5\n")
     err = _error(capsys, ["run", "--config", str(f), "--run-dir", str(tmp_path / "r")])
-    assert "c.yaml.generate: top_p (--top-p) must be in (0, 1], got 5" in err
+    assert "c.yaml.sampling: top_p (--top-p) must be in (0, 1], got 5" in err
     err = _error(capsys, ["run", "--set", "train.lr=-1", "--run-dir", str(tmp_path / "r")])
     assert "lr (--lr) must be at least 0" in err
-    for cls, kw in ((GenerateConfig, {"num_pairs": 0}), (GenerateConfig, {"max_context": 64, "max_new_tokens": 64}),
-                    (ScoreConfig, {"batch_size": 0}), (TrainConfig, {"lr": -1.0}), (EvalConfig, {"temperature": -1.0})):
+    for cls, kw in ((GenerateConfig, {"num_pairs": 0}), (SamplingConfig, {"max_context": 64, "max_new_tokens": 64}),
+                    (ScoreConfig, {"batch_size": 0}), (TrainConfig, {"lr": -1.0}), (SamplingConfig, {"answer_temperature": -1.0})):
         with pytest.raises(DlmaError, match="must be"):
             cls(**kw)
     assert GenerateConfig(limit=None).limit is None and TrainConfig(max_steps=None).max_steps is None
 
 
+def test_a_config_written_before_the_sampling_section_is_read_with_its_settings_moved(tmp_path, capsys):
+    """Decoding settings once lived in the stage sections; an older YAML (or a stored run's) still loads,
+    each value where it now lives, and says so; two values for one setting are refused; --set names the new key."""
+    f = tmp_path / "old.yaml"
+    f.write_text("generate:\n  max_new_tokens: 20\n  temperature: 0.5\nevaluate:\n  max_new_tokens: 40\n"
+                 "train:\n  response_tokens: 4\n  select_max_new_tokens: 9\nscore:\n  max_context: null\n")
+    s = load_yaml(RunConfig, str(f)).sampling
+    assert (s.max_new_tokens, s.temperature, s.answer_tokens, s.response_tokens, s.probe_tokens) == (20, 0.5, 40, 4, 9)
+    assert s.max_context == 1024  # an older dump's null ("the model's own") keeps the default
+    assert "generate.max_new_tokens -> sampling.max_new_tokens" in capsys.readouterr().err
+    f.write_text("generate:\n  max_context: 512\nevaluate:\n  max_context: 2048\n")
+    with pytest.raises(DlmaError, match="disagree"):
+        load_yaml(RunConfig, str(f))
+    with pytest.raises(DlmaError, match=r"--set sampling.kl_tokens=4"):
+        apply_overrides(RunConfig(), ["train.kl_tokens=4"])
+
+
 @pytest.mark.parametrize("cls,kw", [
     (TrainConfig, {"lr": math.inf}), (TrainConfig, {"interpolate": math.inf}), (TrainConfig, {"margin_weight": math.nan}),
     (TrainConfig, {"beta": math.inf}), (TrainConfig, {"margin_clip": (-math.inf, 40.0)}), (TrainConfig, {"min_reward": math.nan}),
-    (TrainConfig, {"kl_alpha": math.inf}), (TrainConfig, {"warmup_ratio": math.nan}), (GenerateConfig, {"temperature": math.nan}),
+    (TrainConfig, {"kl_alpha": math.inf}), (TrainConfig, {"warmup_ratio": math.nan}), (SamplingConfig, {"temperature": math.nan}),
     (EvalConfig, {"judge_timeout": math.inf}),
 ])
 def test_numbers_that_reach_the_weights_are_finite(cls, kw):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlma.config import EvalConfig, ModelConfig
+from dlma.config import EvalConfig, ModelConfig, SamplingConfig
 from dlma.evaluate import distinct_n, evaluate_models, load_eval_prompts
 from dlma.judges import Item, OpenAIJudge, Verdict, parse_judge_spec, parse_verdict, summarize_verdicts
 from dlma.refusal import is_refusal, refusal_rates
@@ -123,7 +123,7 @@ def test_cli_evaluate_writes_metrics_and_report(prompt_file, checkpoints, tmp_pa
     aligned, rm = checkpoints
     out = tmp_path / "report"
     argv = ["evaluate", "--model", str(aligned), "--baseline", "embedded", "--prompts", str(prompt_file), "--limit", "12",
-            "--max-new-tokens", str(MAX_NEW), "--judge", "self-reward", "llm:embedded", f"reward:{rm}",
+            "--answer-tokens", str(MAX_NEW), "--judge", "self-reward", "llm:embedded", f"reward:{rm}",
             "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -169,9 +169,9 @@ def test_self_comparison_is_fifty_percent(prompt_file, tmp_path):
 
     pre = {"embedded": load_model("embedded", "auto", "cpu")}  # loaded once, shared by both runs
     greedy = evaluate_models(ModelConfig(device="cpu"),
-                             EvalConfig(prompts=str(prompt_file), limit=6, max_new_tokens=MAX_NEW,
-                                        judge=["self-reward", "llm:embedded"], samples=2),
-                             str(tmp_path / "greedy"), model="embedded", baseline="embedded", progress=False, preloaded=pre)
+                             EvalConfig(prompts=str(prompt_file), limit=6, judge=["self-reward", "llm:embedded"], samples=2),
+                             str(tmp_path / "greedy"), model="embedded", baseline="embedded",
+                             sampling=SamplingConfig(answer_tokens=MAX_NEW), progress=False, preloaded=pre)
     assert greedy["prompts"]["identical_answers"] == 6
     for j in greedy["judges"].values():
         assert (j["tie"], j["adjusted_win_rate"]) == (6, 0.5)
@@ -188,9 +188,9 @@ def test_self_comparison_is_fifty_percent(prompt_file, tmp_path):
     assert greedy["sampled_refusal"]["samples"] == 2
 
     sampled = evaluate_models(ModelConfig(device="cpu"),
-                              EvalConfig(prompts=str(prompt_file), limit=12, max_new_tokens=MAX_NEW, temperature=0.7,
-                                         top_p=0.9, seed=1, judge=["self-reward"], examples=4),
-                              str(tmp_path / "sampled"), model="embedded", baseline="embedded", progress=False, preloaded=pre)
+                              EvalConfig(prompts=str(prompt_file), limit=12, seed=1, judge=["self-reward"], examples=4),
+                              str(tmp_path / "sampled"), model="embedded", baseline="embedded", progress=False, preloaded=pre,
+                              sampling=SamplingConfig(answer_tokens=MAX_NEW, answer_temperature=0.7, answer_top_p=0.9))
     j = sampled["judges"]["self-reward"]
     assert sampled["prompts"]["identical_answers"] < 4
     assert j["failed"] == 0 and j["judged"] == 12
@@ -255,7 +255,7 @@ def test_report_keeps_hostile_text_inert(tmp_path, monkeypatch):
     f.write_text(json.dumps({"id": "x1", "prompt": attack, "label": "unsafe"}) + "\n"
                  + json.dumps({"id": "x2", "prompt": "What is a <b>bold</b> tag?", "label": "safe"}) + "\n")
     out = tmp_path / "report"
-    assert main(["evaluate", "--model", "embedded", "--baseline", "embedded", "--prompts", str(f), "--max-new-tokens", "4",
+    assert main(["evaluate", "--model", "embedded", "--baseline", "embedded", "--prompts", str(f), "--answer-tokens", "4",
                  "--judge", "--out", str(out), "--no-progress"]) == 0
     dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           (out / "index.html").resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
@@ -275,9 +275,10 @@ def test_edited_prompts_are_answered_again(tmp_path, embedded):
     from dlma.prompts import load_preset
 
     model, tok = embedded
-    cfg, path = EvalConfig(max_new_tokens=4, batch_size=2), tmp_path / "answers.jsonl"
+    cfg, path = EvalConfig(batch_size=2), tmp_path / "answers.jsonl"
     ask = lambda text: generate_answers(model, tok, [PromptRecord("a", [{"role": "user", "content": text}])], cfg,  # noqa: E731
-                                        load_preset("harmless"), path, role="aligned", model_name="embedded", progress=False)
+                                        load_preset("harmless"), path, role="aligned", model_name="embedded", progress=False,
+                                        decoding=SamplingConfig(answer_tokens=4).answers)
     assert ask("Hi")[1] == 1 and ask("Hi")[1] == 0  # answered, then cached
     got, made = ask("How do I bake bread?")
     assert made == 1 and got["a"]["prompt"][0]["content"] == "How do I bake bread?"
@@ -291,7 +292,7 @@ def test_one_evaluate_writes_a_report_at_a_time(tmp_path):
     lock = take_lock(tmp_path / "report" / ".lock", str)  # another evaluate writing the same report
     try:
         with pytest.raises(DlmaError, match=r"report is in use by another dlma evaluate \(pid \d+"):
-            evaluate_models(ModelConfig(dtype="float32"), EvalConfig(limit=1, max_new_tokens=2, judge=[]),
+            evaluate_models(ModelConfig(dtype="float32"), EvalConfig(limit=1, judge=[]),
                             str(tmp_path / "report"), model="embedded", progress=False)
     finally:
         release_lock(lock)

@@ -113,15 +113,16 @@ def test_embedded_model_is_cached_as_float_weights():
 
 
 def test_each_prompt_source_can_have_its_own_preset(tmp_path, embedded):
-    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.config import GenerateConfig, ModelConfig, SamplingConfig
     from dlma.errors import DlmaError
     from dlma.generate import TransformersBackend, generate_pairs
 
     model, tok = embedded
     backend = TransformersBackend(model, tok, 4)
     out = tmp_path / "mixed.jsonl"
-    cfg = GenerateConfig(prompts="hh-harmless:train,benign-train", preset="harmless,helpful", limit=2, max_new_tokens=6)
-    summary = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), backend=backend, tokenizer=tok, progress=False)
+    cfg = GenerateConfig(prompts="hh-harmless:train,benign-train", preset="harmless,helpful", limit=2)
+    summary = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), sampling=SamplingConfig(max_new_tokens=6), backend=backend,
+                             tokenizer=tok, progress=False)
     recs = read_jsonl(out)
     assert summary["pairs_written"] == 4
     assert [r["preset"] for r in recs] == ["harmless", "harmless", "helpful", "helpful"]
@@ -233,17 +234,17 @@ def test_prefix_cache_follows_weight_updates(embedded):
 
 
 def test_generate_pairs_same_file_with_and_without_prefix_cache(tmp_path, embedded):
-    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.config import GenerateConfig, ModelConfig, SamplingConfig
     from dlma.generate import TransformersBackend, generate_pairs
 
     model, tok = embedded
     cfg = GenerateConfig(prompts="hh-harmless-first:train,benign-train", preset="harmless,helpful", limit=3,
-                         num_pairs=2, max_new_tokens=8, batch_size=8)
+                         num_pairs=2, batch_size=8)
     recs, summaries = {}, {}
     for on in (False, True):
         out = tmp_path / f"pairs-{on}.jsonl"
-        summaries[on] = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), backend=TransformersBackend(model, tok, 8, on),
-                                       tokenizer=tok, progress=False)
+        summaries[on] = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), sampling=SamplingConfig(max_new_tokens=8),
+                                       backend=TransformersBackend(model, tok, 8, on), tokenizer=tok, progress=False)
         recs[on] = read_pairs(str(out))
     assert [(r["id"], r["chosen"], r["rejected"]) for r in recs[True]] == [(r["id"], r["chosen"], r["rejected"]) for r in recs[False]]
     for a, b in zip(recs[True], recs[False]):
@@ -278,7 +279,7 @@ def test_fast_top_p_equals_transformers_warpers():
 def test_best_of_k_keeps_the_pair_with_the_largest_r(tmp_path, embedded):
     """--num-samples 2: sample 0 of each side is the K = 1 sample, so the kept pair's R (scored
     afterwards exactly as `dlma score` does) is the largest of the 2 x 2 and never below K = 1's."""
-    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.config import GenerateConfig, ModelConfig, SamplingConfig
     from dlma.data import read_pairs
     from dlma.errors import DlmaError
     from dlma.generate import TransformersBackend, generate_pairs
@@ -289,8 +290,8 @@ def test_best_of_k_keeps_the_pair_with_the_largest_r(tmp_path, embedded):
     files = {}
     for k in (1, 2):
         files[k] = tmp_path / f"k{k}.jsonl"
-        generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=3, max_new_tokens=12, num_samples=k, batch_size=8),
-                       str(files[k]), backend=backend, tokenizer=tok, progress=False)
+        generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=3, num_samples=k, batch_size=8),
+                       str(files[k]), sampling=SamplingConfig(max_new_tokens=12), backend=backend, tokenizer=tok, progress=False)
     one, two = (score_pairs(model, tok, "harmless", read_pairs(str(files[k])), reference=False) for k in (1, 2))
     stats: dict = {}
     again = score_pairs(model, tok, "harmless", read_pairs(str(files[2])), reference=False, reuse_generation=False, stats=stats)
@@ -318,7 +319,7 @@ def test_vllm_backend_seeds_each_request_and_releases_the_engine(tmp_path, monke
     scoring and training in the same process get the card back."""
     import types
 
-    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.config import GenerateConfig, ModelConfig, SamplingConfig
     from dlma.generate import generate_pairs
     from dlma.models import load_tokenizer
     from dlma.prompts import end_of_turn_id
@@ -357,8 +358,8 @@ def test_vllm_backend_seeds_each_request_and_releases_the_engine(tmp_path, monke
         monkeypatch.setitem(sys.modules, name, mod)
 
     out = tmp_path / "pairs.jsonl"
-    cfg = GenerateConfig(prompts="hh-harmless:train", preset="harmless", limit=2, num_pairs=2, max_new_tokens=8, backend="vllm")
-    summary = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), progress=False)
+    cfg = GenerateConfig(prompts="hh-harmless:train", preset="harmless", limit=2, num_pairs=2, backend="vllm")
+    summary = generate_pairs(ModelConfig(dtype="float32"), cfg, str(out), sampling=SamplingConfig(max_new_tokens=8), progress=False)
     assert summary["pairs_written"] == 4
     kinds = [c[0] for c in calls]
     assert kinds[0] == "init" and calls[0][2]["logprobs_mode"] == "raw_logprobs"
@@ -373,7 +374,7 @@ def test_vllm_backend_seeds_each_request_and_releases_the_engine(tmp_path, monke
 def test_a_huge_num_pairs_writes_pairs_as_they_come(tmp_path, tokenizer):
     """--num-pairs in the millions sampled every pair of a prompt before writing the first (an
     interrupt lost them all): pairs are the unit of work, a batch of them at a time."""
-    from dlma.config import GenerateConfig, ModelConfig
+    from dlma.config import GenerateConfig, ModelConfig, SamplingConfig
     from dlma.generate import Sample, generate_pairs
 
     class Engine:
@@ -388,7 +389,7 @@ def test_a_huge_num_pairs_writes_pairs_as_they_come(tmp_path, tokenizer):
 
     (tmp_path / "p.jsonl").write_text('{"id": "q", "prompt": "Hello?"}\n')
     out = tmp_path / "pairs.jsonl"
-    cfg = GenerateConfig(prompts=str(tmp_path / "p.jsonl"), num_pairs=1000, limit=1, batch_size=4, max_new_tokens=2)
+    cfg = GenerateConfig(prompts=str(tmp_path / "p.jsonl"), num_pairs=1000, limit=1, batch_size=4)
     with pytest.raises(KeyboardInterrupt):
-        generate_pairs(ModelConfig(), cfg, str(out), backend=Engine(), tokenizer=tokenizer, progress=False)
+        generate_pairs(ModelConfig(), cfg, str(out), sampling=SamplingConfig(max_new_tokens=2), backend=Engine(), tokenizer=tokenizer, progress=False)
     assert [r["id"] for r in read_jsonl(out)] == ["q:0", "q:1", "q:2", "q:3"]  # kept: resumed after them

@@ -53,3 +53,68 @@ def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ci[-1].strip() == tests
     assert len(readme.splitlines()) <= 300
+
+
+def _module_imports(path: Path, package: str) -> list[tuple[str, list[str]]]:
+    """(module, names) of every dlma module a file imports at module level (not inside functions or
+    TYPE_CHECKING): the imports that run when the file is imported, where a cycle would bite."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: list[tuple[str, list[str]]] = []
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            continue
+        for n in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else ():
+            if isinstance(n, ast.ImportFrom):
+                base = package.split(".")
+                if n.level:
+                    base = base[:len(base) - n.level + 1]
+                    mod = ".".join(base + ([n.module] if n.module else []))
+                else:
+                    mod = n.module or ""
+                if mod.startswith("dlma"):
+                    out.append((mod, [a.name for a in n.names]))
+            elif isinstance(n, ast.Import):
+                out += [(a.name, []) for a in n.names if a.name.startswith("dlma")]
+    return out
+
+
+def test_the_package_has_no_import_cycle_and_no_module_takes_anothers_private_name():
+    """Modules import each other at module level without a cycle, and none imports a name another keeps private."""
+    src = ROOT / "src"
+    modules = {}
+    for path in sorted((src / "dlma").rglob("*.py")):
+        name = ".".join(path.relative_to(src).with_suffix("").parts)
+        is_pkg = path.name == "__init__.py"
+        name = name.removesuffix(".__init__")
+        modules[name] = (path, name if is_pkg else name.rpartition(".")[0])
+    graph: dict[str, set[str]] = {}
+    private = []
+    for name, (path, package) in modules.items():
+        deps = set()
+        for mod, names in _module_imports(path, package):
+            for n in names:
+                if f"{mod}.{n}" in modules:
+                    deps.add(f"{mod}.{n}")  # `from . import x` names a module
+                elif n.startswith("_") and not n.startswith("__"):
+                    private.append(f"{name} imports {mod}.{n}")
+            if mod in modules:
+                deps.add(mod)
+        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}  # a package's own __init__
+    assert not private, private
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(dep):] + [node, dep]) if dep in trail
+                                     else f"import cycle through {node} -> {dep}")
+            if dep not in state:
+                visit(dep, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])

@@ -18,10 +18,10 @@ from dlma.errors import DlmaError
 
 DLMA = [sys.executable, "-m", "dlma.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--set", "generate.limit=5", "--set", "generate.num_pairs=1", "--set", "generate.max_new_tokens=12",
+TINY = ["--set", "generate.limit=5", "--set", "generate.num_pairs=1", "--set", "sampling.max_new_tokens=12",
         "--set", "generate.batch_size=4",
-        "--set", "score.batch_size=1", "--set", "train.max_steps=6", "--set", "train.batch_size=2", "--set", "train.kl_tokens=8",
-        "--set", "train.save_steps=2", "--set", "evaluate.limit=2", "--set", "evaluate.max_new_tokens=8",
+        "--set", "score.batch_size=1", "--set", "train.max_steps=6", "--set", "train.batch_size=2", "--set", "sampling.kl_tokens=8",
+        "--set", "train.save_steps=2", "--set", "evaluate.limit=2", "--set", "sampling.answer_tokens=8",
         "--set", "model.dtype=float32"]
 
 
@@ -89,7 +89,7 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     # the kept training step is chosen on validation prompts (probes at steps 3 and 6, resumed from a checkpoint)
     select = ["--set", "train.select_prompts=safety-val", "--set", "train.select_limit=4", "--set", "train.select_every=3",
-              "--set", "train.select_max_new_tokens=6"]
+              "--set", "sampling.probe_tokens=6"]
     cmd = DLMA + ["run", "--run-dir", str(run_dir), "--no-progress", "--report-to", "tensorboard", *TINY, *select]
     r1 = run_dir / "round-1"
 
@@ -115,7 +115,7 @@ def test_kill_mid_scoring_and_mid_training_then_resume(tmp_path):
     assert _lines(r1 / "generate" / "pairs.jsonl") == 10  # 5 harmful + 5 benign prompts
     scored = [json.loads(x)["id"] for x in (r1 / "score" / "scored.jsonl").read_text().splitlines()]
     assert len(scored) == 10 and len(set(scored)) == 10
-    # the shipped run trains on openings (train.response_tokens): scoring made their reference, training took it
+    # the shipped run trains on openings (sampling.response_tokens): scoring made their reference, training took it
     opening = {json.loads(x)["ref_first_tokens"] for x in (r1 / "score" / "scored.jsonl").read_text().splitlines()}
     assert opening == {8}
     trained = json.loads((r1 / "train" / "model" / "train_summary.json").read_text())

@@ -18,6 +18,7 @@ from dlma.config import EvalConfig, GenerateConfig, ModelConfig, ScoreConfig, Tr
 from dlma.errors import DlmaError
 from dlma.preflight import check_run
 from dlma.recipes import DEFAULT, load_recipe, recipe_names
+from dlma.cli.common import sampling_from
 from dlma.stages import evaluate_config, generate_config, score_config, train_config
 from dlma.terms import preset_roles, role_terms
 
@@ -81,8 +82,12 @@ def test_stage_commands_take_the_recipe_as_dlma_run_does():
         assert config_from_args(TrainConfig, train, train_config(cfg)) == dataclasses.replace(train_config(cfg), lr=1e-5)
         score = parse(["score", "--recipe", name, "--data", "p.jsonl", "--out", "s.jsonl"])
         assert config_from_args(ScoreConfig, score, score_config(cfg)) == score_config(cfg)
+        # one sampling section: every stage command reads the recipe's, its own options on top
+        assert sampling_from(gen, cfg) == sampling_from(score, cfg) == cfg.sampling
+        kl = parse(["train", "--recipe", name, "--data", "s.jsonl", "--out", "m", "--kl-tokens", "6"])
+        assert sampling_from(kl, cfg) == dataclasses.replace(cfg.sampling, kl_tokens=6)
     safety = load_recipe()
-    assert train_config(safety).interpolate == 0.75 and score_config(safety).response_tokens == 8
+    assert train_config(safety).interpolate == 0.75 and safety.sampling.response_tokens == 8
     assert evaluate_config(safety) == dataclasses.replace(safety.evaluate, preset="harmless")  # the run's first preset
     own = _run("--preset", "helpful", "--prompts", "benign-train")
     assert evaluate_config(own).preset == "helpful" and EvalConfig().preset is None
@@ -146,9 +151,9 @@ def test_the_command_line_check_is_one_line_in_seconds(tmp_path):
     assert probe.stdout.strip() == "False", probe.stderr
 
 
-TINY = {"generate": {"limit": 3, "max_new_tokens": 12, "batch_size": 4}, "score": {"batch_size": 2},
-        "train": {"max_steps": 3, "batch_size": 2, "kl_tokens": 6, "save_steps": 0},
-        "evaluate": {"limit": 2, "max_new_tokens": 8}, "model": {"dtype": "float32"}}
+TINY = {"generate": {"limit": 3, "batch_size": 4}, "score": {"batch_size": 2},
+        "train": {"max_steps": 3, "batch_size": 2, "save_steps": 0}, "sampling": {"max_new_tokens": 12, "kl_tokens": 6, "answer_tokens": 8},
+        "evaluate": {"limit": 2}, "model": {"dtype": "float32"}}
 
 
 @pytest.mark.slow
@@ -207,7 +212,7 @@ def test_own_model_directory_prompts_and_preset_run_to_the_end(tmp_path):
     assert metrics["attribute"]["aligned"]["n"] == 2 and metrics["models"]["baseline"] == model
     out = tmp_path / "again"
     ev = subprocess.run(DLMA + ["evaluate", "--model", str(tmp_path / "run" / "final-model"), "--prompts", str(held_out),
-                                "--preset", str(preset), "--max-new-tokens", "8", "--dtype", "float32", "--judge", "--out", str(out),
+                                "--preset", str(preset), "--answer-tokens", "8", "--dtype", "float32", "--judge", "--out", str(out),
                                 "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dlma.config import GenerateConfig, ModelConfig, ScoreConfig
+from dlma.config import GenerateConfig, ModelConfig, SamplingConfig, ScoreConfig
 from dlma.errors import DlmaError
 
 
@@ -15,12 +15,14 @@ def test_generate_refuses_to_append_with_other_settings(tmp_path, embedded):
 
     model, tok = embedded
     out = tmp_path / "pairs.jsonl"
-    run = lambda **kw: generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(**{"limit": 1, "max_new_tokens": 2, **kw}),  # noqa: E731
-                                      str(out), backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+    run = lambda sampling=None, **kw: generate_pairs(  # noqa: E731
+        ModelConfig(dtype="float32"), GenerateConfig(**{"limit": 1, **kw}), str(out),
+        sampling=SamplingConfig(**{"max_new_tokens": 2, **(sampling or {})}), backend=TransformersBackend(model, tok, 4),
+        tokenizer=tok, progress=False)
     run()
     before = out.read_text()
-    for kw, named in (({"temperature": 1.0}, "temperature: 0.7 there, 1.0 now"), ({"preset": "helpful"}, "preset"),
-                      ({"max_new_tokens": 3}, "max_new_tokens"), ({"num_pairs": 2}, "num_pairs")):
+    for kw, named in (({"sampling": {"temperature": 1.0}}, "temperature: 0.7 there, 1.0 now"), ({"preset": "helpful"}, "preset"),
+                      ({"sampling": {"max_new_tokens": 3}}, "max_new_tokens"), ({"num_pairs": 2}, "num_pairs")):
         with pytest.raises(DlmaError, match=f"holds 1 records made with other settings.*{named}"):
             run(**kw)
         assert out.read_text() == before
@@ -57,8 +59,8 @@ def test_an_edited_preset_file_is_other_settings(tmp_path, embedded):
     preset.write_text((Path(__file__).parents[1] / "src/dlma/presets/harmless.yaml").read_text())
     out = tmp_path / "pairs.jsonl"
     run = lambda limit: generate_pairs(ModelConfig(dtype="float32"),  # noqa: E731
-                                       GenerateConfig(preset=str(preset), limit=limit, max_new_tokens=2), str(out),
-                                       backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+                                       GenerateConfig(preset=str(preset), limit=limit), str(out),
+                                       sampling=SamplingConfig(max_new_tokens=2), backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
     run(1)
     preset.write_text(preset.read_text().replace("You politely refuse", "You always refuse"))
     with pytest.raises(DlmaError, match="other settings .*preset_files"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dlma.config import ModelConfig, ScoreConfig
+from dlma.config import ModelConfig, SamplingConfig, ScoreConfig
 from dlma.data import read_pairs
 from dlma.errors import DlmaError
 from dlma.reward import score_file, score_pairs, summarize_scores
@@ -233,8 +233,8 @@ def test_edited_pairs_and_relative_preset_files(tmp_path, monkeypatch, embedded)
     (made / "mine.yaml").write_text((Path(__file__).parents[1] / "src/dlma/presets/harmless.yaml").read_text())
     monkeypatch.chdir(made)
     generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(prompts="harmful-train", preset="mine.yaml", limit=2,
-                                                                max_new_tokens=6, batch_size=4),
-                   "pairs.jsonl", backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+                                                                batch_size=4),
+                   "pairs.jsonl", sampling=SamplingConfig(max_new_tokens=6), backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
     monkeypatch.chdir(elsewhere)
     data = made / "pairs.jsonl"
     score = lambda src, out: score_file(ModelConfig(dtype="float32"), ScoreConfig(reference=False), str(src), str(out),  # noqa: E731

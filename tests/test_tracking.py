@@ -36,7 +36,7 @@ def test_score_reports_r_histogram_quantiles_and_contrast(trained):
     assert lo <= acc.Scalars("score/self_reward_median")[0].value <= hi
     settings = _hparams(logdir)
     assert settings["score.batch_size"] == 4 and settings["model.dtype"] == "float32"  # typed, not strings
-    assert settings["score.max_context"] == "none"
+    assert settings["sampling.max_context"] == 1024 and settings["sampling.response_tokens"] == "none"
 
 
 def test_train_reports_every_step_under_the_run_name_with_typed_settings(trained):
@@ -51,20 +51,20 @@ def test_train_reports_every_step_under_the_run_name_with_typed_settings(trained
 
 
 def test_generate_and_evaluate_report_throughput_and_tables(embedded, tmp_path):
-    from dlma.config import EvalConfig, GenerateConfig, ModelConfig
+    from dlma.config import EvalConfig, GenerateConfig, ModelConfig, SamplingConfig
     from dlma.evaluate import evaluate_models
     from dlma.generate import TransformersBackend, generate_pairs
 
     model, tok = embedded
     out = tmp_path / "pairs.jsonl"
-    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, max_new_tokens=6, batch_size=4, report_to=["tensorboard"]),
-                   str(out), backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, batch_size=4, report_to=["tensorboard"]),
+                   str(out), sampling=SamplingConfig(max_new_tokens=6), backend=TransformersBackend(model, tok, 4), tokenizer=tok, progress=False)
     acc = _events(tmp_path / "tensorboard" / "generate-pairs")
     assert acc.Scalars("generate/pairs_per_s")[-1].value > 0 and acc.Scalars("generate/pairs_written")[-1].value == 2
 
     evaluate_models(ModelConfig(device="cpu", dtype="float32"),
-                    EvalConfig(prompts="safety-eval", limit=2, max_new_tokens=4, judge=[], report_to=["tensorboard", "none"]),
-                    str(tmp_path / "eval"), model="embedded", baseline="embedded", progress=False,
+                    EvalConfig(prompts="safety-eval", limit=2, judge=[], report_to=["tensorboard", "none"]),
+                    str(tmp_path / "eval"), model="embedded", baseline="embedded", sampling=SamplingConfig(answer_tokens=4), progress=False,
                     preloaded={"embedded": embedded})
     acc = _events(tmp_path / "eval" / "tensorboard" / "evaluate-eval")
     for role in ("aligned", "baseline"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dlma.config import ModelConfig, TrainConfig
+from dlma.config import ModelConfig, SamplingConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = """\
@@ -435,8 +435,8 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
 
     model, tok = embedded
     data = tmp_path / "k2.jsonl"
-    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=4, max_new_tokens=10, num_samples=2, batch_size=8),
-                   str(data), backend=TransformersBackend(model, tok, 8), tokenizer=tok, progress=False)
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=4, num_samples=2, batch_size=8),
+                   str(data), sampling=SamplingConfig(max_new_tokens=10), backend=TransformersBackend(model, tok, 8), tokenizer=tok, progress=False)
     cfg = TrainConfig(loss="listwise", max_steps=2, batch_size=2, lr=1e-4, mixed_precision="no", save_steps=1,
                       warmup_ratio=0.0)
     s = train_model(ModelConfig(dtype="float32", device="cpu"), cfg, str(data), str(tmp_path / "m"), progress=False)
@@ -450,8 +450,8 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
     # --kl-alpha on the listwise loss: the untouched answer is one more branch of the list's
     # context; 0 before the first update (so the first loss is the one without the term), then
     # added as a_kl x the mean per-token KL
-    held = train_model(ModelConfig(dtype="float32", device="cpu"), dataclasses.replace(cfg, kl_alpha=5.0, kl_tokens=6),
-                       str(data), str(tmp_path / "kl"), progress=False)
+    held = train_model(ModelConfig(dtype="float32", device="cpu"), dataclasses.replace(cfg, kl_alpha=5.0),
+                       str(data), str(tmp_path / "kl"), sampling=SamplingConfig(kl_tokens=6), progress=False)
     kl_rows = _metrics(tmp_path / "kl")
     assert held["kl_pairs"] == 4 and abs(kl_rows[0]["kl"]) < 1e-5 and kl_rows[-1]["kl"] > 0
     assert kl_rows[0]["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5)
@@ -464,7 +464,7 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
 
     ex = build_examples(read_pairs(str(data), None), Renderer(tok, None, 1024), listwise=True)
     hold_answers(_MainProcess(), model, tok, ex, ModelConfig(dtype="float32", device="cpu"),
-                  TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "kl")
+                  TrainConfig(kl_alpha=1.0), 6, tmp_path / "kl")
     for e in ex:
         e.ref_chosen, e.ref_rejected, e.ref_middle = 0.0, 0.0, [0.0] * len(e.middle)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "kl", dtype=torch.float32)
@@ -478,8 +478,8 @@ def test_listwise_trains_on_the_ranked_candidates(embedded, tmp_path):
         TrainConfig(loss="sft", kl_alpha=1.0)  # context distillation samples nothing to hold
     # a pair file without candidates is refused with the reason
     plain = tmp_path / "k1.jsonl"
-    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, max_new_tokens=6, batch_size=8), str(plain),
-                   backend=TransformersBackend(model, tok, 8), tokenizer=tok, progress=False)
+    generate_pairs(ModelConfig(dtype="float32"), GenerateConfig(limit=2, batch_size=8), str(plain),
+                   sampling=SamplingConfig(max_new_tokens=6), backend=TransformersBackend(model, tok, 8), tokenizer=tok, progress=False)
     with pytest.raises(DlmaError, match="num-samples"):
         train_model(ModelConfig(dtype="float32", device="cpu"), cfg, str(plain), str(tmp_path / "m1"), progress=False)
 
@@ -578,10 +578,11 @@ def test_kl_alpha_holds_the_untouched_models_own_answers(scored, embedded, tmp_p
 
     model, tok = embedded
     base = dict(max_steps=6, batch_size=4, lr=3e-4, warmup_ratio=0.0, lr_schedule="constant", limit=16,
-                save_steps=0, response_tokens=4, kl_tokens=6)
-    mc = ModelConfig(dtype="float32", device="cpu")
-    free = train_model(mc, TrainConfig(**base), str(scored[0]), str(tmp_path / "free"), progress=False)
-    held = train_model(mc, TrainConfig(kl_alpha=20.0, **base), str(scored[0]), str(tmp_path / "held"), progress=False)
+                save_steps=0)
+    mc, sampling = ModelConfig(dtype="float32", device="cpu"), SamplingConfig(response_tokens=4, kl_tokens=6)
+    free = train_model(mc, TrainConfig(**base), str(scored[0]), str(tmp_path / "free"), sampling=sampling, progress=False)
+    held = train_model(mc, TrainConfig(kl_alpha=20.0, **base), str(scored[0]), str(tmp_path / "held"), sampling=sampling,
+                       progress=False)
     m = _metrics(tmp_path / "held")
     assert held["kl_pairs"] == 16 and free["kl_pairs"] == 0 and "kl" not in _metrics(tmp_path / "free")[0]
     assert abs(m[0]["kl"]) < 1e-5 and m[-1]["kl"] > 0  # the first step's forward is the untouched model's
@@ -600,7 +601,7 @@ def test_kl_alpha_holds_the_untouched_models_own_answers(scored, embedded, tmp_p
 
     ex = build_examples(read_pairs(str(scored[0]), 16), Renderer(tok, None, 1024), response_tokens=4)
 
-    hold_answers(_MainProcess(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0, kl_tokens=6), tmp_path / "held")
+    hold_answers(_MainProcess(), model, tok, ex, mc, TrainConfig(kl_alpha=1.0), 6, tmp_path / "held")
     for e in ex:
         e.ref_chosen = e.ref_rejected = 0.0
 
@@ -724,8 +725,9 @@ def test_selection_probes_without_changing_the_run_and_keeps_the_chosen_weights(
     plain = train_model(ModelConfig(dtype="float32", device="cpu"), TrainConfig(**base), str(scored[0]),
                         str(tmp_path / "plain"), progress=False)
     sel = TrainConfig(select_prompts="safety-val", select_limit=12, select_every=1, select_from=0.5,
-                      select_max_new_tokens=12, **base)
-    s = train_model(ModelConfig(dtype="float32", device="cpu"), sel, str(scored[0]), str(tmp_path / "sel"), progress=False)
+                      **base)
+    s = train_model(ModelConfig(dtype="float32", device="cpu"), sel, str(scored[0]), str(tmp_path / "sel"),
+                    sampling=SamplingConfig(probe_tokens=12), progress=False)
     assert [m["loss"] for m in _metrics(tmp_path / "sel")] == [m["loss"] for m in _metrics(tmp_path / "plain")]
     probes = s["selection"]["probes"]
     assert [p["step"] for p in probes] == [2, 3, 4] and all(p["n_unsafe"] == p["n_safe"] == 6 for p in probes)

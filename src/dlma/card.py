@@ -61,7 +61,7 @@ def facts(model_dir: str | Path, run_dir: str | Path | None = None, dataset_repo
         manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
         config = manifest.get("config") or {}
         out.update(method=manifest.get("method"), command=manifest.get("command") or out["command"],
-                   generate=config.get("generate"), rounds=config.get("rounds"), versions=manifest.get("versions"))
+                   generate={**(config.get("generate") or {}), **(config.get("sampling") or {})}, rounds=config.get("rounds"), versions=manifest.get("versions"))
         metrics = run_dir / f"round-{config.get('rounds', 1)}" / "evaluate" / "metrics.json"
         if metrics.is_file():
             out["evaluation"] = json.loads(metrics.read_text(encoding="utf-8"))

@@ -1,8 +1,8 @@
 """Typed configuration: dataclasses with defaults, loadable from YAML, overridable.
 
 The field names are the names everywhere: `--max-new-tokens` on the command line,
-`max_new_tokens:` in YAML, `GenerateConfig(max_new_tokens=...)` in Python, and
-`--set generate.max_new_tokens=...` for `dlma run`.
+`max_new_tokens:` in YAML, `SamplingConfig(max_new_tokens=...)` in Python, and
+`--set sampling.max_new_tokens=...` for `dlma run`.
 """
 
 from __future__ import annotations
@@ -85,35 +85,103 @@ class ModelConfig:
             raise _bad("dtype", "auto, float32, bfloat16 or float16", self.dtype)
 
 
+class Decoding(typing.NamedTuple):
+    """One use of the sampling section: how long, how random, and the context cut that leaves room for it."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    max_context: int
+
+
+@dataclass
+class SamplingConfig:
+    """How every answer dlma writes is decoded, in the one section the stages share: the pairs that
+    generation samples (and `dlma prompts check` samples as generation would), the evaluation answers,
+    the selection probes and the untouched answers the KL term holds; the context cut every stage
+    applies; and the response openings that scoring stores and training reads."""
+
+    # 0.7 / 0.9 measured on 48 held-out HH queries with the embedded model: pure sampling
+    # (T=1) gives near word-salad and no contrast between p+ and p- answers; tempered
+    # nucleus sampling keeps answers coherent and the contrast visible.
+    temperature: float = opt(0.7, "temperature of the sampled pair responses (generate, prompts check); 0 = greedy")
+    top_p: float = opt(0.9, "nucleus sampling mass of the pair responses (1 = off)")
+    max_new_tokens: int = opt(64, "longest pair response, in tokens")
+    answer_tokens: int = opt(128, "longest evaluation answer, in tokens")
+    answer_temperature: float = opt(0.0, "temperature of the evaluation answers (0 = greedy)")
+    answer_top_p: float = opt(1.0, "nucleus sampling mass of the evaluation answers when sampled")
+    probe_tokens: int = opt(24, "length of the greedy answers that --select-prompts probes read (the detector reads the opening)")
+    kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term (--kl-alpha) covers")
+    response_tokens: typing.Optional[int] = opt(None, "score and train on the first N tokens of each response only (a cut one gets no end of turn), where a refusal or an answer is decided: scoring stores the reference log-probs of the openings, which training reuses (else computes). None: whole responses")
+    max_context: int = opt(1024, "longest context + response, in tokens: contexts are cut from the left (earliest turns first) to leave room for the response")
+
+    def __post_init__(self) -> None:
+        _check(self, temperature=(">=", 0), top_p=("in", (0, 1)), max_new_tokens=(">=", 1), answer_tokens=(">=", 1),
+               answer_temperature=(">=", 0), answer_top_p=("in", (0, 1)), probe_tokens=(">=", 1), kl_tokens=(">=", 1),
+               response_tokens=(">=", 1), max_context=(">=", 2))
+        longest = max(self.max_new_tokens, self.answer_tokens)
+        if self.max_context <= longest:
+            raise DlmaError(f"max_context (--max-context) must be larger than the longest response "
+                            f"(--max-new-tokens, --answer-tokens), got {self.max_context} <= {longest}: "
+                            f"the context gets what the response leaves")
+
+    @property
+    def pairs(self) -> Decoding:
+        """The pair responses: generation, and `dlma prompts check` sampling as generation would."""
+        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.max_context)
+
+    @property
+    def answers(self) -> Decoding:
+        """The evaluation answers."""
+        return Decoding(self.answer_tokens, self.answer_temperature, self.answer_top_p, self.max_context)
+
+    @property
+    def probes(self) -> Decoding:
+        """The greedy answers the selection probes read."""
+        return Decoding(self.probe_tokens, 0.0, 1.0, self.max_context)
+
+    @property
+    def kl(self) -> Decoding:
+        """The untouched model's greedy answers the KL term holds."""
+        return Decoding(self.kl_tokens, 0.0, 1.0, self.max_context)
+
+
+# Which of the sampling section's settings each stage reads: its stage key, and its command's options.
+SAMPLING_OF = {"generate": ("temperature", "top_p", "max_new_tokens", "max_context"),
+               "check": ("temperature", "top_p", "max_new_tokens", "max_context"),
+               "score": ("response_tokens", "max_context"),
+               "train": ("response_tokens", "max_context", "kl_tokens", "probe_tokens"),
+               "evaluate": ("answer_tokens", "answer_temperature", "answer_top_p", "max_context")}
+
+
+# Where settings that used to live in a stage's section are now: an older run's YAML is read with them moved.
+MOVED = {("generate", "max_new_tokens"): "max_new_tokens", ("generate", "temperature"): "temperature",
+         ("generate", "top_p"): "top_p", ("generate", "max_context"): "max_context",
+         ("evaluate", "max_new_tokens"): "answer_tokens", ("evaluate", "temperature"): "answer_temperature",
+         ("evaluate", "top_p"): "answer_top_p", ("evaluate", "max_context"): "max_context",
+         ("train", "kl_tokens"): "kl_tokens", ("train", "select_max_new_tokens"): "probe_tokens",
+         ("train", "response_tokens"): "response_tokens", ("train", "max_context"): "max_context",
+         ("score", "response_tokens"): "response_tokens", ("score", "max_context"): "max_context"}
+
+
 @dataclass
 class GenerateConfig:
     prompts: str = opt("hh-harmless:train", f"prompt sources, comma-separated: .jsonl/.json/.csv files, HH-RLHF files, bundled sets ({PROMPT_SETS}; the hh-harmless ones take :train or :test), or cached HF datasets")
     preset: str = opt("harmless", f"contrastive prompt pair: a bundled preset ({PRESETS}) or a YAML file; comma-separated to give each prompt source its own")
     num_pairs: int = opt(1, "pairs to sample per prompt")
     num_samples: int = opt(1, "best-of-K: sample K responses per side and keep, of the K x K pairs, the one with the largest self-reward R (the positive sample with the highest log-ratio lp(o|p+) - lp(o|p-) against the negative one with the lowest); costs K times the sampling plus scoring the 2K samples; all 2K are kept in the record for --loss listwise")
-    max_new_tokens: int = opt(64, "longest response, in tokens")
-    # 0.7 / 0.9 measured on 48 held-out HH queries with the embedded model: pure sampling
-    # (T=1) gives near word-salad and no contrast between p+ and p- answers; tempered
-    # nucleus sampling keeps answers coherent and the contrast visible.
-    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = opt(0.9, "nucleus sampling mass (1 = off)")
     seed: int = opt(0, "random seed; each chunk of prompts is seeded from it and its first id")
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
     batch_size: int = opt(128, "sequences sampled together (decoding a small model on a CPU is bound by per-step overhead and by reading the weights, which more rows share; benchmarks/generate.py --baseline-batch-size measures it)")
-    max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     backend: str = opt("transformers", "generation engine: transformers, vllm (where installed), or auto (vllm where it is installed and a CUDA GPU is present, else transformers)")
     columns: typing.List[str] = opt([], "which columns of the prompt sources hold dlma's fields, as FIELD=COLUMN (prompt, id, label), e.g. prompt=question id=qid for a `datasets` dataset whose prompts are in `question`")
     report_to: typing.List[str] = opt([], "also log throughput and counts to: tensorboard, wandb (when installed)")
     prefix_cache: bool = opt(True, "transformers backend: compute the keys/values of a prefix many contexts share (system turn and demonstrations of a preset side) once and prefill only the rest of each context; same tokens and log-probs as without (vLLM caches prefixes itself)")
 
     def __post_init__(self) -> None:
-        _check(self, num_pairs=(">=", 1), num_samples=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
-               limit=(">=", 1), batch_size=(">=", 1), max_context=(">=", 1))
+        _check(self, num_pairs=(">=", 1), num_samples=(">=", 1), limit=(">=", 1), batch_size=(">=", 1))
         if self.backend not in ("transformers", "vllm", "auto"):
             raise _bad("backend", "transformers, vllm or auto", self.backend)
-        if self.max_context <= self.max_new_tokens:
-            raise DlmaError(f"max_context (--max-context) must be larger than max_new_tokens (--max-new-tokens), "
-                            f"got {self.max_context} <= {self.max_new_tokens}: the context gets what the response leaves")
 
 
 @dataclass
@@ -134,15 +202,12 @@ class TrainConfig:
     kl_presets: typing.List[str] = opt([], "pairs of these presets carry the KL term; empty (and no --kl-roles): every pair")
     kl_roles: typing.List[str] = opt([], "pairs of the presets that declare one of these roles carry the KL term, besides --kl-presets; a role no preset of the pairs has leaves the term off")
     kl_keep: str = opt("all", "which untouched answers the KL term holds: all, or attribute (only those the pair's preset's detector says show its attribute, e.g. under no-overrefusal the ones that answer: an untouched model that already refuses some harmless requests would otherwise be held to those refusals)")
-    kl_tokens: int = opt(32, "length of the untouched model's greedy answer the KL term covers")
     min_reward: typing.Optional[float] = opt(None, "drop pairs whose self-reward is below this (after flipping)")
     flip_negative: bool = opt(False, "swap chosen and rejected when the self-reward is negative")
     reward_norm: str = opt("none", "none, or preset: divide each pair's R by the median |R| of its preset's pairs and multiply by the median over all pairs, so presets whose R runs larger neither dominate the margin nor pass --min-reward more easily")
     noise_flip: float = opt(0.0, "ablation: swap chosen and rejected of this share of the pairs (seeded by --seed; R changes sign with them), so a known share of pairs has the worse answer as o+: measures how well a loss that reads R tells wrong pairs from right ones")
     shuffle_reward: bool = opt(False, "ablation: permute R across the kept pairs (seeded by --seed), so the loss sees R's distribution but not which pair earned it")
     preset: typing.Optional[str] = opt(None, "preset whose placement decides the bare template (only `plain` presets change it)")
-    max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
-    response_tokens: typing.Optional[int] = opt(None, "train on the first N tokens of each response only (a cut one gets no end of turn), where a refusal or an answer is decided; the reference log-probs come from a file scored with the same --response-tokens (`dlma run` scores so), else are computed in the run. None: whole responses")
     lr: float = opt(7e-5, "peak learning rate (tuned for full fine-tuning of the 135M embedded model)")
     lr_schedule: str = opt("cosine", "decay after warm-up: cosine, linear, constant")
     warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly from 0")
@@ -176,15 +241,14 @@ class TrainConfig:
     select_every: int = opt(8, "steps between probes, counted back from the last step")
     select_from: float = opt(0.5, "probe from this fraction of the run on")
     select_max_over_refusal: float = opt(0.1, "over-refusal cap of the kept step")
-    select_max_new_tokens: int = opt(24, "answer length of a probe (the refusal detector reads the opening)")
     select_batch_size: int = opt(32, "answers generated together in a probe")
 
     def __post_init__(self) -> None:
-        _check(self, beta=(">", 0), rpo_alpha=(">=", 0), kl_alpha=(">=", 0), kl_tokens=(">=", 1), max_context=(">=", 1), lr=(">=", 0), warmup_ratio=(">=", 0),
+        _check(self, beta=(">", 0), rpo_alpha=(">=", 0), kl_alpha=(">=", 0), lr=(">=", 0), warmup_ratio=(">=", 0),
                weight_decay=(">=", 0), interpolate=(">=", 0), max_grad_norm=(">=", 0), max_steps=(">=", 1), epochs=(">=", 1), batch_size=(">=", 1), micro_tokens=(">=", 0),
                grad_accum=(">=", 1), lora_r=(">=", 0), save_steps=(">=", 0), save_total_limit=(">=", 1), log_steps=(">=", 1),
-               limit=(">=", 1), response_tokens=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
-               select_max_over_refusal=("in", (0, 1)), select_max_new_tokens=(">=", 1), select_batch_size=(">=", 1))
+               limit=(">=", 1), select_limit=(">=", 1), select_every=(">=", 1), select_from=("in", (0, 1)),
+               select_max_over_refusal=("in", (0, 1)), select_batch_size=(">=", 1))
         if self.reward_norm not in ("none", "preset"):
             raise _bad("reward_norm", "none or preset", self.reward_norm)
         if not 0 <= self.noise_flip <= 1:
@@ -237,14 +301,10 @@ class EvalConfig:
     limit: typing.Optional[int] = opt(None, "use only the first N prompts of each source")
     preset: typing.Optional[str] = opt(None, f"preset whose detector measures the attribute on the answers and whose p+/p- and question judge them: a bundled preset ({PRESETS}) or a YAML file; default: the run's first preset (`dlma run`, or a stage command's --recipe/--config), else harmless")
     judge: typing.List[str] = opt(["self-reward"], "judges: self-reward, llm:MODEL, reward:MODEL, cost:MODEL, openai:MODEL (several allowed)")
-    max_new_tokens: int = opt(128, "longest answer, in tokens")
-    temperature: float = opt(0.0, "answer sampling temperature (0 = greedy)")
-    top_p: float = opt(1.0, "nucleus sampling mass when sampling")
     seed: int = opt(0, "sampling seed; the aligned and baseline answers use different streams of it")
     samples: int = opt(0, "also sample this many answers per prompt from each model at --sample-temperature and report their refusal rates (what a deployed model does); 0 = only the main answers")
     sample_temperature: float = opt(0.7, "temperature of the --samples answers (top-p 1)")
     batch_size: int = opt(8, "sequences per forward pass")
-    max_context: int = opt(1024, "contexts longer than this many tokens are cut from the left")
     reference: typing.Optional[str] = opt(None, "model whose perplexity of the answers measures fluency (default: the baseline)")
     pairs: typing.Optional[str] = opt(None, "human-labelled pair file for self-reward reliability (e.g. hh-harmless:test); none: skipped")
     pairs_limit: int = opt(100, "pairs of --pairs to score")
@@ -257,8 +317,7 @@ class EvalConfig:
     report_to: typing.List[str] = opt([], "also log the refusal, quality and judge tables to: tensorboard, wandb (when installed)")
 
     def __post_init__(self) -> None:
-        _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
-               batch_size=(">=", 1), max_context=(">=", 1), pairs_limit=(">=", 1), examples=(">=", 0),
+        _check(self, limit=(">=", 1), batch_size=(">=", 1), pairs_limit=(">=", 1), examples=(">=", 0),
                judge_timeout=(">", 0), judge_retries=(">=", 0), judge_rate=(">=", 0), judge_concurrency=(">=", 1))
         for spec in self.judge:
             parse_judge_spec(spec)
@@ -273,22 +332,17 @@ class ScoreConfig:
     reuse_generation: bool = opt(True, "take lp(o+|p+) and lp(o-|p-) from generation's raw log-probs when model and preset match and both ran in float32")
     precision: str = opt("auto", "auto (mixed on a GPU with --dtype auto: pure bf16 flips the sign of ~9% of generated pairs' R; exact on a CPU), exact (the model's dtype; float32: exact) or mixed (float32 model: bf16 body, float32 head, near-ties |R| < 1 recomputed exactly)")
     ensemble: bool = opt(False, "average R over every demonstration set of the preset (one scoring pass per set) instead of the set each query's hash picks")
-    max_context: typing.Optional[int] = opt(None, "longest context + response in tokens (default: the model's); longer contexts are cut from the left and counted")
     limit: typing.Optional[int] = opt(None, "score only the first N pairs")
     report_to: typing.List[str] = opt([], "also log R's histogram and quantiles, the contrast rates and throughput to: tensorboard, wandb (when installed)")
-    response_tokens: typing.Optional[int] = opt(None, "with --reference, also store the reference log-probs of each response's first N tokens, which `dlma train --response-tokens N` then reuses instead of computing them; `dlma run` takes train.response_tokens")
 
     def __post_init__(self) -> None:
-        _check(self, batch_size=(">=", 1), max_context=(">=", 2), limit=(">=", 1), response_tokens=(">=", 1))
+        _check(self, batch_size=(">=", 1), limit=(">=", 1))
 
 
 @dataclass
 class CheckConfig:
     prompts: typing.Optional[str] = opt(None, "prompts to sample on, comma-separated sources (default: the preset's check_prompts)")
     limit: int = opt(32, "sample one pair for each of the first N prompts of each source")
-    max_new_tokens: int = opt(32, "longest response, in tokens")
-    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = opt(0.9, "nucleus sampling mass (1 = off)")
     seed: int = opt(0, "sampling seed")
     batch_size: int = opt(16, "sequences sampled together")
     pairs: typing.Optional[str] = opt(None, "human-labelled pair file: also report R's accuracy on it (e.g. hh-harmless:train)")
@@ -297,8 +351,7 @@ class CheckConfig:
     num_samples: int = opt(1, "best-of-K pairs (as `dlma generate --num-samples`)")
 
     def __post_init__(self) -> None:
-        _check(self, limit=(">=", 1), max_new_tokens=(">=", 1), temperature=(">=", 0), top_p=("in", (0, 1)),
-               batch_size=(">=", 1), pairs_limit=(">=", 1), num_samples=(">=", 1))
+        _check(self, limit=(">=", 1), batch_size=(">=", 1), pairs_limit=(">=", 1), num_samples=(">=", 1))
 
 
 def section(factory: Any, help: str) -> Any:
@@ -315,6 +368,7 @@ class RunConfig:
     method: str = opt("dlma", "how pairs are scored and trained: " + objectives.method_help())
     rounds: int = opt(1, "generate -> score -> train repeats, the latest policy generating and serving as reference")
     model: ModelConfig = section(ModelConfig, "the starting model")
+    sampling: SamplingConfig = section(SamplingConfig, "decoding and lengths, shared by every stage")
     generate: GenerateConfig = section(GenerateConfig, "contrastive generation")
     score: "ScoreConfig" = section(lambda: ScoreConfig(), "self-rewarding score")  # noqa: F821
     train: TrainConfig = section(TrainConfig, "training")
@@ -386,12 +440,13 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), title: str | None = None) -> None:
-    """One `--field-name` option per dataclass field, with its default and help."""
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), title: str | None = None,
+                    only: tuple[str, ...] | None = None) -> None:
+    """One `--field-name` option per dataclass field (or per field named in `only`), with its default and help."""
     group = parser.add_argument_group(title or cls.__name__.replace("Config", "").lower() + " options")
     hints = _hints(cls)
     for f in fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         tp, optional = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -483,8 +538,37 @@ def typed_overrides(cls: type, data: dict, where: str) -> dict:
     return {k: _coerce(cls, k, v, where) for k, v in data.items()}
 
 
+def moved_keys(data: dict, where: str) -> dict:
+    """A run configuration written before decoding settings had a section of their own, with them in
+    `sampling` (said on stderr, once): stored runs and users' files keep working. Two different values
+    for one setting (e.g. generate.max_context and evaluate.max_context) are an error."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    sampling = dict(out.get("sampling") or {})
+    moved = []
+    for (sec, key), new in MOVED.items():
+        if not isinstance(out.get(sec), dict) or key not in out[sec]:
+            continue
+        value = out[sec].pop(key)
+        if value is None and new != "response_tokens":
+            continue  # an older dump's "the model's own" limit
+        if new in sampling and sampling[new] != value and value is not None:
+            raise DlmaError(f"{where}: {sec}.{key}={value!r} and sampling.{new}={sampling[new]!r} disagree; "
+                            f"decoding settings live in sampling: keep sampling.{new}")
+        if value is not None or new not in sampling:
+            sampling[new] = value
+        moved.append(f"{sec}.{key} -> sampling.{new}")
+    if moved:
+        import sys
+
+        print(f"{where}: read with decoding settings moved to the sampling section ({', '.join(moved)})", file=sys.stderr)
+        out["sampling"] = sampling
+    return out
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build a (nested) config dataclass from a mapping; unknown keys are errors."""
+    if cls is RunConfig:
+        data = moved_keys(data, where)
     values = typed_overrides(cls, data, where)
     try:
         return cls(**values)
@@ -514,6 +598,9 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
                 raise DlmaError(f"--set {item!r}: no config section {p!r}")
             node = node[p]
         if parts[-1] not in node:
+            if tuple(parts[-2:]) in MOVED:
+                raise DlmaError(f"--set {item!r}: decoding settings live in the sampling section: "
+                                f"--set sampling.{MOVED[tuple(parts[-2:])]}={raw}")
             raise DlmaError(f"--set {item!r}: unknown key {parts[-1]!r}; known: {', '.join(sorted(node))}")
         node[parts[-1]] = value
     return from_dict(type(obj), data)
@@ -540,7 +627,7 @@ def load_yaml(cls: type, path: str, base: Any = None) -> Any:
     if not isinstance(data, dict):
         raise DlmaError(f"{path}: expected a mapping at the top level")
     if cls is RunConfig:
-        data = expand_inputs(data, path)
+        data = moved_keys(expand_inputs(data, path), path)
     if base is not None:
         data = _deep_merge(to_dict(base), data)
     return from_dict(cls, data, path)

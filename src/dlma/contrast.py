@@ -22,9 +22,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .config import CheckConfig, GenerateConfig, ModelConfig, ScoreConfig
+from .config import CheckConfig, GenerateConfig, ModelConfig, SamplingConfig, ScoreConfig
 from .data import read_pairs, read_prompts, write_json
-from .detectors import for_preset
+from .detectors import contrasting, for_preset, pair_sides
 from .errors import DlmaError
 from .generate import generate_pairs, make_backend
 from .models import load_model
@@ -87,8 +87,7 @@ def summarize_contrast(preset: Preset, records: list[dict]) -> dict:
     shows = for_preset(preset)
     if shows is not None:
         out["detector"] = shows.description
-        pos = [shows(r["chosen"], bool(r.get("chosen_truncated"))) for r in records]
-        neg = [shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in records]
+        pos, neg = (list(side) for side in zip(*(pair_sides(shows, r) for r in records)))
         out["positive"]["shows_attribute"] = rate(sum(pos), n)
         out["negative"]["shows_attribute"] = rate(sum(neg), n)
         out["contrast"] = rate(sum(p and not q for p, q in zip(pos, neg)), n)
@@ -170,8 +169,9 @@ def plot_contrast(summary: dict, rewards: list[float], contrasting: list[bool] |
 
 
 def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out: str, *, progress: bool = True,
-                 model=None, tokenizer=None) -> dict:
-    """Sample, score and summarise one pair per prompt under `preset_name`; write the check to `out`.
+                 sampling: SamplingConfig | None = None, model=None, tokenizer=None) -> dict:
+    """Sample, score and summarise one pair per prompt under `preset_name`, sampled as generation samples
+    (`sampling`, default SamplingConfig()); write the check to `out`.
 
     Files in out: pairs.jsonl and scored.jsonl (resumable, as in `dlma run`), check.json,
     check.md and check.png; with cfg.pairs also labelled-scored.jsonl.
@@ -186,14 +186,15 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
     if model is None:
         model, tokenizer = load_model(model_cfg.model, model_cfg.dtype, model_cfg.device, attn=model_cfg.attn_implementation)
     tok = tokenizer
-    gen = GenerateConfig(prompts=prompts, preset=preset_name, num_pairs=1, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, limit=cfg.limit,
+    sampling = sampling or SamplingConfig()
+    gen = GenerateConfig(prompts=prompts, preset=preset_name, num_pairs=1, seed=cfg.seed, limit=cfg.limit,
                          batch_size=cfg.batch_size, num_samples=cfg.num_samples)
     backend = make_backend("transformers", model_cfg, gen.batch_size, model=model, tokenizer=tok)
-    generate_pairs(model_cfg, gen, str(out_dir / "pairs.jsonl"), backend=backend, tokenizer=tok, progress=progress)
+    generate_pairs(model_cfg, gen, str(out_dir / "pairs.jsonl"), sampling=sampling, backend=backend, tokenizer=tok,
+                   progress=progress)
     score_cfg = ScoreConfig(preset=preset_name, reference=False, batch_size=cfg.batch_size // 2 or 1, ensemble=cfg.ensemble)
-    score_file(model_cfg, score_cfg, str(out_dir / "pairs.jsonl"), str(out_dir / "scored.jsonl"), model=model,
-               tokenizer=tok, progress=progress)
+    score_file(model_cfg, score_cfg, str(out_dir / "pairs.jsonl"), str(out_dir / "scored.jsonl"), sampling=sampling,
+               model=model, tokenizer=tok, progress=progress)
     wanted = {p.id for source in prompts.split(",") if source.strip() for p in read_prompts(source.strip(), cfg.limit)}
     records = [r for r in read_pairs(str(out_dir / "scored.jsonl")) if r["prompt_id"] in wanted]  # a rerun may change --limit
     summary = summarize_contrast(preset, records)
@@ -210,9 +211,8 @@ def check_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out
         summary["labelled"] = {"source": cfg.pairs, "accuracy": rate(sum(r > 0 for r in rs), len(rs)),
                                "ties": sum(r == 0 for r in rs)}
     shows = for_preset(preset)
-    contrasting = None if shows is None else [shows(r["chosen"], bool(r.get("chosen_truncated")))
-                                               and not shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in records]
-    (out_dir / "check.png").write_bytes(plot_contrast(summary, [r["self_reward"] for r in records], contrasting))
+    learns = None if shows is None else [contrasting(shows, r) for r in records]
+    (out_dir / "check.png").write_bytes(plot_contrast(summary, [r["self_reward"] for r in records], learns))
     summary["seconds"] = round(time.time() - t0, 1)
     summary["files"] = {k: str(out_dir / f) for k, f in (("table", "check.md"), ("plot", "check.png"), ("json", "check.json"))}
     (out_dir / "check.md").write_text(render_table(summary) + "\n![contrast](check.png)\n", encoding="utf-8")

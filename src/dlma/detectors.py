@@ -154,6 +154,18 @@ def for_preset(preset) -> Detector | None:
     return build(preset.detector, f"preset {preset.name!r}", base)
 
 
+def pair_sides(detector: Detector, rec: dict) -> tuple[bool, bool]:
+    """Whether a pair's o+ (chosen) and o- (rejected) each show the attribute, a cut answer read as cut."""
+    return (detector(rec["chosen"], bool(rec.get("chosen_truncated"))),
+            detector(rec["rejected"], bool(rec.get("rejected_truncated"))))
+
+
+def contrasting(detector: Detector, rec: dict) -> bool:
+    """A pair training learns the attribute from: its o+ shows it and its o- does not."""
+    pos, neg = pair_sides(detector, rec)
+    return pos and not neg
+
+
 def attribute_rate(answers: Iterable[tuple[str, bool]], detector: Detector) -> dict:
     """How many (answer, truncated) show the attribute: {rate, count, n, ci} with a 95% Wilson interval."""
     shown = [detector(a, cut) for a, cut in answers]

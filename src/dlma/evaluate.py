@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import EvalConfig, ModelConfig, to_dict
+from .config import Decoding, EvalConfig, ModelConfig, SamplingConfig, to_dict
 from .data import (PHRASINGS, JsonlWriter, PromptRecord, iter_jsonl, load_eval_prompts, read_pairs, release_lock,
                    resume_chunks, take_lock)
 from .detectors import attribute_rate, for_preset
@@ -81,16 +81,19 @@ class ModelPool:
 
 # -- answers ----------------------------------------------------------------------------
 def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfig, preset: Preset, path: Path, *,
-                     role: str, model_name: str, progress: bool = True) -> tuple[dict[str, dict], int]:
-    """Answer every prompt under the bare context; cached in `path` (JSONL, resumable).
+                     role: str, model_name: str, progress: bool = True,
+                     decoding: Decoding = SamplingConfig().answers) -> tuple[dict[str, dict], int]:
+    """Answer every prompt under the bare context, decoded as `decoding` says (sampling.answers);
+    cached in `path` (JSONL, resumable).
 
     Returns {prompt id: answer record} and how many answers were generated now (not cached)."""
     from tqdm.auto import tqdm
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")  # bf16 and float32 answer differently
-    settings = {"model": model_name, "dtype": dtype, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "seed": cfg.seed, "max_context": cfg.max_context, "preset_placement": preset.placement,
-                **({"sampler": SAMPLER} if cfg.temperature > 0 else {})}
+    d = decoding
+    settings = {"model": model_name, "dtype": dtype, "max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
+                "top_p": d.top_p, "seed": cfg.seed, "max_context": d.max_context, "preset_placement": preset.placement,
+                **({"sampler": SAMPLER} if d.temperature > 0 else {})}
     have: dict[str, dict] = {}
     asked = {p.id: p.prompt for p in prompts}
     if path.exists():
@@ -103,8 +106,8 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
     todo = [p for p in prompts if p.id not in have]
     if todo:
         backend = TransformersBackend(model, tok, cfg.batch_size)
-        renderer = Renderer(tok, preset, max_context=context_room(cfg.max_context, cfg.max_new_tokens))
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        renderer = Renderer(tok, preset, max_context=context_room(d.max_context, d.max_new_tokens))
+        params = SamplingParams(d.max_new_tokens, d.temperature, d.top_p, cfg.seed)
         bar = tqdm(total=len(todo), desc=f"answers ({role})", unit="prompt", disable=not progress, dynamic_ncols=True)
         with JsonlWriter(path) as writer:
             for group in resume_chunks(prompts, cfg.batch_size, lambda p: p.id not in have):
@@ -125,7 +128,7 @@ def generate_answers(model, tok, prompts: Sequence[PromptRecord], cfg: EvalConfi
 
 
 def sampled_refusals(model_tok: tuple, prompts: Sequence[PromptRecord], cfg: EvalConfig, preset: Preset, out: Path, *,
-                     role: str, model_name: str, progress: bool = True) -> dict:
+                     role: str, model_name: str, decoding: Decoding, progress: bool = True) -> dict:
     """Refusal and over-refusal over `cfg.samples` sampled answers per prompt (T = --sample-temperature).
 
     Samples of one prompt are not independent, so the interval is over prompts: the mean of the
@@ -135,9 +138,10 @@ def sampled_refusals(model_tok: tuple, prompts: Sequence[PromptRecord], cfg: Eva
     fractions: dict[str, list[float]] = {"unsafe": [], "safe": []}
     runs = []
     for s in range(cfg.samples):
-        scfg = dataclasses.replace(cfg, temperature=cfg.sample_temperature, top_p=1.0, seed=cfg.seed + 1 + s)
+        scfg = dataclasses.replace(cfg, seed=cfg.seed + 1 + s)
         got, _ = generate_answers(model, tok, prompts, scfg, preset, out / f"answers-{role}-sample{s + 1}.jsonl",
-                                  role=role, model_name=model_name, progress=progress)
+                                  role=role, model_name=model_name, progress=progress,
+                                  decoding=decoding._replace(temperature=cfg.sample_temperature, top_p=1.0))
         runs.append(got)
     for p in prompts:
         if p.label in fractions:
@@ -176,13 +180,13 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
 
 
 def answer_logprobs(model, tok, preset: Preset, prompts: Sequence[PromptRecord], answers: Sequence[dict[str, dict]],
-                    cfg: EvalConfig) -> list[dict[str, tuple[float, int]]]:
+                    cfg: EvalConfig, max_context: int) -> list[dict[str, tuple[float, int]]]:
     """Per answer set, {prompt id: (summed log-prob, tokens)} of each answer under `model` (bare context,
     EOS included when the answer ended); an empty cut answer has no token to score and is left out.
 
     Every set answers the same prompts, so each context is laid out once with one branch per set, and
     the system turn all contexts share is computed once (`score_trees`)."""
-    r = Renderer(tok, preset, max_context=cfg.max_context)
+    r = Renderer(tok, preset, max_context=max_context)
     trees, where = [], []
     for p in prompts:
         branches = [(k, r.response_ids(a[p.id]["answer"], truncated=a[p.id]["truncated"])) for k, a in enumerate(answers)]
@@ -266,15 +270,15 @@ def attribute_rates(preset: Preset, prompts: Sequence[PromptRecord], answers: di
 
 
 # -- judges ------------------------------------------------------------------------------
-def build_judge(spec: str, pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, out: Path):
+def build_judge(spec: str, pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, out: Path, max_context: int):
     kind, name = parse_judge_spec(spec)
     if kind == "self-reward":
         model, tok = pool.get(baseline)
-        return SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=cfg.max_context)
+        return SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=max_context)
     if kind == "llm":
         model, tok = pool.get(name)
         return TextJudge(model, tok, preset.judge_question, name=spec, batch_size=max(1, cfg.batch_size // 2),
-                        max_context=max(cfg.max_context, 2048))
+                        max_context=max(max_context, 2048))
     if kind in ("reward", "cost"):
         return RewardModelJudge(name, cost=kind == "cost", device=pool.cfg.device, dtype=pool.cfg.dtype)
     return OpenAIJudge(name, preset.judge_question, cfg.judge_cache or out / "judge-cache.jsonl",
@@ -289,7 +293,7 @@ def _verdict_key(spec: str, preset: Preset, it: Item) -> str:
 
 
 def run_judge(spec: str, items: Sequence[Item], pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig,
-              out: Path, progress: bool = True) -> list[Verdict]:
+              out: Path, max_context: int, progress: bool = True) -> list[Verdict]:
     """Verdicts for every item, reusing OUT/verdicts-JUDGE.jsonl; failed items are not cached (a rerun retries them)."""
     path = out / f"verdicts-{judge_slug(spec)}.jsonl"
     cached: dict[str, Verdict] = {}
@@ -302,7 +306,7 @@ def run_judge(spec: str, items: Sequence[Item], pool: ModelPool, baseline: str, 
     fresh: dict[str, Verdict] = {}
     if todo:
         _log(progress, f"judge {spec}: {len(todo)} item(s) ({len(items) - len(todo)} cached)")
-        judge = build_judge(spec, pool, baseline, preset, cfg, out)
+        judge = build_judge(spec, pool, baseline, preset, cfg, out, max_context)
         try:
             verdicts = judge.judge(todo)
         finally:
@@ -328,14 +332,15 @@ def judge_note(spec: str) -> str:
 
 
 # -- self-reward reliability --------------------------------------------------------------
-def reliability(pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig, progress: bool = True) -> dict:
+def reliability(pool: ModelPool, baseline: str, preset: Preset, cfg: EvalConfig,
+                max_context: int = SamplingConfig().max_context, progress: bool = True) -> dict:
     """Accuracy of the probability judge (R > 0) and of the text judge on human-labelled pairs."""
     pairs = read_pairs(cfg.pairs, cfg.pairs_limit)
     if not pairs:
         raise DlmaError(f"{cfg.pairs}: no pairs")
     _log(progress, f"self-reward reliability on {len(pairs)} pair(s) of {cfg.pairs}")
     model, tok = pool.get(baseline)
-    rs = SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=cfg.max_context).rewards(pairs)
+    rs = SelfRewardJudge(model, tok, preset, batch_size=cfg.batch_size, max_context=max_context).rewards(pairs)
     # The text judge is the one that labels RLAIF's pairs (TextJudge.score_pairs), so this is
     # the accuracy of the labels the rlaif baseline trains on.
     judged = TextJudge(model, tok, preset.judge_question, name="text-judge",
@@ -385,8 +390,11 @@ def _examples(prompts: Sequence[PromptRecord], answers: dict[str, dict[str, dict
 
 
 def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, model: str, baseline: str = "embedded",
-                    progress: bool = True, preloaded: dict[str, tuple] | None = None, where: Where | None = None) -> dict:
+                    sampling: SamplingConfig | None = None, progress: bool = True, preloaded: dict[str, tuple] | None = None,
+                    where: Where | None = None) -> dict:
     """Evaluate `model` (aligned) against `baseline`; write OUT/metrics.json and the report; return the metrics.
+
+    sampling: the answers' decoding (sampling.answers) and the context cut (default: SamplingConfig()).
 
     preloaded: {name: (model, tokenizer)} already in memory (tests, the pipeline) to reuse.
     where: the cfg.report_to trackers' run (default: OUT/tensorboard/evaluate-OUT).
@@ -396,13 +404,13 @@ def evaluate_models(model_cfg: ModelConfig, cfg: EvalConfig, out_dir: str, *, mo
     lock = take_lock(out / ".lock", lambda holder: f"{out} is in use by another dlma evaluate ({holder}); "
                      "wait for it or choose another --out")
     try:
-        return _evaluate(model_cfg, cfg, out, model=model, baseline=baseline, progress=progress, preloaded=preloaded,
-                         where=where)
+        return _evaluate(model_cfg, cfg, (sampling or SamplingConfig()).answers, out, model=model, baseline=baseline,
+                         progress=progress, preloaded=preloaded, where=where)
     finally:
         release_lock(lock)
 
 
-def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str, baseline: str, progress: bool,
+def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, dec: Decoding, out: Path, *, model: str, baseline: str, progress: bool,
               preloaded: dict[str, tuple] | None, where: Where | None) -> dict:
     t0 = time.time()
     preset = load_preset(cfg.preset or FALLBACK_EVAL_PRESET)
@@ -417,15 +425,15 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
     names = {"aligned": model, "baseline": baseline}
     generated: dict[str, int] = {}
     for role in ROLES:
-        if role == "baseline" and model == baseline and cfg.temperature <= 0:
+        if role == "baseline" and model == baseline and dec.temperature <= 0:
             # greedy decoding of the same model gives the same answers: copy instead of regenerating
             answers[role], generated[role] = _copy_answers(answers["aligned"], out / f"answers-{role}.jsonl"), 0
             continue
         m, tok = pool.get(names[role])
         answers[role], generated[role] = generate_answers(m, tok, prompts, cfg, preset, out / f"answers-{role}.jsonl",
-                                         role=role, model_name=names[role], progress=progress)
+                                         role=role, model_name=names[role], progress=progress, decoding=dec)
     sampled = {role: sampled_refusals(pool.get(names[role]), prompts, cfg, preset, out, role=role,
-                                      model_name=names[role], progress=progress) for role in ROLES} if cfg.samples > 0 else None
+                                      model_name=names[role], decoding=dec, progress=progress) for role in ROLES} if cfg.samples > 0 else None
     if model not in (baseline, reference) and not any(spec.partition(":")[2] == model for spec in cfg.judge):
         pool.release(model)
 
@@ -437,7 +445,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
     safe = [p.id for p in prompts if p.label == "safe"]
     same = all(it["answer"] == answers["aligned"][k]["answer"] for k, it in answers["baseline"].items())
     todo = ROLES[:1] if same else ROLES  # same answers: same perplexities
-    scored_by = dict(zip(todo, answer_logprobs(ref_model, ref_tok, preset, prompts, [answers[r] for r in todo], cfg)))
+    scored_by = dict(zip(todo, answer_logprobs(ref_model, ref_tok, preset, prompts, [answers[r] for r in todo], cfg, dec.max_context)))
     for role in ROLES:
         scored = scored_by.get(role, scored_by[ROLES[0]])
         per, corpus = perplexities(scored, [p.id for p in prompts])
@@ -455,7 +463,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
     verdicts: dict[str, list[Verdict]] = {}
     judges: dict[str, dict] = {}
     for spec in cfg.judge:
-        verdicts[spec] = run_judge(spec, items, pool, baseline, preset, cfg, out, progress)
+        verdicts[spec] = run_judge(spec, items, pool, baseline, preset, cfg, out, dec.max_context, progress)
         judges[spec] = {**summarize_verdicts(verdicts[spec]), "note": judge_note(spec)}
         _log(progress, f"judge {spec}: win {judges[spec]['win']} tie {judges[spec]['tie']} "
                        f"lose {judges[spec]['lose']} failed {judges[spec]['failed']}")
@@ -464,7 +472,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
 
     metrics: dict[str, Any] = {
         "models": {"aligned": model, "baseline": baseline, "reference": reference},
-        "settings": {**to_dict(cfg), "model_config": to_dict(model_cfg)},
+        "settings": {**to_dict(cfg), **dec._asdict(), "model_config": to_dict(model_cfg)},
         "prompts": {"n": len(prompts),
                     "by_source": _count(p.extra.get("source") for p in prompts),
                     "by_label": _count(p.label or "none" for p in prompts),
@@ -479,7 +487,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
         **({"quality_safe": quality_safe} if quality_safe else {}),
     }
     if cfg.pairs:
-        rel = reliability(pool, baseline, preset, cfg, progress)
+        rel = reliability(pool, baseline, preset, cfg, dec.max_context, progress)
         dists["pairs_self_reward"] = rel.pop("self_reward_values")
         metrics["reliability"] = rel
     sel = Path(model) / "selection.json"
@@ -496,7 +504,7 @@ def _evaluate(model_cfg: ModelConfig, cfg: EvalConfig, out: Path, *, model: str,
     _log(progress, f"report: {out / 'index.html'}")
     if cfg.report_to:
         with Tracking(cfg.report_to, where or Where.beside(out, "evaluate", file=False), "evaluate",
-                      typed_settings(model=model_cfg, evaluate=cfg), model_cfg.device) as tracking:
+                      typed_settings(model=model_cfg, evaluate=cfg, answers=dec._asdict()), model_cfg.device) as tracking:
             track_evaluation(tracking, metrics)
     return metrics
 

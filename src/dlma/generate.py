@@ -20,10 +20,10 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from .config import GenerateConfig, ModelConfig
+from .config import GenerateConfig, ModelConfig, SamplingConfig
 from .data import (JsonlWriter, PromptRecord, ReadStats, check_not_input, check_same_inputs, column_map, file_hashes,
                    named_files, pair_digest, read_prompts, resume_chunks)
-from .pairfile import conversational, upgrade
+from .pairfile import conversational, upgrade_before_append
 from .errors import DlmaError
 from .logprobs import length_buckets, score_trees
 from .machine import forward_flops
@@ -575,15 +575,18 @@ def generate_pairs(
     out: str,
     *,
     backend: Backend | None = None,
+    sampling: SamplingConfig | None = None,
     tokenizer=None,
     progress: bool = True,
     where: Where | None = None,
 ) -> dict:
     """Write one pair a line to `out`, resuming after the ids already there. Returns a summary.
+    `sampling`: temperature, top_p, max_new_tokens and max_context of the responses (default: SamplingConfig()).
 
     A rerun resumes only what was made the same way from the same input: other settings, an
     edited preset file or prompts edited since are refused, never mixed into the file.
     `where`: the cfg.report_to trackers' run (default: beside `out`)."""
+    sampling = sampling or SamplingConfig()
     sources = [x.strip() for x in cfg.prompts.split(",") if x.strip()]
     per_source = source_presets(sources, [x.strip() for x in cfg.preset.split(",") if x.strip()])
     presets = {name: load_preset(name) for name in per_source}
@@ -601,8 +604,8 @@ def generate_pairs(
     preset_files = file_hashes(cfg.preset)  # a preset file edited since is another preset
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "preset": cfg.preset, "num_pairs": cfg.num_pairs,
-        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
-        "max_context": cfg.max_context, "backend": backend.name if backend is not None else resolve_backend(cfg.backend),
+        "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": cfg.seed,
+        "max_context": sampling.max_context, "backend": backend.name if backend is not None else resolve_backend(cfg.backend),
         "sampler": SAMPLER, **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {}),
         **({"preset_files": preset_files} if preset_files else {})})
     owned = backend is None  # an engine made here is released here (vLLM holds the card otherwise)
@@ -611,8 +614,7 @@ def generate_pairs(
         check_same_inputs(writer, lambda rec: (rec.get("prompt_id"), [rec.get("prompt"), rec.get("label"), rec.get("preset")]),
                           lambda pid: [by_id[pid].prompt, by_id[pid].label, preset_of[pid]] if pid in by_id else None,
                           cfg.prompts)
-        if upgrade(out):  # an older dlma's partial output, checked above: stored as this one stores it before appending
-            writer.reopen()
+        upgrade_before_append(writer)
         ids_for = lambda p: [p.id] if cfg.num_pairs == 1 else (f"{p.id}:{k}" for k in range(cfg.num_pairs))  # noqa: E731
         # pairs, not prompts, are the unit of work: a million pairs of one prompt are written as they come
         units = lambda: ((p, pid) for p in prompts for pid in ids_for(p))  # noqa: E731
@@ -623,10 +625,10 @@ def generate_pairs(
         if not todo:
             return summary
         tracking = Tracking(cfg.report_to, where or Where.beside(out, "generate", file=True), "generate",
-                            typed_settings(model=model_cfg, generate=cfg), model_cfg.device)
+                            typed_settings(model=model_cfg, generate=cfg, sampling=sampling), model_cfg.device)
         if owned:
             backend = make_backend(cfg.backend, model_cfg, cfg.batch_size, prefix_cache=cfg.prefix_cache)
-        summary.update(_sample_pairs(backend, cfg, model_cfg, tokenizer, presets, preset_of, writer,
+        summary.update(_sample_pairs(backend, cfg, sampling, model_cfg, tokenizer, presets, preset_of, writer,
                                      resume_chunks(units(), max(1, cfg.batch_size // 2) // cfg.num_samples,
                                                    lambda u: u[1] not in writer.done), missing, progress, tracking))
     finally:
@@ -636,7 +638,7 @@ def generate_pairs(
     return summary
 
 
-def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig, tokenizer, presets: dict, preset_of: dict,
+def _sample_pairs(backend: Backend, cfg: GenerateConfig, sampling: SamplingConfig, model_cfg: ModelConfig, tokenizer, presets: dict, preset_of: dict,
                   writer: JsonlWriter, chunks: Iterator[list[tuple[PromptRecord, str]]], missing: int, progress: bool,
                   tracking: Tracking) -> dict:
     """Sample, pick and write the pairs of `chunks` ((prompt, pair id) each); the summary's counts."""
@@ -646,9 +648,10 @@ def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig,
 
     summary = {"pairs_written": 0, "empty_responses": 0, "new_tokens": 0}
     tok = tokenizer or getattr(backend, "tok", None) or load_tokenizer(model_cfg.model)
-    renderers = {name: Renderer(tok, pr, max_context=context_room(cfg.max_context, cfg.max_new_tokens)) for name, pr in presets.items()}
-    settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_new_tokens": cfg.max_new_tokens, "max_context": cfg.max_context, "seed": cfg.seed, "backend": backend.name,
+    renderers = {name: Renderer(tok, pr, max_context=context_room(sampling.max_context, sampling.max_new_tokens))
+                 for name, pr in presets.items()}
+    settings = {"model": model_cfg.model, "dtype": model_cfg.dtype, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_new_tokens": sampling.max_new_tokens, "max_context": sampling.max_context, "seed": cfg.seed, "backend": backend.name,
                 **({"num_samples": cfg.num_samples} if cfg.num_samples > 1 else {})}
     if cfg.num_samples > 1 and getattr(backend, "model", None) is None:
         raise DlmaError(f"--num-samples {cfg.num_samples} picks pairs with the model's log-probs, which the "
@@ -664,7 +667,7 @@ def _sample_pairs(backend: Backend, cfg: GenerateConfig, model_cfg: ModelConfig,
             jobs: list[tuple[PromptRecord, str, str, int]] = [
                 (p, pid, side, k) for p, pid in group for side in ("positive", "negative") for k in range(K)]
             contexts = [renderers[preset_of[p.id]].context_ids(p.prompt, side) for p, _, side, _ in jobs]
-            params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+            params = SamplingParams(sampling.max_new_tokens, sampling.temperature, sampling.top_p, cfg.seed)
             # sample k > 0 of a side draws from a seed of its own; sample 0 is the one K = 1 draws
             samples = backend.sample(contexts, params, seeds=[row_seed(cfg.seed, pid, side, *([k] if k else []))
                                                               for _, pid, side, k in jobs])

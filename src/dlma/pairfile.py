@@ -70,6 +70,13 @@ def notice_legacy(path: str | Path) -> None:
               file=sys.stderr)
 
 
+def upgrade_before_append(writer) -> None:
+    """An older dlma's partial output, already checked against the inputs, rewritten in the stored form
+    before the writer appends to it (the writer then appends to the rewritten file)."""
+    if upgrade(writer.path):
+        writer.reopen()
+
+
 def upgrade(path: str | Path) -> int:
     """Rewrite an existing older-form pair file in the stored form before output is appended to
     it (same records, same order); returns the records rewritten (0 when none needed it)."""

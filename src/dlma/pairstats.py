@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Sequence
 
 from .errors import DlmaError
-from .detectors import for_preset
+from .detectors import contrasting, for_preset
 from .prompts import load_preset
 from .refusal import rate
 
@@ -33,8 +33,7 @@ def contrast(records: Sequence[dict]) -> dict[str, dict]:
             continue
         if shows is not None:
             mine = [r for r in records if r.get("preset") == name]
-            out[name] = rate(sum(shows(r["chosen"], bool(r.get("chosen_truncated")))
-                                 and not shows(r["rejected"], bool(r.get("rejected_truncated"))) for r in mine), len(mine))
+            out[name] = rate(sum(contrasting(shows, r) for r in mine), len(mine))
     return out
 
 

@@ -39,7 +39,7 @@ from .models import resolve_device, resolve_dtype
 from .objectives import Method, method, methods
 from .report import attribute_label, phrasing_table, write_report
 from .reward import score_file
-from .stages import check_method, evaluate_config, generate_config, score_config, train_config
+from .stages import check_method, evaluate_config, generate_config, sampling_of, score_config, train_config
 from .tracking import LOGGING_DIR, Where
 from .train import KL_REFERENCE, train_model
 
@@ -248,7 +248,7 @@ class Pipeline:
         and model settings its answers are the same: a comparison answers them once, not per method.
         (The copied records still carry their generation settings, which evaluate checks.)
         """
-        key = _key("baseline-answers", _settings(ecfg), to_dict(self.cfg.model))
+        key = _key("baseline-answers", _settings(ecfg), to_dict(self.cfg.model), sampling_of(self.cfg, "evaluate"))
         write_json(sdir / "baseline-key.json", {"key": key})
         for sib in self.siblings:
             src = sib / f"round-{rnd}" / "evaluate"
@@ -310,18 +310,20 @@ class Pipeline:
         gcfg = generate_config(cfg, rnd)
         speed_only = ("prefix_cache",)  # same pairs either way: changing it must not redo the run
         gen_key = _key("generate", {k: v for k, v in _settings(gcfg).items() if k not in speed_only}, to_dict(cfg.model),
-                       upstream, file_hashes(gcfg.prompts), _presets(gcfg.preset))
-        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), progress=self.progress,
+                       upstream, file_hashes(gcfg.prompts), _presets(gcfg.preset), sampling_of(cfg, "generate"))
+        self._stage("generate", rnd, gen_key, lambda d: generate_pairs(mcfg, gcfg, str(d / "pairs.jsonl"), sampling=cfg.sampling,
+                                                                       progress=self.progress,
                                                                        where=self._where(rnd, "generate")))
         pairs = self.dir / f"round-{rnd}" / "generate" / "pairs.jsonl"
 
         data, data_key = pairs, gen_key
         scfg = score_config(cfg)  # preset None: each pair's own
         if scfg is not None:
-            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, _presets(scfg.preset))
+            score_key = _key("score", _settings(scfg), to_dict(cfg.model), gen_key, _presets(scfg.preset),
+                             sampling_of(cfg, "score"))
 
             def score(d: Path) -> dict:
-                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), progress=self.progress,
+                summary = score_file(mcfg, scfg, str(pairs), str(d / "scored.jsonl"), sampling=cfg.sampling, progress=self.progress,
                                      where=self._where(rnd, "score"))
                 if spec.orient:
                     summary["oriented"] = _orient(d / "scored.jsonl", d / "oriented.jsonl", spec.orient)
@@ -334,12 +336,12 @@ class Pipeline:
 
         tcfg = train_config(cfg)
         train_key = _key("train", to_dict(dataclasses.replace(tcfg, report_to=[])), to_dict(cfg.model), data_key,
-                         _presets(tcfg.preset))
+                         _presets(tcfg.preset), sampling_of(cfg, "train"))
 
         def train(d: Path) -> dict:
             if tcfg.kl_alpha:
                 self._reuse_kl_answers(rnd, d / "model")
-            return train_model(mcfg, tcfg, str(data), str(d / "model"), progress=self.progress,
+            return train_model(mcfg, tcfg, str(data), str(d / "model"), sampling=cfg.sampling, progress=self.progress,
                                where=self._where(rnd, "train"))
 
         self._stage("train", rnd, train_key, train)
@@ -347,11 +349,12 @@ class Pipeline:
 
         ecfg = evaluate_config(cfg)
         eval_key = _key("evaluate", _settings(ecfg), to_dict(cfg.model), train_key, file_hashes(ecfg.prompts), file_hashes(ecfg.preset),
-                        file_hashes(ecfg.pairs), _model_stamp(ecfg.reference))
+                        file_hashes(ecfg.pairs), _model_stamp(ecfg.reference), sampling_of(cfg, "evaluate"))
 
         def evaluate(d: Path) -> dict:
             self._reuse_baseline_answers(rnd, ecfg, d)
-            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, progress=self.progress,
+            return evaluate_models(cfg.model, ecfg, str(d), model=new_policy, baseline=cfg.model.model, sampling=cfg.sampling,
+                                   progress=self.progress,
                                    where=self._where(rnd, "evaluate"))
 
         self._stage("evaluate", rnd, eval_key, evaluate)

@@ -377,7 +377,7 @@ class Renderer:
         """Ids of a response; a complete response ends with EOS (end of turn), a cut one does not.
 
         first=N keeps a longer response's first N tokens only (cut, so no end of turn): the
-        opening where a refusal or an answer is decided (train.response_tokens).
+        opening where a refusal or an answer is decided (sampling.response_tokens).
         """
         ids = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
         if first is not None and len(ids) > first:

@@ -21,13 +21,13 @@ from typing import Sequence
 
 import torch
 
-from .config import ModelConfig, ScoreConfig
+from .config import ModelConfig, SamplingConfig, ScoreConfig
 from .data import (JsonlWriter, check_finite, check_not_input, check_same_inputs, file_hashes, named_files, pair_digest,
                    read_pairs, resume_chunks, write_json)
 from .errors import DlmaError
 from .logprobs import score_trees
 from .machine import forward_flops
-from .pairfile import ANSWERS, answer_text, conversational, upgrade
+from .pairfile import ANSWERS, answer_text, conversational, upgrade_before_append
 from .pairstats import contrast, quantiles
 from .models import bf16_supported, load_model, resolve_device, resolve_dtype
 from .prompts import Preset, Renderer, as_messages, context_room, load_preset
@@ -149,7 +149,7 @@ def score_pairs(model, tokenizer, preset: Preset | str | None, pairs: list[dict]
     recomputes exactly the pairs whose |R| < MIXED_RECHECK_MARGIN, so R keeps the float32
     sign wherever bf16 rounding could flip it; the other pairs' terms carry bf16 error.
     response_tokens=N (with reference) adds ref_lp_chosen_first/ref_lp_rejected_first, the
-    reference of each response's first N tokens, for training on openings (train.response_tokens).
+    reference of each response's first N tokens, for training on openings (sampling.response_tokens).
     Empty responses get R = 0 (counted in stats["empty_responses"]); a NaN/inf raises a
     DlmaError naming the record. stats (optional) also collects reused/truncated/rechecked counts.
     """
@@ -364,9 +364,14 @@ def scoring_precision(precision: str, model_cfg: ModelConfig) -> tuple[str, str]
     return "exact", model_cfg.dtype
 
 
-def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *, model=None, tokenizer=None,
-               progress: bool = True, summary_path: str | None = None, where: Where | None = None) -> dict:
+def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *, sampling: SamplingConfig | None = None,
+               model=None, tokenizer=None, progress: bool = True, summary_path: str | None = None,
+               where: Where | None = None) -> dict:
     """Score a pair file into `out` (JSONL, resumable), returning the summary of the whole output.
+
+    From `sampling` (default SamplingConfig()): max_context, the longest context + response scored (longer
+    contexts are cut from the left and counted), and response_tokens, whose openings' reference log-probs
+    are stored with the whole responses' (training on openings reuses them).
 
     Records already in `out` are skipped; the summary covers them too, so a resumed run
     reports the same numbers as an uninterrupted one. summary_path, when set, gets a copy.
@@ -381,6 +386,8 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     if not pairs:
         raise DlmaError(f"{data}: no pairs")
     check_not_input(out, [Path(f) for f in named_files(data)])
+    sampling = sampling or SamplingConfig()
+    max_context, response_tokens = sampling.max_context, sampling.response_tokens
     precision, load_dtype = scoring_precision(cfg.precision, model_cfg)
     if model is not None and not _runs_mixed(precision, model):
         precision = "exact"  # a caller's bf16 model: what score_pairs computes, so what the file records
@@ -388,9 +395,9 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
     preset_files = file_hashes(cfg.preset or ",".join(sorted({str(pair_preset(p)) for p in pairs if p.get("preset")})))
     writer = JsonlWriter(out, settings={  # what shapes the records: another value must not append to this file
         "model": model_cfg.model, "dtype": model_cfg.dtype, "judge": judge, "preset": cfg.preset,
-        "reference": cfg.reference, "precision": precision, "max_context": cfg.max_context,
+        "reference": cfg.reference, "precision": precision, "max_context": max_context,
         **({"ensemble": True} if cfg.ensemble else {}),
-        **({"response_tokens": cfg.response_tokens} if cfg.reference and cfg.response_tokens else {}),
+        **({"response_tokens": response_tokens} if cfg.reference and response_tokens else {}),
         **({"preset_files": preset_files} if preset_files else {})})
     stats: dict = {"empty_responses": 0, "reused_generation_logprobs": 0, "contexts_truncated": 0}
     t0 = time.time()
@@ -398,8 +405,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
         by_id = {p["id"]: p for p in pairs}
         check_same_inputs(writer, lambda rec: (rec.get("id"), _pair_input(rec)),
                           lambda i: _pair_input(by_id[i]) if i in by_id else None, data)
-        if upgrade(out):  # an older dlma's partial output, checked above: stored as this one stores it before appending
-            writer.reopen()
+        upgrade_before_append(writer)
         todo = [p for p in pairs if p["id"] not in writer.done]
         if todo:
             if model is None:
@@ -417,16 +423,16 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
             for preset, group in work:
                 if judge in ("self-reward", "both") and cfg.ensemble:
                     group = score_ensemble(model, tokenizer, preset, group, batch_size=cfg.batch_size,
-                                           reference=cfg.reference, max_context=cfg.max_context,
-                                           response_tokens=cfg.response_tokens,
+                                           reference=cfg.reference, max_context=max_context,
+                                           response_tokens=response_tokens,
                                            precision=precision, model_name=model_cfg.model, stats=stats)
                 elif judge in ("self-reward", "both"):
                     group = score_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, reference=cfg.reference,
-                                        response_tokens=cfg.response_tokens,
-                                        reuse_generation=cfg.reuse_generation, max_context=cfg.max_context,
+                                        response_tokens=response_tokens,
+                                        reuse_generation=cfg.reuse_generation, max_context=max_context,
                                         precision=precision, model_name=model_cfg.model, stats=stats)
                 if judge in ("text", "both"):
-                    group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=cfg.max_context)
+                    group = judge_pairs(model, tokenizer, preset, group, batch_size=cfg.batch_size, max_context=max_context)
                 new = [rec for rec in group if rec["id"] not in writer.done]
                 for rec in new:
                     writer.write(conversational(rec))
@@ -448,7 +454,7 @@ def score_file(model_cfg: ModelConfig, cfg: ScoreConfig, data: str, out: str, *,
         write_json(summary_path, summary)
     if cfg.report_to:
         with Tracking(cfg.report_to, where or Where.beside(out, "score", file=True), "score",
-                      typed_settings(model=model_cfg, score=cfg), model_cfg.device) as tracking:
+                      typed_settings(model=model_cfg, score=cfg, sampling=sampling), model_cfg.device) as tracking:
             track_scores(tracking, records, summary)
     return summary
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import CheckConfig, ModelConfig
+from .config import CheckConfig, ModelConfig, SamplingConfig
 from .contrast import check_preset, format_rate
 from .data import read_pairs, read_prompts, write_json
 from .errors import DlmaError
@@ -76,7 +76,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def search_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out: str, *, progress: bool = True) -> dict:
+def search_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, out: str, *, progress: bool = True,
+                  sampling: SamplingConfig | None = None) -> dict:
     """Check every candidate on the selection sample, the winner and the original on the report sample.
 
     Writes OUT/best.yaml (the winner, loadable with --preset), OUT/search.json and OUT/search.md.
@@ -114,7 +115,7 @@ def search_preset(model_cfg: ModelConfig, preset_name: str, cfg: CheckConfig, ou
         c = dataclasses.replace(cfg, prompts=str(out_dir / f"prompts-{sample}.jsonl"),
                                 pairs=pair_files[sample] if preset.detector is None else None)
         s = check_preset(model_cfg, str(out_dir / "candidates" / f"{name}.yaml"), c, str(out_dir / sample / name),
-                         progress=progress, model=model, tokenizer=tok)
+                         progress=progress, sampling=sampling, model=model, tokenizer=tok)
         kind, rate = _metric(s)
         return {"candidate": name, "sample": sample, "metric": kind, **rate}
 

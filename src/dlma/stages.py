@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import EvalConfig, GenerateConfig, RunConfig, ScoreConfig, TrainConfig
+from .config import SAMPLING_OF, EvalConfig, GenerateConfig, RunConfig, ScoreConfig, TrainConfig
 from .errors import DlmaError
 from .objectives import method, objective
 
@@ -40,12 +40,17 @@ def generate_config(cfg: RunConfig, rnd: int = 1) -> GenerateConfig:
 
 
 def score_config(cfg: RunConfig) -> ScoreConfig | None:
-    """The method's judge, and the reference of the response openings training reads (train.response_tokens),
-    made here once; None for a method that scores nothing (context distillation)."""
+    """The method's judge; None for a method that scores nothing (context distillation)."""
     spec = method(cfg.method)
     if spec.judge is None:
         return None
-    return dataclasses.replace(cfg.score, judge=spec.judge, response_tokens=cfg.score.response_tokens or cfg.train.response_tokens)
+    return dataclasses.replace(cfg.score, judge=spec.judge)
+
+
+def sampling_of(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The sampling settings `stage` reads (config.SAMPLING_OF): part of its key, so that changing one
+    redoes the stages that read it and no other."""
+    return {k: getattr(cfg.sampling, k) for k in SAMPLING_OF[stage]}
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:

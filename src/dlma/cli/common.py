@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..config import RunConfig, SamplingConfig
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
@@ -25,10 +25,10 @@ def print_summary(summary: dict, path: str | None = None) -> None:
         write_json(path, summary)
 
 
-def add_stage_options(p: argparse.ArgumentParser, out_help: str, summary_help: str, *configs: type) -> None:
+def add_stage_options(p: argparse.ArgumentParser, out_help: str, summary_help: str, *configs: type, stage: str) -> None:
     """The options every stage command shares: --out, --summary, --no-progress, --recipe, --config,
-    then one flag per field of each config dataclass."""
-    from ..config import add_config_args
+    then one flag per field of each config dataclass, and the sampling settings `stage` reads."""
+    from ..config import SAMPLING_OF, SamplingConfig, add_config_args
 
     add_recipe_options(p)
     p.add_argument("--out", required=True, help=out_help)
@@ -36,6 +36,14 @@ def add_stage_options(p: argparse.ArgumentParser, out_help: str, summary_help: s
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for cls in configs:
         add_config_args(p, cls)
+    add_config_args(p, SamplingConfig, only=SAMPLING_OF[stage], title="sampling options (the `sampling` section of a run)")
+
+
+def sampling_from(args: argparse.Namespace, base: RunConfig | None) -> SamplingConfig:
+    """The sampling settings of a stage command: its --recipe/--config's section, options given here on top."""
+    from ..config import SamplingConfig, config_from_args
+
+    return config_from_args(SamplingConfig, args, base and base.sampling)
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import EvalConfig, ModelConfig, config_from_args
 from ..errors import DlmaError
-from .common import add_stage_options, formatter, print_summary, stage_base
+from .common import add_stage_options, formatter, print_summary, sampling_from, stage_base
 
 HELP = """\
 Answer held-out prompts with the aligned model (--model) and a baseline (--baseline), under
@@ -33,7 +33,7 @@ examples:
   dlma evaluate --model runs/default/final-model --out report/
   dlma evaluate --recipe safety --model runs/default/final-model --out report/   # as `dlma run` evaluates
   dlma evaluate --model runs/dlma/model --prompts my.jsonl --limit 50 --judge self-reward openai:gpt-4o-mini --out report/
-  dlma evaluate --model embedded --baseline embedded --temperature 0.7 --limit 12 --out selfcheck/
+  dlma evaluate --model embedded --baseline embedded --answer-temperature 0.7 --limit 12 --out selfcheck/
 """
 
 
@@ -42,7 +42,7 @@ def register(sub) -> None:
                        description=HELP, formatter_class=formatter)
     p.add_argument("--baseline", help="model to compare against (default: the model --model was aligned from)")
     add_stage_options(p, "report directory; its cached answers are reused", "also write the metrics to this JSON file",
-                      ModelConfig, EvalConfig)
+                      ModelConfig, EvalConfig, stage="evaluate")
     p.set_defaults(func=run)
 
 
@@ -54,12 +54,13 @@ def run(args) -> int:
     base = stage_base(args)
     model_cfg = config_from_args(ModelConfig, args, base and base.model)
     eval_cfg = config_from_args(EvalConfig, args, base and evaluate_config(base))
+    sampling = sampling_from(args, base)
     baseline = args.baseline or starting_model(model_cfg.model) or (base and base.model.model)
     if not baseline or baseline == model_cfg.model and not args.baseline:
         raise DlmaError(f"cannot tell which model {model_cfg.model} was aligned from (it holds no train_summary.json); "
                         "name the baseline with --baseline MODEL")
     metrics = evaluate_models(model_cfg, eval_cfg, args.out, model=model_cfg.model, baseline=baseline,
-                              progress=not args.no_progress)
+                              sampling=sampling, progress=not args.no_progress)
     summary = {"out": args.out, "judges": {k: {f: v.get(f) for f in ("win", "tie", "lose", "failed", "adjusted_win_rate")}
                                            for k, v in metrics["judges"].items()},
                "baseline": baseline,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import GenerateConfig, ModelConfig, config_from_args
-from .common import add_stage_options, formatter, print_summary, stage_base
+from .common import add_stage_options, formatter, print_summary, sampling_from, stage_base
 
 HELP = """\
 Sample, for every prompt, a response o+ under the positive prompt p+ and o- under the
@@ -25,7 +25,7 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample contrastive pairs (o+ under p+, o- under p-)", description=HELP, formatter_class=formatter)
     add_stage_options(p, "output JSONL; an existing file is resumed", "also write the run summary to this JSON file",
-                      ModelConfig, GenerateConfig)
+                      ModelConfig, GenerateConfig, stage="generate")
     p.set_defaults(func=run)
 
 
@@ -36,6 +36,6 @@ def run(args) -> int:
     base = stage_base(args)
     summary = generate_pairs(config_from_args(ModelConfig, args, base and base.model),
                              config_from_args(GenerateConfig, args, base and generate_config(base)), args.out,
-                             progress=not args.no_progress)
+                             sampling=sampling_from(args, base), progress=not args.no_progress)
     print_summary(summary, args.summary)
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import CheckConfig, ModelConfig, add_config_args, config_from_args
+from ..config import SAMPLING_OF, CheckConfig, ModelConfig, SamplingConfig, add_config_args, config_from_args
 from .common import formatter, print_summary
 
 HELP = """\
@@ -75,6 +75,7 @@ def register(sub) -> None:
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_config_args(c, ModelConfig)
         add_config_args(c, CheckConfig, title="check options" + (" (applied to every candidate)" if name == "search" else ""))
+        add_config_args(c, SamplingConfig, only=SAMPLING_OF["check"], title="sampling options (as generation samples)")
         c.set_defaults(func=func)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -100,7 +101,7 @@ def run_check(args) -> int:
 
     out = args.out or f"runs/check-{Path(args.preset).stem}"
     summary = check_preset(config_from_args(ModelConfig, args), args.preset, config_from_args(CheckConfig, args), out,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, sampling=config_from_args(SamplingConfig, args))
     print((Path(out) / "check.md").read_text(encoding="utf-8").split("\n![")[0])
     print_summary({k: summary[k] for k in ("preset", "prompts", "pairs", "seconds", "files")})
     return 0
@@ -113,7 +114,7 @@ def run_search(args) -> int:
 
     out = args.out or f"runs/search-{Path(args.preset).stem}"
     summary = search_preset(config_from_args(ModelConfig, args), args.preset, config_from_args(CheckConfig, args), out,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, sampling=config_from_args(SamplingConfig, args))
     print((Path(out) / "search.md").read_text(encoding="utf-8"))
     print_summary({k: summary[k] for k in ("preset", "prompts", "per_sample", "chosen", "best_yaml")})
     return 0

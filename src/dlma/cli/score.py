@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig, ScoreConfig, config_from_args
-from .common import add_stage_options, formatter, print_summary, stage_base
+from .common import add_stage_options, formatter, print_summary, sampling_from, stage_base
 
 HELP = """\
 Judge every pair of --data with the model's own probabilities under the contrastive
@@ -32,7 +32,8 @@ def register(sub) -> None:
                        formatter_class=formatter)
     p.add_argument("--data", required=True, help="pair file (JSONL/JSON/CSV, HH-RLHF dialogues) or bundled hh-harmless[:train|:test]")
     add_stage_options(p, "output JSONL; an existing file is resumed",
-                      "also write the summary (R statistics, accuracy, judge stats) to this JSON file", ModelConfig, ScoreConfig)
+                      "also write the summary (R statistics, accuracy, judge stats) to this JSON file", ModelConfig, ScoreConfig,
+                      stage="score")
     p.set_defaults(func=run)
 
 
@@ -43,6 +44,6 @@ def run(args) -> int:
     base = stage_base(args)
     summary = score_file(config_from_args(ModelConfig, args, base and base.model),
                          config_from_args(ScoreConfig, args, base and (score_config(base) or base.score)), args.data, args.out,
-                         progress=not args.no_progress, summary_path=args.summary)
+                         sampling=sampling_from(args, base), progress=not args.no_progress, summary_path=args.summary)
     print_summary(summary)
     return 0

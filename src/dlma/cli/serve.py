@@ -41,8 +41,12 @@ def run(args) -> int:
     srv = ChatServer(model, tok, host=args.host, port=args.port, name=mc.model, max_tokens=args.max_tokens,
                      max_tokens_cap=args.max_tokens_cap)
     print(f"serving {mc.model} at {srv.url} (Ctrl-C to stop)", flush=True)
+    srv.start()  # served from a thread of its own: the main thread only waits, so Ctrl-C always reaches it
     try:
-        srv.httpd.serve_forever()
+        while srv.thread.is_alive():
+            srv.thread.join(0.5)
     except KeyboardInterrupt:
+        pass
+    finally:
         srv.stop()
     return 0

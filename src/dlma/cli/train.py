@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig, TrainConfig, config_from_args
 from ..objectives import objectives
-from .common import add_stage_options, formatter, print_summary, stage_base
+from .common import add_stage_options, formatter, print_summary, sampling_from, stage_base
 
 HELP = """\
 Train a model on scored pairs (from `dlma score`) with the bare query as context and save
@@ -52,7 +52,8 @@ def register(sub) -> None:
                        formatter_class=formatter)
     p.add_argument("--data", required=True, help="scored pair file (JSONL from `dlma score`, or any pair file for dpo/ipo/sft)")
     add_stage_options(p, "output directory (final model, checkpoints, metrics.jsonl); resumed if it exists",
-                      "also write the run summary to this JSON file", ModelConfig, TrainConfig)
+                      "also write the run summary to this JSON file", ModelConfig, TrainConfig,
+                      stage="train")
     p.set_defaults(func=run)
 
 
@@ -63,7 +64,7 @@ def run(args) -> int:
     base = stage_base(args)
     summary = train_model(config_from_args(ModelConfig, args, base and base.model),
                           config_from_args(TrainConfig, args, base and train_config(base)), args.data, args.out,
-                          progress=not args.no_progress)
+                          sampling=sampling_from(args, base), progress=not args.no_progress)
     summary = {k: v for k, v in summary.items() if k != "resume_key"}
     print_summary(summary, args.summary)
     return 0

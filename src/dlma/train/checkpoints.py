@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from ..config import ModelConfig, TrainConfig
+from ..config import SAMPLING_OF, ModelConfig, SamplingConfig, TrainConfig
 from ..data import file_hashes, write_json, write_text
 from ..errors import DlmaError
 
@@ -26,8 +26,9 @@ STATE = "trainer_state.json"
 RESUME_FREE = ("save_steps", "save_total_limit", "log_steps", "report_to", "step_in_backward", "torch_compile")
 
 
-def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int) -> dict:
+def resume_key(cfg: TrainConfig, model_cfg: ModelConfig, data: str, world: int, sampling: SamplingConfig) -> dict:
     key = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    key.update({k: getattr(sampling, k) for k in SAMPLING_OF["train"]})  # the lengths training reads
     key["margin_clip"] = list(cfg.margin_clip)
     # the pair file by its content too: one grown or edited since is other data, never resumed as the same
     return {"train": key, "model": asdict(model_cfg), "data": os.path.abspath(data), "data_content": file_hashes(data),

@@ -69,9 +69,9 @@ def set_reference(e: Example, lps: list[float]) -> None:
     e.ref_middle = list(lps[1:-1]) if e.middle else None
 
 
-def whole_chosen_kept(cfg: TrainConfig) -> bool:
+def whole_chosen_kept(cfg: TrainConfig, response_tokens: int | None) -> bool:
     """Whether pairs carry their whole chosen response: the NLL term is on, over whole responses, while the pair loss is cut."""
-    return cfg.rpo_whole and cfg.rpo_alpha > 0 and cfg.response_tokens is not None and objective(cfg.loss).takes("nll_whole")
+    return cfg.rpo_whole and cfg.rpo_alpha > 0 and response_tokens is not None and objective(cfg.loss).takes("nll_whole")
 
 
 def _preset_normalised(pairs: list[dict]) -> list[dict]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..card import command_line, write_card
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, SamplingConfig, TrainConfig
 from ..data import read_pairs
 from ..errors import DlmaError
 from ..machine import forward_flops
@@ -53,18 +53,21 @@ if TYPE_CHECKING:
 MAX_NONFINITE_STEPS = 3
 
 
-def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, progress: bool = True,
-                where: Where | None = None) -> dict:
+def train_model(model_cfg: ModelConfig, cfg: TrainConfig, data: str, out_dir: str, *, sampling: SamplingConfig | None = None,
+                progress: bool = True, where: Where | None = None) -> dict:
     """Train on a (scored) pair file and save the model to out_dir; returns the run summary.
+    `sampling` (default SamplingConfig()): the context cut, the response openings trained on, and the
+    lengths of the KL term's answers and of the selection probes.
     `where`: the --report-to trackers' run (default: out_dir/tensorboard/train-NAME)."""
+    sampling = sampling or SamplingConfig()
     out = Path(out_dir)
     where = where or Where.beside(out, "train", file=False)
     accelerator = make_accelerator(model_cfg, cfg, out, where)
-    key = ck.resume_key(cfg, model_cfg, data, accelerator.num_processes)
+    key = ck.resume_key(cfg, model_cfg, data, accelerator.num_processes, sampling)
     finished = ck.finished_summary(out, key)
     if finished is not None:
         return finished
-    run = setup(accelerator, model_cfg, cfg, data, out, key)
+    run = setup(accelerator, model_cfg, cfg, sampling, data, out, key)
     cfg = run.cfg  # the terms attached by role now name their presets
     log = Log(run, progress, where)
     while run.step < run.total:
@@ -144,8 +147,8 @@ class TrainRun:
         return epoch, [[self.examples[i] for i in micro] for micro in self.plan[index]]
 
 
-def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, data: str, out: Path,
-          key: dict) -> TrainRun:
+def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, sampling: SamplingConfig, data: str,
+          out: Path, key: dict) -> TrainRun:
     """Everything before the first step: examples, weights and their reference log-probs, the
     prepared model and optimizer, the plan's length, and the state of a checkpoint to resume."""
     from accelerate.utils import DistributedType, set_seed
@@ -153,7 +156,7 @@ def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, da
     ckpt = ck.checkpoint_to_resume(out, key)
     set_seed(cfg.seed)
     tok = load_tokenizer(model_cfg.model)
-    renderer = Renderer(tok, load_preset(cfg.preset) if cfg.preset else None, cfg.max_context)
+    renderer = Renderer(tok, load_preset(cfg.preset) if cfg.preset else None, sampling.max_context)
     pairs, counts = select_pairs(read_pairs(data, cfg.limit), cfg)
     if not pairs:
         raise DlmaError(f"{data}: no pairs left to train on ({counts})")
@@ -167,8 +170,9 @@ def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, da
     check_presets_named(have, f"the pairs in {data}", "--kl-presets", cfg.kl_presets if cfg.kl_alpha else [], "KL",
                         lambda preset: kl_on(cfg, preset))
     examples = build_examples(pairs, renderer, listwise=objective(cfg.loss).responses == "ranked",
-                              response_tokens=cfg.response_tokens,
-                              whole_chosen=(lambda rec: nll_on(cfg, rec.get("preset"))) if whole_chosen_kept(cfg) else None)
+                              response_tokens=sampling.response_tokens,
+                              whole_chosen=(lambda rec: nll_on(cfg, rec.get("preset")))
+                              if whole_chosen_kept(cfg, sampling.response_tokens) else None)
 
     model = load_weights(model_cfg.model, weights_dtype(model_cfg), model_cfg.attn_implementation)
     # FSDP's cpu_ram_efficient_loading leaves ranks > 0 on the meta device until prepare fills them
@@ -177,7 +181,7 @@ def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, da
     model.config.use_cache = False
     ref_path, ref_seconds = fill_reference(accelerator, model, tok.pad_token_id, examples, pairs, model_cfg, cfg,
                                            data, out, resuming=ckpt is not None)
-    ref_seconds += hold_answers(accelerator, model, tok, examples, model_cfg, cfg, out)
+    ref_seconds += hold_answers(accelerator, model, tok, examples, model_cfg, cfg, sampling.kl_tokens, out)
     if cfg.torch_compile and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise DlmaError("--torch-compile compiles the layers before accelerate wraps them, which FSDP and DeepSpeed "
                         "shard afterwards; under those set accelerate's own dynamo options in the config file "
@@ -204,7 +208,7 @@ def setup(accelerator: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, da
         if run.world > 1:
             raise DlmaError("--select-prompts probes the model with greedy answers on one process; run it without "
                             "accelerate launch, or drop --select-prompts and evaluate checkpoints afterwards")
-        run.selector = Selector(cfg, tok, renderer, out, run.total, ckpt)
+        run.selector = Selector(cfg, tok, renderer, out, run.total, ckpt, probe_tokens=sampling.probe_tokens)
     return run
 
 

@@ -118,7 +118,7 @@ def fill_reference(accelerator: Accelerator, model: torch.nn.Module, pad_id: int
 
 
 def hold_answers(accelerator: Accelerator, model: torch.nn.Module, tok, examples: list[Example],
-                 model_cfg: ModelConfig, cfg: TrainConfig, out: Path) -> float:
+                 model_cfg: ModelConfig, cfg: TrainConfig, kl_tokens: int, out: Path) -> float:
     """--kl-alpha: give every --kl-presets example the untouched model's greedy answer to its
     prompt and the reference's top-K next-token log-probs along it. Made once by the main process
     (the only one holding weights under FSDP's lazy loading) from the initial weights, cached in
@@ -126,7 +126,7 @@ def hold_answers(accelerator: Accelerator, model: torch.nn.Module, tok, examples
     if not cfg.kl_alpha:
         return 0.0
     wanted = [e for e in examples if kl_on(cfg, e.preset)]
-    key = {"model": model_cfg.model, "dtype": model_cfg.dtype, "kl_tokens": cfg.kl_tokens, "top_k": KL_TOP_K}
+    key = {"model": model_cfg.model, "dtype": model_cfg.dtype, "kl_tokens": kl_tokens, "top_k": KL_TOP_K}
     cache = out / KL_REFERENCE
     t0 = time.perf_counter()
 
@@ -141,8 +141,8 @@ def hold_answers(accelerator: Accelerator, model: torch.nn.Module, tok, examples
     if accelerator.is_main_process and saved is None:
         out.mkdir(parents=True, exist_ok=True)
         print(f"dlma train: the untouched model answers the {len(wanted)} --kl-presets prompts (greedy, "
-              f"{cfg.kl_tokens} tokens) for the KL term, once; cached in {cache}", file=sys.stderr, flush=True)
-        saved = untouched_answers(model, tok, [e.context for e in wanted], cfg.kl_tokens, key)
+              f"{kl_tokens} tokens) for the KL term, once; cached in {cache}", file=sys.stderr, flush=True)
+        saved = untouched_answers(model, tok, [e.context for e in wanted], kl_tokens, key)
         with replacing(cache) as tmp:
             torch.save(saved, tmp)
     accelerator.wait_for_everyone()
@@ -152,7 +152,7 @@ def hold_answers(accelerator: Accelerator, model: torch.nn.Module, tok, examples
     if cfg.kl_keep == "attribute":
         detectors = {name: for_preset(load_preset(name)) for name in {e.preset for e in wanted if e.preset}}
         wanted = [e for e in wanted
-                  if shows_attribute(detectors.get(e.preset), saved["answers"][str(tuple(e.context))], tok, cfg.kl_tokens)]
+                  if shows_attribute(detectors.get(e.preset), saved["answers"][str(tuple(e.context))], tok, kl_tokens)]
     attach_kl_answers(wanted, saved)
     return time.perf_counter() - t0
 

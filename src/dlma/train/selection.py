@@ -62,8 +62,8 @@ def best(history: Sequence[Probe], max_over_refusal: float) -> Probe:
 class Selector:
     """Probes the model at `probe_steps`, keeps the best weights on disk, restores them at the end."""
 
-    def __init__(self, cfg, tok, renderer, out: Path, total: int, resumed: Path | None = None):
-        self.cfg, self.tok, self.renderer, self.out = cfg, tok, renderer, out
+    def __init__(self, cfg, tok, renderer, out: Path, total: int, resumed: Path | None = None, *, probe_tokens: int = 24):
+        self.cfg, self.tok, self.renderer, self.out, self.probe_tokens = cfg, tok, renderer, out, probe_tokens
         self.prompts = load_eval_prompts(cfg.select_prompts, cfg.select_limit)
         labels = {p.label for p in self.prompts}
         if not {"unsafe", "safe"} <= labels:
@@ -98,7 +98,7 @@ class Selector:
         try:  # a fresh backend: a cached prefix belongs to the weights it was computed with
             backend = TransformersBackend(model, self.tok, self.cfg.select_batch_size)
             contexts = [self.renderer.context_ids(p.prompt, "bare") for p in self.prompts]
-            samples = backend.sample(contexts, SamplingParams(self.cfg.select_max_new_tokens, 0.0, 1.0, 0))
+            samples = backend.sample(contexts, SamplingParams(self.probe_tokens, 0.0, 1.0, 0))
         finally:
             model.train(was_training)
         rates = refusal_rates([self.tok.decode(s.ids, skip_special_tokens=True) for s in samples],
@@ -139,7 +139,7 @@ class Selector:
 
     def summary(self) -> dict:
         return {"prompts": self.cfg.select_prompts, "limit": self.cfg.select_limit,
-                "max_new_tokens": self.cfg.select_max_new_tokens, "max_over_refusal": self.cfg.select_max_over_refusal,
+                "max_new_tokens": self.probe_tokens, "max_over_refusal": self.cfg.select_max_over_refusal,
                 "rule": "highest refusal - over-refusal with over-refusal <= max_over_refusal, else the lowest over-refusal",
                 "probes": [asdict(p) for p in sorted(self.history, key=lambda p: p.step)], "kept_step": self.kept}
 
