@@ -58,7 +58,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     # runs an earlier call finished: their generation, scores and untouched answers are reused, and the
     # table covers them too, so a curve grows by seeds, shares or variants one call at a time
-    done: list[Path] = sorted(p.parent.parent for p in root.glob("flip-*/*/seed-*/manifest.json"))
+    done: list[Path] = sorted(p.parent for p in root.glob("flip-*/*/seed-*/manifest.json"))
     for flip in flips:
         for name in args.variants.split(","):
             method, train = VARIANTS[name]

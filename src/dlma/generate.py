@@ -25,7 +25,7 @@ from .data import (JsonlWriter, PromptRecord, ReadStats, check_not_input, check_
                    named_files, pair_digest, read_prompts, resume_chunks)
 from .pairfile import conversational, upgrade_before_append
 from .errors import DlmaError
-from .logprobs import length_buckets, score_trees
+from .logprobs import length_buckets, output_cache, score_trees
 from .machine import forward_flops
 from .models import load_model, load_tokenizer, resolve_model_path
 from .prompts import Renderer, context_room, end_of_turn_id, load_preset, source_presets
@@ -257,7 +257,7 @@ class TransformersBackend:
         base = getattr(self.model, "base_model", None) or self.model
         kw = dict(input_ids=torch.tensor([list(key)], device=device), use_cache=True)
         res = base(**kw)
-        cache = getattr(res, "past_key_values", None) or getattr(res, "cache", None)
+        cache = output_cache(res)
         layers = getattr(cache, "layers", None)
         if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers) \
                 or any(getattr(layer, "keys", None) is None for layer in layers):

@@ -39,6 +39,13 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
+def output_cache(res):
+    """The key/value cache a forward pass returned: `cache` in transformers 5.x (`past_key_values`
+    before it, which 5.x still answers with a deprecation warning)."""
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else getattr(res, "past_key_values", None)
+
+
 def collate(contexts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Batch:
     """Pack (context, response) pairs into one right-padded batch."""
     if len(contexts) != len(responses):
@@ -582,7 +589,7 @@ def score_trees(
             if kv is None:
                 with torch.autocast(device.type, dtype=body_dtype or torch.bfloat16, enabled=body_dtype is not None):
                     res = base(input_ids=torch.tensor([list(key)], device=device), use_cache=True)
-                layers = res.past_key_values.layers
+                layers = output_cache(res).layers
                 if any(getattr(layer, "is_sliding", False) for layer in layers):
                     kv = False  # sliding-window caches can't be shared this way
                 else:
