@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from ..config import ModelConfig, add_config_args, config_from_args
 from .common import formatter
 
@@ -41,7 +43,11 @@ def run(args) -> int:
     srv = ChatServer(model, tok, host=args.host, port=args.port, name=mc.model, max_tokens=args.max_tokens,
                      max_tokens_cap=args.max_tokens_cap)
     print(f"serving {mc.model} at {srv.url} (Ctrl-C to stop)", flush=True)
-    srv.start()  # served from a thread of its own: the main thread only waits, so Ctrl-C always reaches it
+    # Ctrl-C (SIGINT) and SIGTERM stop the server cleanly, also where the process was started with SIGINT
+    # ignored (a shell's background job): the main thread only waits while a thread of its own serves.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    srv.start()
     try:
         while srv.thread.is_alive():
             srv.thread.join(0.5)
