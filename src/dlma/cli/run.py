@@ -33,7 +33,7 @@ answers attach to presets that declare `role: retain`, so your presets need no -
 
 examples:
   dlma run                                   # the safety recipe: the embedded model learns to
-                                             # refuse harmful requests, not harmless ones (~32 min on one CPU core)
+                                             # refuse harmful requests, not harmless ones (~16 min on 2 CPU cores)
   dlma run --model HuggingFaceTB/SmolLM2-360M-Instruct --prompts mine.jsonl --preset harmless
   dlma run --recipe attribute --prompts train.jsonl --preset my-preset.yaml --eval-prompts test.jsonl
   dlma run --run-dir runs/exp1 --set train.lr=1e-6 --set generate.limit=512
