@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -540,7 +541,8 @@ def typed_overrides(cls: type, data: dict, where: str) -> dict:
 
 def moved_keys(data: dict, where: str) -> dict:
     """A run configuration written before decoding settings had a section of their own, with them in
-    `sampling` (said on stderr, once): stored runs and users' files keep working. Two different values
+    `sampling` (said on stderr, once): stored runs and users' files keep working. load_yaml applies it
+    to the file as written, before laying it over a base whose sampling section is already filled. Two different values
     for one setting (e.g. generate.max_context and evaluate.max_context) are an error."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     sampling = dict(out.get("sampling") or {})
@@ -558,8 +560,6 @@ def moved_keys(data: dict, where: str) -> dict:
             sampling[new] = value
         moved.append(f"{sec}.{key} -> sampling.{new}")
     if moved:
-        import sys
-
         print(f"{where}: read with decoding settings moved to the sampling section ({', '.join(moved)})", file=sys.stderr)
         out["sampling"] = sampling
     return out
@@ -567,8 +567,6 @@ def moved_keys(data: dict, where: str) -> dict:
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build a (nested) config dataclass from a mapping; unknown keys are errors."""
-    if cls is RunConfig:
-        data = moved_keys(data, where)
     values = typed_overrides(cls, data, where)
     try:
         return cls(**values)
